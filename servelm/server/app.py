@@ -1,0 +1,104 @@
+"""The FastAPI application: ``create_app(settings, engine)`` wires routes, auth, limits and metrics."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from servelm.server.admission import Admission
+from servelm.server.context import ServerContext
+from servelm.server.errors import install_handlers
+from servelm.server.keys import KeyStore
+from servelm.server.metrics import Metrics
+from servelm.server.middleware import RequestMiddleware
+from servelm.server.pipeline import RequestPipeline
+from servelm.server.rate_limit import RateLimiter
+from servelm.server.routes import admin, chat, completions, embeddings, generate, health, models
+from servelm.server.settings import ServerSettings
+
+log = logging.getLogger("servelm.server")
+
+
+def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | None = None,
+               keys: KeyStore | None = None, announce=None) -> FastAPI:
+    """Returns the app serving ``engine`` (an un-started ``servelm.engine.AsyncEngine``).
+
+    The app's lifespan starts the engine and the embedding model, creates the first admin key on an
+    empty key store, and on shutdown stops taking requests, lets in-flight ones finish (uvicorn
+    waits for them) and shuts the engine down. ``announce(text)`` prints the first-start banner
+    (default: stderr).
+    """
+    if not settings.no_auth and keys is None:
+        keys = KeyStore(settings.keys_db)
+    admission = Admission(settings.max_num_seqs, settings.max_queue)
+    ctx = ServerContext(settings=settings, engine=engine, keys=keys, limiter=RateLimiter(settings.redis_url),
+                        admission=admission, metrics=Metrics(engine, admission),
+                        pipeline=pipeline or RequestPipeline())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        if settings.no_auth:
+            log.warning("authentication is OFF (--no-auth): anyone who can reach %s can use it",
+                        settings.public_url)
+        else:
+            _bootstrap_admin_key(ctx, announce or _print)
+        if settings.embedding_model:
+            from servelm.server.embedder import Embedder
+
+            ctx.embedder = await asyncio.to_thread(Embedder, settings.embedding_model, settings.embedding_model_name)
+        ctx.ready = True
+        log.info("ready", extra={"model": ctx.model_name, "url": settings.public_url,
+                                 "rate_limits": ctx.limiter.backend, "auth": not settings.no_auth})
+        try:
+            yield
+        finally:
+            ctx.ready = False
+            admission.draining = True
+            await engine.shutdown()
+            await ctx.limiter.close()
+            if keys is not None:
+                keys.close()
+
+    app = FastAPI(title="servelm", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible LLM server. Authenticate with `Authorization: Bearer <key>`.")
+    app.state.servelm = ctx
+    install_handlers(app)
+    for module in (chat, completions, embeddings, models, generate, health, admin):
+        app.include_router(module.router)
+    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, get_metrics=lambda: ctx.metrics)
+    return app
+
+
+def _print(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _bootstrap_admin_key(ctx: ServerContext, announce) -> None:
+    """On a first start (no key ever created) creates an ``admin`` key and prints it once with examples."""
+    if ctx.keys.count() > 0:
+        return
+    key, _ = ctx.keys.create("admin", ("admin",))
+    url = ctx.settings.public_url
+    announce(f"""
+================================================================================
+ servelm: first start, created an admin API key (shown only now; store it):
+
+     {key}
+
+ Server: {url}   API docs: {url}/docs
+ Create more keys: servelm keys create --name NAME --scopes chat,embeddings,models
+
+ curl {url}/v1/chat/completions \\
+   -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+   -d '{{"messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
+
+ from openai import OpenAI
+ client = OpenAI(base_url="{url}/v1", api_key="{key}")
+ print(client.chat.completions.create(model="{ctx.model_name}",
+       messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)
+================================================================================
+""")

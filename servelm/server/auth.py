@@ -1,0 +1,57 @@
+"""Bearer-key authentication and scope checks as FastAPI dependencies."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from servelm.server.errors import APIError
+from servelm.server.keys import SCOPES
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `servelm keys create`.")
+
+
+@dataclass(slots=True, frozen=True)
+class Principal:
+    """Who is calling: a key's name, scopes and per-minute limits (0 = unlimited)."""
+
+    name: str
+    scopes: tuple[str, ...]
+    rpm: int = 0
+    tpm: int = 0
+
+    def allows(self, scope: str) -> bool:
+        """Returns True when this caller holds ``scope`` (admin holds all)."""
+        return scope in self.scopes or "admin" in self.scopes
+
+
+def require(scope: str):
+    """Returns a dependency resolving the caller's :class:`Principal`.
+
+    The dependency raises APIError 401 for a missing/unknown/revoked key and 403 without ``scope``.
+    """
+
+    async def dependency(request: Request,
+                         creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+        ctx = request.app.state.servelm
+        info = request.scope.setdefault("servelm", {})
+        if ctx.settings.no_auth:
+            p = Principal("anonymous", SCOPES, ctx.settings.default_rpm, ctx.settings.default_tpm)
+            info["key_name"] = p.name
+            return p
+        if creds is None:
+            raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'. Create keys with "
+                                "'servelm keys create'.", code="missing_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        record = ctx.keys.verify(creds.credentials)
+        if record is None:
+            raise APIError(401, "Invalid API key (unknown or revoked).", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        info["key_name"] = record.name
+        p = Principal(record.name, record.scopes, record.rpm, record.tpm)
+        if not p.allows(scope):
+            raise APIError(403, f"The key '{record.name}' lacks the '{scope}' scope.", code="insufficient_scope")
+        return p
+
+    return dependency

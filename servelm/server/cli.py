@@ -1,0 +1,143 @@
+"""``servelm serve`` and ``servelm keys ...``: ``register(subparsers)`` adds both to the main CLI."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+_S = argparse.SUPPRESS  # unset flags must not override the config file or environment
+
+
+def register(subparsers) -> None:
+    """Adds the ``serve`` and ``keys`` commands to an argparse ``subparsers`` object."""
+    p = subparsers.add_parser("serve", help="Run the OpenAI-compatible HTTP server.",
+                              description="Serve a model over an OpenAI-compatible HTTP API. Flags override "
+                                          "SERVELM_* environment variables, which override --config.")
+    p.add_argument("--config", help="YAML file with any setting below (snake_case keys).")
+    p.add_argument("--model", default=_S, help="Model path (GGUF/HF dir) or 'dummy:<arch>'. Default: embedded SmolLM2.")
+    p.add_argument("--served-model-name", default=_S, help="Name clients pass as 'model'.")
+    p.add_argument("--host", default=_S, help="Interface to bind (default 127.0.0.1; 0.0.0.0 for all).")
+    p.add_argument("--port", type=int, default=_S, help="Port (default 8000).")
+    p.add_argument("--no-auth", action="store_true", default=_S, help="Accept requests without an API key.")
+    p.add_argument("--redis-url", default=_S, help="redis://host:port/0 to share rate limits across replicas.")
+    p.add_argument("--data-dir", default=_S, help="Where the key store lives (default ~/.local/share/servelm).")
+    p.add_argument("--log-prompts", action="store_true", default=_S, help="Include prompts in request logs.")
+    p.add_argument("--log-level", default=_S, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--max-num-seqs", type=int, default=_S, help="Requests the engine runs at once.")
+    p.add_argument("--max-queue", type=int, default=_S, help="Requests that may wait beyond those; more get 503.")
+    p.add_argument("--max-model-len", type=int, default=_S, help="Context window to serve (tokens).")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=_S, help="Memory for the KV cache.")
+    p.add_argument("--dtype", default=_S)
+    p.add_argument("--quantization", default=_S)
+    p.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=_S,
+                   help="Seconds before a request is stopped (default 600).")
+    p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float, default=_S,
+                   help="Seconds shutdown waits for in-flight requests (default 30).")
+    p.add_argument("--max-body-bytes", type=int, default=_S, help="Larger request bodies get 413.")
+    p.add_argument("--no-embeddings", dest="embedding_model", action="store_const", const=None, default=_S,
+                   help="Do not load the embedding model.")
+    p.set_defaults(func=_serve)
+
+    k = subparsers.add_parser("keys", help="Manage API keys.")
+    k.add_argument("--config", help="YAML settings file (for data_dir).")
+    k.add_argument("--data-dir", default=_S)
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    c = ks.add_parser("create", help="Create a key and print it once.")
+    c.add_argument("--name", required=True)
+    c.add_argument("--scopes", default="chat,embeddings,models", help="Comma list of chat,embeddings,models,admin.")
+    c.add_argument("--rpm", type=int, default=0, help="Requests per minute (0 = unlimited).")
+    c.add_argument("--tpm", type=int, default=0, help="Tokens per minute, prompt + completion (0 = unlimited).")
+    c.add_argument("--json", action="store_true", help="Print the record and key as JSON.")
+    ls = ks.add_parser("list", help="List keys (never the keys themselves).")
+    ls.add_argument("--all", action="store_true", help="Include revoked keys.")
+    r = ks.add_parser("revoke", help="Revoke a key by name.")
+    r.add_argument("name")
+    k.set_defaults(func=_keys)
+
+
+def _settings(args: argparse.Namespace, fields: tuple[str, ...]):
+    from pydantic import ValidationError
+
+    from servelm.server.settings import ServerSettings
+
+    overrides = {f: getattr(args, f) for f in fields if hasattr(args, f)}
+    try:
+        return ServerSettings.load(getattr(args, "config", None), **overrides)
+    except FileNotFoundError as e:
+        sys.exit(f"servelm: {e}")
+    except ValidationError as e:
+        err = e.errors()[0]
+        sys.exit(f"servelm: bad setting {'.'.join(map(str, err['loc']))}: {err['msg']}")
+
+
+_SERVE_FIELDS = ("model", "served_model_name", "host", "port", "no_auth", "redis_url", "data_dir", "log_prompts",
+                 "log_level", "max_num_seqs", "max_queue", "max_model_len", "kv_cache_memory_bytes", "dtype",
+                 "quantization", "request_timeout_s", "shutdown_timeout_s", "max_body_bytes", "embedding_model")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = _settings(args, _SERVE_FIELDS)
+    import uvicorn
+
+    from servelm.engine import AsyncEngine, EngineConfig
+    from servelm.server.app import create_app
+    from servelm.server.logs import setup_logging
+
+    setup_logging(settings.log_level)
+    engine_kwargs = {f: getattr(settings, f) for f in ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes",
+                                                        "enable_prefix_caching", "dtype", "quantization")
+                     if getattr(settings, f) is not None}
+    engine = AsyncEngine(EngineConfig(model=settings.model, **engine_kwargs))
+    app = create_app(settings, engine)
+    admission = app.state.servelm.admission
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            admission.draining = True  # /ready turns 503 so load balancers stop sending
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s, lifespan="on")
+    Server(config).run()
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from servelm.server.keys import KeyStore
+
+    settings = _settings(args, ("data_dir",))
+    store = KeyStore(settings.keys_db)
+    try:
+        if args.keys_command == "create":
+            try:
+                key, rec = store.create(args.name, args.scopes, args.rpm, args.tpm)
+            except ValueError as e:
+                sys.exit(f"servelm keys create: {e}")
+            if args.json:
+                print(json.dumps(rec.public() | {"key": key}))
+            else:
+                print(f"Created key '{rec.name}' (scopes {','.join(rec.scopes)}, rpm {rec.rpm or 'unlimited'}, "
+                      f"tpm {rec.tpm or 'unlimited'}). It is shown only now:\n{key}")
+        elif args.keys_command == "list":
+            rows = store.list(include_revoked=args.all)
+            print(f"{'NAME':<20} {'HINT':<20} {'SCOPES':<28} {'RPM':>6} {'TPM':>8} STATUS")
+            for r in rows:
+                print(f"{r.name:<20} {r.hint:<20} {','.join(r.scopes):<28} {r.rpm:>6} {r.tpm:>8} "
+                      f"{'revoked' if r.revoked_at else 'active'}")
+        elif args.keys_command == "revoke":
+            if not store.revoke(args.name):
+                sys.exit(f"servelm keys revoke: no active key named {args.name!r}")
+            print(f"Revoked key '{args.name}'.")
+    finally:
+        store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs ``serve`` or ``keys`` (the standalone entry of ``python -m servelm.server``)."""
+    parser = argparse.ArgumentParser(prog="servelm")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args) or 0

@@ -1,0 +1,73 @@
+"""Prometheus metrics, named after vLLM's (``vllm:`` -> ``servelm:``), on a per-app registry."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0, 160.0)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+class _EngineCollector:
+    """Reads ``engine.stats()`` at scrape time, so gauges are never stale."""
+
+    def __init__(self, engine, server_state):
+        self.engine = engine
+        self.state = server_state
+
+    def collect(self):
+        try:
+            s = self.engine.stats()
+        except Exception:  # engine not started yet or shutting down: export nothing rather than fail the scrape
+            return
+        g = GaugeMetricFamily
+        yield _gauge(g, "servelm:num_requests_running", "Requests running in the engine.", s.num_running)
+        yield _gauge(g, "servelm:num_requests_waiting", "Requests waiting in the engine.", s.num_waiting)
+        yield _gauge(g, "servelm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", s.kv_usage)
+        yield _gauge(g, "servelm:prefix_cache_hit_rate", "Prefix-cache hits / queries since start.",
+                     s.prefix_hit_rate)
+        blocks = g("servelm:kv_cache_blocks", "KV-cache blocks by state.", labels=["state"])
+        for state in ("total", "used", "cached", "free"):
+            blocks.add_metric([state], getattr(s, f"kv_blocks_{state}"))
+        yield blocks
+        yield _gauge(g, "servelm:engine_healthy", "1 while the engine step loop is healthy.", int(bool(s.healthy)))
+        yield _gauge(g, "servelm:num_requests_server_inflight",
+                     "Generation requests admitted by the server and not yet finished.", self.state.inflight)
+
+
+def _gauge(cls, name, doc, value):
+    m = cls(name, doc)
+    m.add_metric([], float(value))
+    return m
+
+
+class Metrics:
+    """All server metrics. ``render()`` returns the Prometheus text exposition."""
+
+    def __init__(self, engine, server_state):
+        self.registry = r = CollectorRegistry()
+        self.ttft = Histogram("servelm:time_to_first_token_seconds", "Time to first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("servelm:inter_token_latency_seconds", "Time between output tokens of a request.",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("servelm:e2e_request_latency_seconds", "End-to-end request latency.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("servelm:request_queue_time_seconds", "Time a request waited in the engine.",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("servelm:prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("servelm:generation_tokens", "Tokens generated.", registry=r)
+        self.requests = Counter("servelm:requests", "HTTP requests by endpoint, status and key name.",
+                                ["endpoint", "status", "key"], registry=r)
+        self.finished = Counter("servelm:request_success", "Finished generations by finish reason.",
+                                ["finished_reason"], registry=r)
+        self.rate_limited = Counter("servelm:rate_limited_requests", "Requests refused by a rate limit.",
+                                    ["key", "limit"], registry=r)
+        self.rejected = Counter("servelm:rejected_requests", "Requests refused by backpressure.",
+                                ["reason"], registry=r)
+        self.embedding_tokens = Counter("servelm:embedding_prompt_tokens", "Tokens embedded.", registry=r)
+        r.register(_EngineCollector(engine, server_state))
+
+    def render(self) -> bytes:
+        """Returns the exposition text of every metric."""
+        return generate_latest(self.registry)

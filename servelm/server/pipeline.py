@@ -1,0 +1,85 @@
+"""Hook points around a chat request: pre-stages rewrite the conversation, post-stages the answer.
+
+The server itself ships no stages. The application fills them (safety guard, RAG, prompt
+strategies) and passes the pipeline to ``create_app(..., pipeline=...)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Protocol
+
+from servelm.server.errors import invalid
+from servelm.server.schemas import RagOptions
+
+
+@dataclass(slots=True)
+class ChatTurn:
+    """One chat request as the stages see it. Stages may replace ``messages`` and fill ``metadata``."""
+
+    messages: list[dict]            # [{"role": ..., "content": ...}] in OpenAI roles
+    strategy: str | None            # the request's prompt strategy name, if any
+    rag: RagOptions | None          # the request's retrieval options, if any
+    key_name: str                   # who is asking (never the key itself)
+    request_id: str
+    metadata: dict = field(default_factory=dict)
+
+
+class StreamStage(Protocol):
+    """Rewrites a stream of text deltas (e.g. an output guard that holds back partial words)."""
+
+    async def feed(self, delta: str) -> str: ...
+
+    async def end(self) -> str: ...
+
+
+# A pre-stage may rewrite turn.messages or refuse the request by raising servelm.server.errors.APIError.
+PreStage = Callable[[ChatTurn], Awaitable[None]]
+# A post-stage gets the full answer of one choice and returns what the client receives.
+PostStage = Callable[[ChatTurn, str], Awaitable[str]]
+# Streaming requests get a fresh StreamStage per choice from each factory.
+StreamStageFactory = Callable[[ChatTurn], StreamStage]
+
+
+@dataclass(slots=True)
+class RequestPipeline:
+    """Ordered stages run by the chat route. ``features`` names the request extensions the stages handle
+    (``"strategy"``, ``"rag"``); a request using one no stage handles gets a 400 instead of being ignored."""
+
+    pre: list[PreStage] = field(default_factory=list)
+    post: list[PostStage] = field(default_factory=list)
+    stream: list[StreamStageFactory] = field(default_factory=list)
+    features: frozenset[str] = frozenset()
+
+    async def before(self, turn: ChatTurn) -> None:
+        """Runs the pre-stages in order. Raises APIError(400) for an unsupported extension."""
+        if turn.rag is not None and "rag" not in self.features:
+            raise invalid("This server has no retrieval configured; remove 'rag' from the request.", "rag",
+                          "unsupported_parameter")
+        if turn.strategy is not None and "strategy" not in self.features:
+            raise invalid("This server has no prompt strategies configured; remove 'strategy'.", "strategy",
+                          "unsupported_parameter")
+        for stage in self.pre:
+            await stage(turn)
+
+    async def after(self, turn: ChatTurn, text: str) -> str:
+        """Returns ``text`` passed through every post-stage."""
+        for stage in self.post:
+            text = await stage(turn, text)
+        return text
+
+    def stream_stages(self, turn: ChatTurn) -> list[StreamStage]:
+        """Returns fresh stream stages for one streamed choice."""
+        return [make(turn) for make in self.stream]
+
+
+async def run_stream_stages(stages: list[StreamStage], delta: str, final: bool) -> str:
+    """Returns ``delta`` after every stage (and, when ``final``, what the stages held back)."""
+    for i, stage in enumerate(stages):
+        delta = await stage.feed(delta)
+        if final:
+            tail = await stage.end()
+            # what a stage releases at the end still passes through the later stages
+            for later in stages[i + 1:]:
+                tail = await later.feed(tail)
+            delta += tail
+    return delta

@@ -1,0 +1,118 @@
+"""POST /v1/chat/completions: OpenAI chat, streaming and not, with the request pipeline around it."""
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import aclosing
+
+from fastapi import APIRouter, Depends, Request
+
+from servelm.server import sse
+from servelm.server.auth import Principal, require
+from servelm.server.context import ServerContext, get_context
+from servelm.server.errors import APIError, invalid
+from servelm.server.logprobs import chat_logprobs
+from servelm.server.pipeline import ChatTurn, run_stream_stages
+from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
+                                    ChatCompletionChunk, ChatCompletionRequest, DeltaMessage, Usage)
+from servelm.server.serving import Generation, sampling_params, start, until_disconnect
+
+router = APIRouter(tags=["openai"])
+
+_ROLE = {"developer": "system"}  # chat templates know system/user/assistant/tool
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True,
+             summary="Create a chat completion (set stream=true for server-sent events)")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 principal: Principal = Depends(require("chat"))):
+    """Returns a ChatCompletion, or an SSE stream of ChatCompletionChunk ending with ``data: [DONE]``."""
+    ctx = get_context(request)
+    ctx.check_model(body.model)
+    info = request.scope["servelm"]
+    turn = ChatTurn(messages=[{"role": _ROLE.get(m.role, m.role), "content": m.text()} for m in body.messages],
+                    strategy=body.strategy, rag=body.rag, key_name=principal.name, request_id=info["request_id"])
+    await ctx.pipeline.before(turn)
+    if ctx.settings.log_prompts:
+        info["prompt"] = turn.messages
+    tok = ctx.engine.tokenizer
+    try:
+        text = tok.apply_chat_template(turn.messages, add_generation_prompt=True)
+    except Exception as e:  # the model's template rejects e.g. a role order it cannot render
+        raise invalid(f"The messages cannot be rendered by this model's chat template: {e}", "messages") from None
+    prompt_ids = tok.encode(text, add_special_tokens=False)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise invalid("top_logprobs requires logprobs=true.", "top_logprobs")
+    k = body.top_logprobs or 0
+    params = sampling_params(body, body.max_completion_tokens or body.max_tokens, k if body.logprobs else None)
+    gen = await start(ctx, request, principal, prompt_ids, params, prompt_param="messages")
+    rid = "chatcmpl-" + uuid.uuid4().hex
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse.EventStream(_stream(ctx, gen, turn, body, rid, k, include_usage))
+    choices = await until_disconnect(request, _collect(ctx, gen, turn, body, k))
+    return ChatCompletion(id=rid, model=ctx.model_name, choices=choices,
+                          usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                                      total_tokens=gen.prompt_tokens + gen.completion_tokens))
+
+
+async def _collect(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompletionRequest,
+                   k: int) -> list[ChatChoice]:
+    last = None
+    lps: dict[int, list] = {}
+    async with aclosing(gen.outputs()) as outputs:
+        async for out in outputs:
+            last = out
+            for c in out.outputs:
+                if c.delta_logprobs:
+                    lps.setdefault(c.index, []).extend(c.delta_logprobs)
+    choices = []
+    for c in sorted(last.outputs, key=lambda c: c.index):
+        text = await ctx.pipeline.after(turn, c.text)
+        logprobs = chat_logprobs(c.logprobs or lps.get(c.index, []), k) if body.logprobs else None
+        choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=text), logprobs=logprobs,
+                                  finish_reason=_finish(c.finish_reason)))
+    return choices
+
+
+def _finish(reason: str | None) -> str | None:
+    return "stop" if reason == "abort" else reason
+
+
+async def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompletionRequest, rid: str,
+                  k: int, include_usage: bool):
+    created = int(time.time())
+    model = ctx.model_name
+
+    def chunk(choices, usage=None) -> bytes:
+        return sse.event(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
+
+    stages = {i: ctx.pipeline.stream_stages(turn) for i in range(body.n)}
+    done: set[int] = set()
+    try:
+        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(body.n)])
+        async with aclosing(gen.outputs()) as outputs:
+            async for out in outputs:
+                choices = []
+                for c in out.outputs:
+                    if c.index in done or (not c.delta_text and not c.finished and not c.delta_logprobs):
+                        continue
+                    if c.finished:
+                        done.add(c.index)
+                    delta = c.delta_text
+                    if stages[c.index]:
+                        delta = await run_stream_stages(stages[c.index], delta, c.finished)
+                    lp = chat_logprobs(c.delta_logprobs or [], k) if body.logprobs and c.delta_logprobs else None
+                    choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta), logprobs=lp,
+                                                   finish_reason=_finish(c.finish_reason)))
+                if choices:
+                    yield chunk(choices)
+        if include_usage:
+            yield chunk([], Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                                  total_tokens=gen.prompt_tokens + gen.completion_tokens))
+    except APIError as e:  # headers are gone; tell the client in the stream (the SDK raises on it)
+        gen.info["error"] = e.code
+        yield sse.error_event(e.body())
+    finally:
+        await gen.finish()  # also when the client left before the first token
+    yield sse.DONE

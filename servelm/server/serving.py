@@ -1,0 +1,215 @@
+"""One generation request end to end: admission, rate limit, engine stream, metrics, settlement.
+
+Routes turn their body into prompt token ids and SamplingParams, call :func:`start`, then either
+collect the outputs or stream them. Whatever way the request ends (done, error, timeout, client
+gone) :meth:`Generation.finish` runs once: tokens are settled with the rate limiter, the admission
+slot is released, and metrics and the access-log fields are recorded.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from servelm.engine import InvalidRequestError, RequestOutput, SamplingParams
+from servelm.server.auth import Principal
+from servelm.server.context import ServerContext
+from servelm.server.errors import APIError, ClientGone, from_engine, invalid
+from servelm.server.rate_limit import Reservation
+
+
+@dataclass(slots=True)
+class Generation:
+    """An admitted request and its running engine stream."""
+
+    ctx: ServerContext
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    principal: Principal
+    info: dict
+    reservation: Reservation | None = None
+    start: float = field(default_factory=time.perf_counter)
+    completion_tokens: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+    stream: AsyncIterator[RequestOutput] | None = None
+    first: RequestOutput | None = None
+    _finished: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """Yields the engine's outputs (the prefetched first one included) until the request finishes.
+
+        Raises APIError(504) past the request timeout. Closing this iterator aborts the engine request.
+        """
+        m = self.ctx.metrics
+        deadline = self.start + self.ctx.settings.request_timeout_s
+        last = None
+        try:
+            while True:
+                if self.first is not None:
+                    out, self.first = self.first, None
+                else:
+                    out = await _next(self.stream, deadline)
+                if out is None:
+                    break
+                now = time.perf_counter()
+                new = sum(len(c.delta_token_ids) for c in out.outputs)
+                if new:
+                    if last is None:
+                        m.ttft.observe(now - self.start)
+                        _queue_time(m, out)
+                    else:
+                        m.itl.observe(now - last)
+                    last = now
+                    self.completion_tokens += new
+                yield out
+                if out.finished:
+                    self.finish_reasons = [c.finish_reason or "stop" for c in out.outputs]
+                    break
+        finally:
+            await self.finish()
+
+    async def finish(self) -> None:
+        """Closes the engine stream (aborting it if unfinished) and records the request. Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            if self.stream is not None:
+                await self.stream.aclose()
+        finally:
+            ctx = self.ctx
+            ctx.admission.leave()
+            if self.reservation is not None:
+                try:
+                    await ctx.limiter.settle(self.reservation, self.prompt_tokens + self.completion_tokens)
+                except Exception:  # a Redis hiccup must not turn a served answer into an error
+                    pass
+            ctx.metrics.prompt_tokens.inc(self.prompt_tokens)
+            ctx.metrics.generation_tokens.inc(self.completion_tokens)
+            ctx.metrics.e2e.observe(time.perf_counter() - self.start)
+            for reason in self.finish_reasons or ["abort"]:
+                ctx.metrics.finished.labels(finished_reason=reason).inc()
+            self.info.update(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                             finish_reason=",".join(self.finish_reasons) or "abort")
+
+
+async def _next(stream, deadline: float):
+    remaining = deadline - time.perf_counter()
+    if remaining <= 0:
+        raise _timeout()
+    try:
+        async with asyncio.timeout(remaining):
+            return await anext(stream, None)
+    except TimeoutError:
+        raise _timeout() from None
+
+
+def _timeout() -> APIError:
+    return APIError(504, "The request took longer than the server's request timeout and was stopped.",
+                    code="request_timeout")
+
+
+def _queue_time(m, out: RequestOutput) -> None:
+    rm = out.metrics
+    if rm is not None and rm.first_scheduled_time is not None:
+        m.queue_time.observe(max(0.0, rm.first_scheduled_time - rm.arrival_time))
+
+
+def check_context(ctx: ServerContext, prompt_len: int, max_tokens: int | None, prompt_param: str) -> int | None:
+    """Returns the effective max_tokens; raises APIError(400) naming both lengths when they don't fit."""
+    limit = ctx.engine.max_model_len
+    if prompt_len == 0:
+        raise invalid("The prompt is empty.", prompt_param, "empty_prompt")
+    if prompt_len >= limit:
+        raise invalid(f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} "
+                      "tokens. Shorten the prompt.", prompt_param, "context_length_exceeded")
+    if max_tokens is not None and prompt_len + max_tokens > limit:
+        raise invalid(f"This model's maximum context length is {limit} tokens, but you requested "
+                      f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                      "completion). Lower max_tokens or shorten the prompt.", "max_tokens",
+                      "context_length_exceeded")
+    return max_tokens
+
+
+async def start(ctx: ServerContext, request: Request, principal: Principal, prompt_ids: list[int],
+                params: SamplingParams, prompt_param: str = "prompt") -> Generation:
+    """Returns an admitted Generation whose first engine output is already in hand.
+
+    Raises APIError 400 (bad input, also from the engine), 429 (rate limit), 503 (overloaded), 504 (timeout)
+    or ClientGone when the client leaves while waiting.
+    """
+    info = request.scope.setdefault("servelm", {})
+    rid = info.get("request_id") or "req"
+    check_context(ctx, len(prompt_ids), params.max_tokens, prompt_param)
+    budget = params.max_tokens if params.max_tokens is not None else ctx.engine.max_model_len - len(prompt_ids)
+    ctx.admission.enter()
+    gen = Generation(ctx, rid, prompt_ids, params, principal, info)
+    try:
+        try:
+            gen.reservation = await ctx.limiter.acquire(principal.name, principal.rpm, principal.tpm,
+                                                        len(prompt_ids) + budget * params.n)
+        except APIError as e:
+            if e.status == 429:
+                ctx.metrics.rate_limited.labels(key=principal.name, limit=e.code or "").inc()
+            raise
+        except Exception:
+            raise APIError(503, "The rate-limit store is unreachable; retry shortly.", code="rate_limit_store_down",
+                           headers={"Retry-After": "2"}) from None
+        gen.stream = ctx.engine.generate(prompt_ids, params, request_id=rid)
+        # Pull the first output now so the engine's validation errors become a 400, not a broken stream.
+        gen.first = await until_disconnect(request, _next(gen.stream, gen.start + ctx.settings.request_timeout_s))
+    except InvalidRequestError as e:
+        await gen.finish()
+        raise from_engine(e) from None
+    except BaseException:
+        await gen.finish()
+        raise
+    return gen
+
+
+async def until_disconnect(request: Request, awaitable):
+    """Returns ``awaitable``'s result, or cancels it and raises ClientGone when the client disconnects."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def sampling_params(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """Returns SamplingParams from an OpenAI body; raises APIError(400) for values the engine refuses."""
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    try:
+        return SamplingParams(n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                              seed=body.seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
+                              min_tokens=body.min_tokens)
+    except InvalidRequestError as e:
+        raise from_engine(e) from None

