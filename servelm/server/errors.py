@@ -95,6 +95,10 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        ctype = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in ctype:
+            return APIError(400, f"The request body must be JSON, sent with 'Content-Type: application/json' "
+                                 f"(got '{ctype or 'none'}').", code="invalid_content_type").response()
         message, param = _validation_message(exc)
         return APIError(400, message, param=param, code="invalid_value").response()
 

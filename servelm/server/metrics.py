@@ -1,8 +1,10 @@
 """Prometheus metrics, named after vLLM's (``vllm:`` -> ``servelm:``), on a per-app registry."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, disable_created_metrics, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+disable_created_metrics()  # the *_created series only add noise for a long-running server
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0, 160.0)

@@ -49,14 +49,16 @@ class _SamplingFields(_Request):
 
 
 # ---------------------------------------------------------------- chat
-class TextPart(_Request):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Request):
+    """A message part; only ``{"type": "text", "text": ...}`` is served (the model reads text only)."""
+
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str:

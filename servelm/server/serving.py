@@ -41,6 +41,11 @@ class Generation:
     _finished: bool = False
 
     @property
+    def rate_headers(self) -> dict[str, str]:
+        """Returns the x-ratelimit-* headers of this request's key (empty when the key is unlimited)."""
+        return self.reservation.headers if self.reservation is not None else {}
+
+    @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 

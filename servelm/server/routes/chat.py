@@ -5,7 +5,7 @@ import time
 import uuid
 from contextlib import aclosing
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from servelm.server import sse
 from servelm.server.auth import Principal, require
@@ -24,12 +24,17 @@ _ROLE = {"developer": "system"}  # chat templates know system/user/assistant/too
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True,
              summary="Create a chat completion (set stream=true for server-sent events)")
-async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response,
                                  principal: Principal = Depends(require("chat"))):
     """Returns a ChatCompletion, or an SSE stream of ChatCompletionChunk ending with ``data: [DONE]``."""
     ctx = get_context(request)
     ctx.check_model(body.model)
     info = request.scope["servelm"]
+    for i, m in enumerate(body.messages):
+        for part in m.content if isinstance(m.content, list) else ():
+            if part.type != "text" or part.text is None:
+                raise invalid(f"messages[{i}].content has a '{part.type}' part; this model reads text parts only.",
+                              f"messages.{i}.content", "unsupported_content")
     turn = ChatTurn(messages=[{"role": _ROLE.get(m.role, m.role), "content": m.text()} for m in body.messages],
                     strategy=body.strategy, rag=body.rag, key_name=principal.name, request_id=info["request_id"])
     await ctx.pipeline.before(turn)
@@ -46,10 +51,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     k = body.top_logprobs or 0
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens, k if body.logprobs else None)
     gen = await start(ctx, request, principal, prompt_ids, params, prompt_param="messages")
+    response.headers.update(gen.rate_headers)
     rid = "chatcmpl-" + uuid.uuid4().hex
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.EventStream(_stream(ctx, gen, turn, body, rid, k, include_usage))
+        return sse.EventStream(headers=gen.rate_headers, content=_stream(ctx, gen, turn, body, rid, k, include_usage))
     choices = await until_disconnect(request, _collect(ctx, gen, turn, body, k))
     return ChatCompletion(id=rid, model=ctx.model_name, choices=choices,
                           usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,

@@ -5,7 +5,7 @@ import time
 import uuid
 from contextlib import aclosing
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from servelm.server import sse
 from servelm.server.auth import Principal, require
@@ -36,7 +36,7 @@ def _prompt(ctx: ServerContext, body: CompletionRequest) -> tuple[list[int], str
 
 @router.post("/v1/completions", response_model=Completion, response_model_exclude_none=True,
              summary="Create a text completion (set stream=true for server-sent events)")
-async def create_completion(body: CompletionRequest, request: Request,
+async def create_completion(body: CompletionRequest, request: Request, response: Response,
                             principal: Principal = Depends(require("chat"))):
     """Returns a Completion, or an SSE stream of Completion chunks ending with ``data: [DONE]``."""
     ctx = get_context(request)
@@ -48,11 +48,12 @@ async def create_completion(body: CompletionRequest, request: Request,
         request.scope["servelm"]["prompt"] = prompt_text
     params = sampling_params(body, body.max_tokens, body.logprobs)
     gen = await start(ctx, request, principal, prompt_ids, params, prompt_param="prompt")
+    response.headers.update(gen.rate_headers)
     rid = "cmpl-" + uuid.uuid4().hex
     echo = prompt_text if body.echo else ""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.EventStream(_stream(ctx, gen, body, rid, echo, include_usage))
+        return sse.EventStream(headers=gen.rate_headers, content=_stream(ctx, gen, body, rid, echo, include_usage))
     choices = await until_disconnect(request, _collect(gen, body, echo))
     return Completion(id=rid, model=ctx.model_name, choices=choices,
                       usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,

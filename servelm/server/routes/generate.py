@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import aclosing
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from servelm.engine import SamplingParams
 from servelm.server.auth import Principal, require
@@ -15,7 +15,8 @@ router = APIRouter(tags=["simple"])
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text from a prompt")
-async def generate(body: GenerateRequest, request: Request, principal: Principal = Depends(require("chat"))):
+async def generate(body: GenerateRequest, request: Request, response: Response,
+                   principal: Principal = Depends(require("chat"))):
     """Returns ``{text, tokens_generated}`` for a raw prompt (no chat template)."""
     ctx = get_context(request)
     if ctx.settings.log_prompts:
@@ -23,6 +24,7 @@ async def generate(body: GenerateRequest, request: Request, principal: Principal
     ids = ctx.engine.tokenizer.encode(body.prompt, add_special_tokens=True)
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature)
     gen = await start(ctx, request, principal, ids, params, prompt_param="prompt")
+    response.headers.update(gen.rate_headers)
 
     async def collect() -> str:
         text = ""
