@@ -40,16 +40,13 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await engine.start()
+        # The two models load at once: each spends most of its time in file reads and torch init.
+        await asyncio.gather(engine.start(), _load_embedder(ctx))
         if settings.no_auth:
             log.warning("authentication is OFF (--no-auth): anyone who can reach %s can use it",
                         settings.public_url)
         else:
             _bootstrap_admin_key(ctx, announce or _print)
-        if settings.embedding_model:
-            from servelm.server.embedder import Embedder
-
-            ctx.embedder = await asyncio.to_thread(Embedder, settings.embedding_model, settings.embedding_model_name)
         ctx.ready = True
         log.info("ready", extra={"model": ctx.model_name, "url": settings.public_url,
                                  "rate_limits": ctx.limiter.backend, "auth": not settings.no_auth})
@@ -71,6 +68,14 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
         app.include_router(module.router)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, get_metrics=lambda: ctx.metrics)
     return app
+
+
+async def _load_embedder(ctx: ServerContext) -> None:
+    if ctx.settings.embedding_model:
+        from servelm.server.embedder import Embedder
+
+        ctx.embedder = await asyncio.to_thread(Embedder, ctx.settings.embedding_model,
+                                               ctx.settings.embedding_model_name)
 
 
 def _print(text: str) -> None:

@@ -17,7 +17,8 @@ class Embedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.model = SentenceTransformer(path, device="cpu", local_files_only=True)
         self.name = name
-        self.dim = self.model.get_sentence_embedding_dimension()
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = dim()
         self.max_tokens = self.model.max_seq_length
         self._lock = asyncio.Lock()  # one batch at a time: torch already uses every core
 

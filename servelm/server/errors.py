@@ -8,7 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from servelm.engine import InvalidRequestError
+from servelm.engine import EngineDeadError, InvalidRequestError
 
 log = logging.getLogger("servelm.server")
 
@@ -111,6 +111,11 @@ def install_handlers(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return APIError(503, f"The engine is not running ({exc}); retry shortly.", code="engine_unavailable",
+                        headers={"Retry-After": "5"}).response()
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, exc: ClientGone) -> Response:

@@ -156,7 +156,11 @@ async def start(ctx: ServerContext, request: Request, principal: Principal, prom
     rid = info.get("request_id") or "req"
     check_context(ctx, len(prompt_ids), params.max_tokens, prompt_param)
     budget = params.max_tokens if params.max_tokens is not None else ctx.engine.max_model_len - len(prompt_ids)
-    ctx.admission.enter()
+    try:
+        ctx.admission.enter()
+    except APIError as e:
+        ctx.metrics.rejected.labels(reason="overloaded" if e.code == "server_overloaded" else "shutting_down").inc()
+        raise
     gen = Generation(ctx, rid, prompt_ids, params, principal, info)
     try:
         try:

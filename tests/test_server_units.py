@@ -1,0 +1,114 @@
+"""Server parts that need no model: settings, key store, limiter, logs, pipeline, CLI."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+
+import pytest
+from pydantic import ValidationError
+
+from server_harness import cli
+from servelm.server.errors import APIError
+from servelm.server.keys import KeyStore, hash_key
+from servelm.server.logs import JsonFormatter
+from servelm.server.pipeline import ChatTurn, RequestPipeline
+from servelm.server.rate_limit import RateLimiter
+from servelm.server.schemas import RagOptions
+from servelm.server.settings import ServerSettings
+
+
+def test_settings_precedence_flags_over_env_over_yaml(tmp_path, monkeypatch):
+    cfg = tmp_path / "servelm.yaml"
+    cfg.write_text("port: 9001\nmax_queue: 3\nhost: 0.0.0.0\n")
+    monkeypatch.setenv("SERVELM_MAX_QUEUE", "5")
+    monkeypatch.setenv("SERVELM_NO_AUTH", "true")
+    s = ServerSettings.load(str(cfg), host="127.0.0.2")
+    assert (s.port, s.max_queue, s.host, s.no_auth) == (9001, 5, "127.0.0.2", True)
+
+
+def test_settings_reject_typos_and_bad_values(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("prot: 9001\n")
+    with pytest.raises(ValidationError, match="prot"):
+        ServerSettings.load(str(cfg))
+    with pytest.raises(ValidationError, match="port"):
+        ServerSettings(port=70000)
+    with pytest.raises(FileNotFoundError):
+        ServerSettings.load(str(tmp_path / "missing.yaml"))
+
+
+def test_key_store_keeps_only_hashes(tmp_path):
+    store = KeyStore(str(tmp_path / "k.sqlite3"))
+    key, rec = store.create("bob", "chat,models", rpm=7, tpm=100)
+    assert key.startswith("sk-servelm-") and len(key) > 40
+    assert store.verify(key).name == "bob" and store.verify(key + "x") is None
+    assert rec.allows("chat") and not rec.allows("embeddings") and (rec.rpm, rec.tpm) == (7, 100)
+    raw = sqlite3.connect(tmp_path / "k.sqlite3").execute("SELECT * FROM api_keys").fetchall()
+    assert key not in repr(raw) and hash_key(key) in repr(raw)
+    assert store.revoke("bob") and store.verify(key) is None and not store.revoke("bob")
+    with pytest.raises(ValueError, match="scope"):
+        store.create("eve", "chat,root")
+    store.create("carol")
+    with pytest.raises(ValueError, match="exists"):
+        store.create("carol")
+
+
+def test_keys_cli_create_list_revoke(tmp_path):
+    d = str(tmp_path)
+    r = cli("create", "--name", "ci", "--scopes", "chat", "--rpm", "3", "--json", data_dir=d)
+    rec = json.loads(r.stdout)
+    assert r.returncode == 0 and rec["rpm"] == 3 and rec["key"].startswith("sk-servelm-")
+    listing = cli("list", data_dir=d).stdout
+    assert "ci" in listing and rec["key"] not in listing
+    assert cli("revoke", "ci", data_dir=d).returncode == 0
+    bad = cli("revoke", "ci", data_dir=d)
+    assert bad.returncode != 0 and "no active key" in bad.stderr
+
+
+def test_memory_limiter_refunds_refused_and_corrects_reservations():
+    async def run():
+        rl = RateLimiter(None)
+        res = await rl.acquire("k", rpm=0, tpm=100, tokens=60)
+        with pytest.raises(APIError) as e:
+            await rl.acquire("k", rpm=0, tpm=100, tokens=60)
+        assert e.value.status == 429 and int(e.value.headers["Retry-After"]) >= 1
+        await rl.settle(res, 10)  # only 10 were used: 50 come back
+        again = await rl.acquire("k", rpm=0, tpm=100, tokens=60)
+        assert again.headers["x-ratelimit-remaining-tokens"] == "30"
+        for _ in range(2):
+            await rl.acquire("r", rpm=2, tpm=0, tokens=0)
+        with pytest.raises(APIError) as e:
+            await rl.acquire("r", rpm=2, tpm=0, tokens=0)
+        assert e.value.headers["x-ratelimit-remaining-requests"] == "0"
+
+    asyncio.run(run())
+
+
+def test_json_log_lines():
+    rec = logging.LogRecord("servelm.access", logging.INFO, "", 0, "request", (), None)
+    rec.request_id, rec.status = "abc", 200
+    line = json.loads(JsonFormatter().format(rec))
+    assert line["msg"] == "request" and line["request_id"] == "abc" and line["status"] == 200 and "ts" in line
+
+
+def test_pipeline_refuses_extensions_nobody_handles_and_runs_stages():
+    async def run():
+        turn = ChatTurn([{"role": "user", "content": "hi"}], None, RagOptions(collection="docs"), "k", "r1")
+        with pytest.raises(APIError) as e:
+            await RequestPipeline().before(turn)
+        assert e.value.status == 400 and e.value.param == "rag"
+
+        async def add_context(t: ChatTurn):
+            t.messages.insert(0, {"role": "system", "content": f"context from {t.rag.collection}"})
+
+        async def shout(t, text):
+            return text.upper()
+
+        p = RequestPipeline(pre=[add_context], post=[shout], features=frozenset({"rag"}))
+        await p.before(turn)
+        assert turn.messages[0]["content"] == "context from docs"
+        assert await p.after(turn, "ok") == "OK"
+
+    asyncio.run(run())
