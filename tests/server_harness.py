@@ -159,17 +159,18 @@ class Fleet:
         # redis pair: one shared key store and one shared Redis
         self.shared_dir = d("shared")
         self.shared_keys = {"shared-rpm": create_key(self.shared_dir, "shared-rpm", rpm=10),
-                            "shared-tpm": create_key(self.shared_dir, "shared-tpm", tpm=400)}
+                            "shared-tpm": create_key(self.shared_dir, "shared-tpm", tpm=400),
+                            "unlimited": create_key(self.shared_dir, "unlimited")}
         self.small_dir = d("small")
         self.small_keys = {"user": create_key(self.small_dir, "user")}
         self.redis.wait()
         common = ("--no-embeddings",)
         self.servers = {
             "main": Server("main", self.main_dir, "--max-num-seqs", "32", "--max-queue", "16"),
-            "small": Server("small", self.small_dir, "--max-num-seqs", "2", "--max-queue", "2",
-                            "--request-timeout", "8", *common),
+            "small": Server("small", self.small_dir, "--max-num-seqs", "2", "--max-queue", "2", *common),
             "redis-a": Server("redis-a", self.shared_dir, "--redis-url", self.redis.url, *common),
-            "redis-b": Server("redis-b", self.shared_dir, "--redis-url", self.redis.url, *common),
+            "redis-b": Server("redis-b", self.shared_dir, "--redis-url", self.redis.url, "--request-timeout", "5",
+                              *common),
         }
         self.servers["small"].keys = self.small_keys
         self.servers["redis-a"].keys = self.servers["redis-b"].keys = self.shared_keys

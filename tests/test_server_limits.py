@@ -60,7 +60,7 @@ def test_replicas_share_token_budget_with_real_counts(pair):
     assert used < reserve
     r2 = httpx.post(b.url + "/v1/completions", json=body, headers=_auth(key), timeout=60)
     assert int(r2.headers["x-ratelimit-remaining-tokens"]) == 400 - used - reserve
-    r3 = httpx.post(a.url + "/v1/completions", json={**body, "max_tokens": 380}, headers=_auth(key), timeout=60)
+    r3 = httpx.post(a.url + "/v1/completions", json={**body, "max_tokens": 395}, headers=_auth(key), timeout=60)
     assert r3.status_code == 429 and r3.json()["error"]["code"] == "rate_limit_tokens"
 
 
@@ -71,7 +71,7 @@ def test_ready_reports_redis(pair):
 # ------------------------------------------------------------------ backpressure and timeouts
 @pytest.fixture(scope="module")
 def small():
-    return fleet().get("small")  # max_num_seqs 2, max_queue 2, request timeout 8 s
+    return fleet().get("small")  # max_num_seqs 2, max_queue 2
 
 
 def test_overload_is_refused_fast_with_retry_after_and_service_recovers(small):
@@ -89,7 +89,7 @@ def test_overload_is_refused_fast_with_retry_after_and_service_recovers(small):
     results = asyncio.run(run())
     ok = [(r, t) for r, t in results if r.status_code == 200]
     refused = [(r, t) for r, t in results if r.status_code == 503]
-    assert len(ok) + len(refused) == 24  # every request got an answer; none hung
+    assert len(ok) + len(refused) == 24, [r.text for r, _ in results]  # every request got an answer
     assert len(ok) >= 4 and len(refused) >= 1
     for r, _ in refused:
         err = r.json()["error"]
@@ -104,15 +104,15 @@ def test_overload_is_refused_fast_with_retry_after_and_service_recovers(small):
     assert m["servelm:num_requests_server_inflight"] == 0
 
 
-def test_request_timeout_stops_generation_with_504(small):
-    key = small.keys["user"]
-    r = httpx.post(small.url + "/v1/completions", headers=_auth(key), timeout=120,
-                   json={"model": MODEL, "prompt": "Go", "max_tokens": 6000, "ignore_eos": True})
-    assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+def test_request_timeout_stops_generation_with_504(pair):
+    b = pair[1]  # runs with --request-timeout 5
+    r = httpx.post(b.url + "/v1/completions", headers=_auth(b.keys["unlimited"]), timeout=120,
+                   json={"model": MODEL, "prompt": "Go", "max_tokens": 1500, "ignore_eos": True})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
     deadline = time.monotonic() + 5
-    while small.metrics()["servelm:num_requests_running"] != 0 and time.monotonic() < deadline:
+    while b.metrics()["servelm:num_requests_running"] != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert small.metrics()["servelm:num_requests_running"] == 0
+    assert b.metrics()["servelm:num_requests_running"] == 0
 
 
 def test_graceful_shutdown_finishes_in_flight_stream(small):
@@ -133,6 +133,7 @@ def test_graceful_shutdown_finishes_in_flight_stream(small):
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert sum(len(c["choices"][0]["text"]) > 0 for c in chunks) >= 30  # the whole answer arrived
-    assert small.proc.wait(60) == 0
+    # uvicorn re-raises the SIGTERM it handled once shutdown is complete
+    assert small.proc.wait(60) in (0, -signal.SIGTERM)
     with pytest.raises(httpx.ConnectError):
         httpx.get(small.url + "/health", timeout=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -173,7 +174,8 @@ async def start(ctx: ServerContext, request: Request, principal: Principal, prom
         except Exception:
             raise APIError(503, "The rate-limit store is unreachable; retry shortly.", code="rate_limit_store_down",
                            headers={"Retry-After": "2"}) from None
-        gen.stream = ctx.engine.generate(prompt_ids, params, request_id=rid)
+        # Clients may reuse an x-request-id; the engine needs ids unique among live requests.
+        gen.stream = ctx.engine.generate(prompt_ids, params, request_id=f"{rid}-{uuid.uuid4().hex[:8]}")
         # Pull the first output now so the engine's validation errors become a 400, not a broken stream.
         gen.first = await until_disconnect(request, _next(gen.stream, gen.start + ctx.settings.request_timeout_s))
     except InvalidRequestError as e:
