@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: OpenAI chat, streaming and not, with the request pipeline around it."""
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from contextlib import aclosing
@@ -18,6 +19,7 @@ from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoic
 from servelm.server.serving import Generation, sampling_params, start, until_disconnect
 
 router = APIRouter(tags=["openai"])
+log = logging.getLogger("servelm.server")
 
 _ROLE = {"developer": "system"}  # chat templates know system/user/assistant/tool
 
@@ -119,6 +121,11 @@ async def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: Cha
     except APIError as e:  # headers are gone; tell the client in the stream (the SDK raises on it)
         gen.info["error"] = e.code
         yield sse.error_event(e.body())
+    except Exception as e:  # e.g. the engine died mid-stream: end the stream with an error, not a cut
+        log.exception("stream failed", extra={"request_id": gen.request_id})
+        gen.info["error"] = type(e).__name__
+        yield sse.error_event(APIError(503, "Generation failed inside the engine; retry.",
+                                       code="engine_error").body())
     finally:
         await gen.finish()  # also when the client left before the first token
     yield sse.DONE

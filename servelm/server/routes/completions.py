@@ -1,6 +1,7 @@
 """POST /v1/completions: OpenAI (legacy) text completions, streaming and not."""
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from contextlib import aclosing
@@ -16,6 +17,7 @@ from servelm.server.schemas import Completion, CompletionChoice, CompletionReque
 from servelm.server.serving import Generation, sampling_params, start, until_disconnect
 
 router = APIRouter(tags=["openai"])
+log = logging.getLogger("servelm.server")
 
 
 def _prompt(ctx: ServerContext, body: CompletionRequest) -> tuple[list[int], str]:
@@ -114,6 +116,11 @@ async def _stream(ctx: ServerContext, gen: Generation, body: CompletionRequest, 
     except APIError as e:
         gen.info["error"] = e.code
         yield sse.error_event(e.body())
+    except Exception as e:  # e.g. the engine died mid-stream: end the stream with an error, not a cut
+        log.exception("stream failed", extra={"request_id": gen.request_id})
+        gen.info["error"] = type(e).__name__
+        yield sse.error_event(APIError(503, "Generation failed inside the engine; retry.",
+                                       code="engine_error").body())
     finally:
         await gen.finish()
     yield sse.DONE
