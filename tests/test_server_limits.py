@@ -76,7 +76,7 @@ def small():
 
 def test_overload_is_refused_fast_with_retry_after_and_service_recovers(small):
     key = small.keys["user"]
-    body = {"model": MODEL, "prompt": "Tell me about rivers.", "max_tokens": 24, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "Tell me about rivers.", "max_tokens": 16, "ignore_eos": True}
 
     async def one(h):
         r = await h.post("/v1/completions", json=body)
