@@ -275,6 +275,31 @@ def test_bad_requests_get_400_naming_the_field(srv, key, case):
     _check_error(r, 400, param, code, words)
 
 
+ODD_BODIES = [
+    None, 1, "text", [], {"messages": None}, {"messages": [{"role": "user"}]}, {"messages": MSG, "n": 1.5},
+    {"messages": MSG, "max_tokens": 10**30}, {"messages": MSG, "seed": 2**70}, {"messages": MSG, "top_k": 10**30},
+    {"messages": MSG, "stop": ["x"] * 40}, {"messages": MSG, "logprobs": True, "top_logprobs": 99},
+    {"messages": MSG, "stream_options": "yes"}, {"messages": MSG, "min_tokens": 50, "max_tokens": 2},
+    {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+]
+ODD_COMPLETIONS = [{"prompt": []}, {"prompt": ["a", "b"]}, {"prompt": [10**9]}, {"prompt": [[1, 2]]},
+                   {"prompt": "x", "suffix": "y"}, {"prompt": "x", "logprobs": -1}]
+
+
+def test_odd_input_never_gets_5xx_nor_hurts_other_requests(srv, key):
+    for body in ODD_BODIES:
+        r = post(srv, CHAT, body, key)
+        assert 400 <= r.status_code < 500, (body, r.text)
+        _check_error(r, r.status_code)
+    for body in ODD_COMPLETIONS:
+        _check_error(post(srv, "/v1/completions", body, key), 400)
+    # huge seeds and top_k that are valid ints still work
+    for extra in ({"seed": 2**63 - 1}, {"seed": -5}, {"top_k": 10**6}):
+        r = post(srv, CHAT, {"messages": MSG, "max_tokens": 2, **extra}, key)
+        assert r.status_code == 200, (extra, r.text)
+    assert httpx.get(srv.url + "/ready").status_code == 200
+
+
 def test_sdk_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=100000)

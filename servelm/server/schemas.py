@@ -34,14 +34,14 @@ class _SamplingFields(_Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16, description="Completions to return.")
     stop: str | list[str] | None = Field(None, description="Up to 16 strings that end generation.")
-    seed: int | None = Field(None, description="Makes sampling reproducible.")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Makes sampling reproducible.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     # vLLM-style extras
-    top_k: int = Field(0, ge=-1)
+    top_k: int = Field(0, ge=-1, le=1_000_000)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     min_tokens: int = Field(0, ge=0)

@@ -213,14 +213,23 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-def sampling_params(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_size: int | None = None
+                    ) -> SamplingParams:
     """Returns SamplingParams from an OpenAI body; raises APIError(400) for values the engine refuses."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    # top_k at or above the vocabulary keeps every token: the same as no top_k.
+    top_k = 0 if vocab_size and body.top_k >= vocab_size else body.top_k
+    # Any int64 seed is accepted (OpenAI's range) and folded to 32 bits: the engine derives per-choice
+    # generator seeds from it, which must stay inside torch's 64-bit seed range. Folding is
+    # deterministic, so equal seeds still give equal samples.
+    seed = None if body.seed is None else body.seed & 0xFFFFFFFF
+    if max_tokens is not None and body.min_tokens > max_tokens:
+        raise invalid(f"min_tokens ({body.min_tokens}) cannot exceed max_tokens ({max_tokens}).", "min_tokens")
     try:
         return SamplingParams(n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                              top_k=top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                              seed=body.seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
+                              seed=seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
                               min_tokens=body.min_tokens)
     except InvalidRequestError as e:
         raise from_engine(e) from None

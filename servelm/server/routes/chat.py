@@ -51,7 +51,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid("top_logprobs requires logprobs=true.", "top_logprobs")
     k = body.top_logprobs or 0
-    params = sampling_params(body, body.max_completion_tokens or body.max_tokens, k if body.logprobs else None)
+    params = sampling_params(body, body.max_completion_tokens or body.max_tokens, k if body.logprobs else None,
+                             getattr(tok, "vocab_size", None))
     gen = await start(ctx, request, principal, prompt_ids, params, prompt_param="messages")
     response.headers.update(gen.rate_headers)
     rid = "chatcmpl-" + uuid.uuid4().hex

@@ -48,7 +48,7 @@ async def create_completion(body: CompletionRequest, request: Request, response:
     prompt_ids, prompt_text = _prompt(ctx, body)
     if ctx.settings.log_prompts:
         request.scope["servelm"]["prompt"] = prompt_text
-    params = sampling_params(body, body.max_tokens, body.logprobs)
+    params = sampling_params(body, body.max_tokens, body.logprobs, getattr(ctx.engine.tokenizer, "vocab_size", None))
     gen = await start(ctx, request, principal, prompt_ids, params, prompt_param="prompt")
     response.headers.update(gen.rate_headers)
     rid = "cmpl-" + uuid.uuid4().hex
