@@ -167,7 +167,9 @@ class Fleet:
         common = ("--no-embeddings",)
         self.servers = {
             "main": Server("main", self.main_dir, "--max-num-seqs", "32", "--max-queue", "16"),
-            "small": Server("small", self.small_dir, "--max-num-seqs", "2", "--max-queue", "2", *common),
+            # small: a tiny admission bound, no auth, prompts logged
+            "small": Server("small", self.small_dir, "--max-num-seqs", "2", "--max-queue", "2", "--no-auth",
+                            "--log-prompts", *common),
             "redis-a": Server("redis-a", self.shared_dir, "--redis-url", self.redis.url, *common),
             "redis-b": Server("redis-b", self.shared_dir, "--redis-url", self.redis.url, "--request-timeout", "5",
                               *common),

@@ -71,7 +71,7 @@ def test_ready_reports_redis(pair):
 # ------------------------------------------------------------------ backpressure and timeouts
 @pytest.fixture(scope="module")
 def small():
-    return fleet().get("small")  # max_num_seqs 2, max_queue 2
+    return fleet().get("small")  # max_num_seqs 2, max_queue 2, --no-auth, --log-prompts
 
 
 def test_overload_is_refused_fast_with_retry_after_and_service_recovers(small):
@@ -113,6 +113,20 @@ def test_request_timeout_stops_generation_with_504(pair):
     while b.metrics()["servelm:num_requests_running"] != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert b.metrics()["servelm:num_requests_running"] == 0
+
+
+def test_no_auth_is_announced_and_log_prompts_logs_prompts(small):
+    assert "authentication is OFF" in small.output()
+    r = httpx.post(small.url + "/v1/completions", json={"prompt": "PROMPT-LOG-MARKER", "max_tokens": 1},
+                   headers={"x-request-id": "nolog-1"}, timeout=60)
+    assert r.status_code == 200
+    deadline = time.monotonic() + 5
+    while True:
+        recs = [x for x in small.log_records() if x.get("request_id") == "nolog-1"]
+        if recs or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert recs[0]["prompt"] == "PROMPT-LOG-MARKER" and recs[0]["key_name"] == "anonymous"
 
 
 def test_graceful_shutdown_finishes_in_flight_stream(small):

@@ -9,6 +9,8 @@ import sqlite3
 import pytest
 from pydantic import ValidationError
 
+from pydantic import BaseModel
+
 from server_harness import cli
 from servelm.server.errors import APIError
 from servelm.server.keys import KeyStore, hash_key
@@ -109,3 +111,33 @@ def test_pipeline_refuses_extensions_nobody_handles_and_runs_stages():
         assert await p.after(turn, "ok") == "OK"
 
     asyncio.run(run())
+
+
+class EchoBody(BaseModel):
+    text: str
+
+
+def test_body_limit_applies_to_chunked_bodies_too():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from servelm.server.errors import install_handlers
+    from servelm.server.middleware import RequestMiddleware
+
+    app = FastAPI()
+    install_handlers(app)
+
+    @app.post("/echo")
+    async def echo(body: EchoBody) -> dict:
+        return {"n": len(body.text)}
+
+    app.add_middleware(RequestMiddleware, max_body_bytes=1024, get_metrics=lambda: None)
+    client = TestClient(app)
+    assert client.post("/echo", json={"text": "ok"}).json() == {"n": 2}
+    big = b'{"text": "' + b"x" * 5000 + b'"}'
+    r = client.post("/echo", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunks = (big[i:i + 500] for i in range(0, len(big), 500))  # no Content-Length: chunked
+    r = client.post("/echo", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert "x-request-id" in r.headers

@@ -110,7 +110,8 @@ def install_handlers(app: FastAPI) -> None:
             message = f"Method {request.method} is not allowed on {request.url.path}."
         else:
             message = str(exc.detail)
-        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+        return APIError(exc.status_code, message, code=getattr(exc, "code", None),
+                        headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:

@@ -9,6 +9,8 @@ import re
 import time
 import uuid
 
+from starlette.exceptions import HTTPException
+
 from servelm.server.errors import APIError
 
 access_log = logging.getLogger("servelm.access")
@@ -57,7 +59,7 @@ class RequestMiddleware:
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.max_body:  # chunked bodies carry no Content-Length
-                        raise _too_large(self.max_body, None)
+                        raise BodyTooLarge(413, f"Request body too large; the limit is {self.max_body} bytes.")
                 return message
 
             await self.app(scope, receive_wrapper, send_wrapper)
@@ -73,6 +75,12 @@ class RequestMiddleware:
                       "latency_ms": round(latency * 1000, 2), "key_name": key}
             fields.update({k: v for k, v in info.items() if k not in ("request_id", "key_name")})
             access_log.info("request", extra=fields)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while reading a chunked body past the limit (an HTTPException so FastAPI passes it on)."""
+
+    code = "request_too_large"
 
 
 def _too_large(limit: int, length: int | None) -> APIError:
