@@ -79,6 +79,9 @@ _SERVE_FIELDS = ("model", "served_model_name", "host", "port", "no_auth", "redis
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = _settings(args, _SERVE_FIELDS)
+    if settings.model and not settings.model.startswith("dummy:") and not os.path.exists(settings.model):
+        sys.exit(f"servelm serve: model not found: {settings.model} (give a .gguf file, a Hugging Face model "
+                 "directory or dummy:<arch>; leave --model out for the embedded SmolLM2)")
     import uvicorn
 
     from servelm.engine import AsyncEngine, EngineConfig
