@@ -55,7 +55,8 @@ def test_few_shot_picks_examples_by_embedding_similarity(tokenizer):
     assert picked[0].input == "How many legs does a spider have?"
     text = strat.render(tokenizer, PromptRequest(question="At what temperature does water boil?"))
     head, _, tail = text.partition("<question>\nAt what")
-    assert "What is the boiling point of water?" in head and "sourdough" not in text and tail
+    assert "What is the boiling point of water?" in head and tail
+    assert "spider" not in head  # only the k=2 nearest examples are used
 
 
 def test_chain_of_thought_renders_exact_prompt_and_parses_answer(tokenizer):
