@@ -35,6 +35,12 @@ from servelm.safety.scanners import (
 )
 from servelm.safety.streaming import StreamingRedactor
 
+def _clean(text) -> str:
+    # Lone surrogates cannot be encoded as UTF-8 (so can't be sent either): replace them.
+    text = text if isinstance(text, str) else str(text)
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 _RANK = {"allow": 0, "redact": 1, "review": 2, "block": 3}
 Scanner = Callable[[str, ScanContext], ScanResult]
 
@@ -186,7 +192,7 @@ class Guard:
         """
         t0 = time.perf_counter()
         policy = self._policy(api_key, policy_overrides)
-        text = text if isinstance(text, str) else str(text)
+        text = _clean(text)
         ctx = ScanContext(normalised=normalise(text, policy.max_input_chars + 1), max_input_chars=policy.max_input_chars)
         results = self._run("input", self.input_scanners, text, ctx, policy, request_id)
         d = self._decide("input", text, results, policy, request_id, api_key)
@@ -199,7 +205,7 @@ class Guard:
         """Scan a complete model output; ``Decision.text`` is the redacted text. Never raises for any ``text``."""
         t0 = time.perf_counter()
         policy = self._policy(api_key, policy_overrides)
-        text = text if isinstance(text, str) else str(text)
+        text = _clean(text)
         ctx = ScanContext(canary=policy.canary, system_prompt=system_prompt)
         results = self._run("output", self.output_scanners, text, ctx, policy, request_id)
         d = self._decide("output", text, results, policy, request_id, api_key, prompt)
@@ -306,6 +312,7 @@ class GuardedStream:
         """Add a model delta; return the text that may be sent now (possibly "")."""
         if self.blocked or not delta:
             return ""
+        delta = _clean(delta)
         self._text += delta
         self._since_harm_check += len(delta)
         self._check_harm(final=False)

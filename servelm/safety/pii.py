@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tldextract
 from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry
-from presidio_analyzer.nlp_engine import SpacyNlpEngine
+from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
 from presidio_analyzer.predefined_recognizers import (
     CreditCardRecognizer, EmailRecognizer, IbanRecognizer, IpRecognizer, PhoneRecognizer,
     SpacyRecognizer, UsSsnRecognizer,
@@ -68,7 +68,12 @@ class PiiDetector:
     def __init__(self):
         import spacy
 
-        nlp_engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": spacy_model_path()}])
+        # Only PERSON comes from NER; other spaCy labels are dropped (and not warned about).
+        ner_conf = NerModelConfiguration(labels_to_ignore=[
+            "CARDINAL", "DATE", "EVENT", "FAC", "GPE", "LANGUAGE", "LAW", "LOC", "MONEY", "NORP", "ORDINAL",
+            "ORG", "PERCENT", "PRODUCT", "QUANTITY", "TIME", "WORK_OF_ART"])
+        nlp_engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": spacy_model_path()}],
+                                    ner_model_configuration=ner_conf)
         # The dependency parser is unused by Presidio's recognisers; skipping it halves the cost.
         nlp_engine.nlp = {"en": spacy.load(spacy_model_path(), exclude=["parser"])}
         registry = RecognizerRegistry(supported_languages=["en"])
