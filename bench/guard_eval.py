@@ -75,12 +75,18 @@ def eval_injection() -> dict:
     out["held_out"] = {"size": len(y), "positives": sum(y), "sources": sorted({s.source for s in held})}
     out["classifier_threshold"] = clf.threshold
     # Per-source recall/FPR of the combined scanner, to show where it fails.
-    by_src = {}
+    by_src: dict = {}
     for s, p in zip(held, preds["rules+classifier"]):
-        d = by_src.setdefault(s.source, [0, 0])
-        d[0] += 1
-        d[1] += int(p)
-    out["flag_rate_by_source"] = {k: round(v[1] / v[0], 3) for k, v in sorted(by_src.items())}
+        d = by_src.setdefault(s.source, {"pos": 0, "caught": 0, "neg": 0, "false_alarms": 0})
+        if s.label:
+            d["pos"] += 1
+            d["caught"] += int(p)
+        else:
+            d["neg"] += 1
+            d["false_alarms"] += int(p)
+    out["by_source"] = {k: {**({"positives": v["pos"], "recall": round(v["caught"] / v["pos"], 3)} if v["pos"] else {}),
+                            **({"negatives": v["neg"], "fpr": round(v["false_alarms"] / v["neg"], 3)} if v["neg"] else {})}
+                        for k, v in sorted(by_src.items())}
     return out
 
 
@@ -236,9 +242,10 @@ def eval_overhead(n: int) -> dict:
     res = {}
     for name, g in (("full_guard", full), ("full_guard_without_person_ner", no_ner),
                     ("rules_only_baseline", rules_only)):
-        per_req, inp, outp = [], [], []
+        per_req, inp, outp, cpu = [], [], [], []
         for i, p in enumerate(prompts):
             answer = filler + (answers[i] if i % 3 == 0 else "")
+            c0 = time.thread_time()  # CPU time: robust to other processes on a shared box
             t0 = time.perf_counter()
             g.check_input(p, request_id=f"bench-{i}")
             t1 = time.perf_counter()
@@ -247,11 +254,13 @@ def eval_overhead(n: int) -> dict:
             inp.append(t1 - t0)
             outp.append(t2 - t1)
             per_req.append(t2 - t0)
+            cpu.append(time.thread_time() - c0)
         qs = statistics.quantiles(per_req, n=10)
         res[name] = {"requests": len(per_req), "p50_ms": round(statistics.median(per_req) * 1000, 3),
                      "p90_ms": round(qs[8] * 1000, 3),
                      "input_p50_ms": round(statistics.median(inp) * 1000, 3),
-                     "output_p50_ms": round(statistics.median(outp) * 1000, 3)}
+                     "output_p50_ms": round(statistics.median(outp) * 1000, 3),
+                     "cpu_time_p50_ms": round(statistics.median(cpu) * 1000, 3)}
     return res
 
 
