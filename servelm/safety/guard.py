@@ -199,6 +199,29 @@ class Guard:
         self.metrics.latency.labels("input").observe(time.perf_counter() - t0)
         return d
 
+    def check_messages(self, messages: list[dict], request_id: str | None = None, documents: list[str] | None = None,
+                       policy_overrides: dict | None = None, api_key: str | None = None) -> Decision:
+        """Scan a chat request: every non-assistant message and retrieved ``documents``.
+
+        Returns the first blocking/review decision, else an allow/redact decision whose
+        ``text`` is unused (redacted content is not reassembled into messages here:
+        call :meth:`check_input` per message when the policy redacts input).
+        """
+        parts = []
+        for m in messages or []:
+            if isinstance(m, dict) and m.get("role") != "assistant":
+                c = m.get("content")
+                if isinstance(c, list):  # OpenAI content parts: scan the text parts
+                    c = "\n".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
+                parts.append(str(c or ""))
+        worst: Decision | None = None
+        for text in [*parts, *(documents or [])]:
+            d = self.check_input(text, request_id, policy_overrides, api_key)
+            if not d.allowed:
+                return d
+            worst = d if worst is None or _RANK[d.action] > _RANK[worst.action] else worst
+        return worst or Decision("allow", "", request_id=request_id)
+
     def check_output(self, text: str, request_id: str | None = None, prompt: str | None = None,
                      system_prompt: str = "", policy_overrides: dict | None = None,
                      api_key: str | None = None) -> Decision:
