@@ -49,3 +49,15 @@ def test_bad_policy_errors_name_the_key(text, needle):
 def test_missing_file():
     with pytest.raises(PolicyError, match="not found"):
         Policy.from_yaml("/nonexistent/policy.yaml")
+
+
+def test_shipped_default_policy_file_matches_defaults():
+    from pathlib import Path
+
+    import servelm.safety
+
+    p = Policy.from_yaml(Path(servelm.safety.__file__).parent / "policies" / "default.yaml")
+    d = Policy()
+    for name, sp in d.scanners.items():
+        assert (p.scanner(name).action, p.scanner(name).enabled) == (sp.action, sp.enabled), name
+    assert p.fail_mode == d.fail_mode and p.max_input_chars == d.max_input_chars
