@@ -110,3 +110,20 @@ def test_registry_per_request_and_deployment():
     assert get_strategy("support_few_shot").default_examples[0].output == "b"
     with pytest.raises(ValueError):
         get_strategy("zero_shot").build(PromptRequest(question="  "))
+
+
+def test_rag_prompt_is_grounded_with_not_in_documents_answer(tokenizer):
+    from servelm.prompts import NOT_IN_DOCUMENTS, is_not_in_documents
+    from servelm.prompts.strategies import GROUNDING_INSTRUCTION
+
+    req = PromptRequest(question="Who founded Acme?", context=[ContextChunk(1, "Acme sells anvils.", source="a.txt", page=2)])
+    text = get_strategy("zero_shot").render(tokenizer, req)
+    assert text == chatml(
+        ("system", f"{SYS}\n\n{GROUNDING_INSTRUCTION}\n\n{UNTRUSTED_NOTICE}"),
+        ("user", '<context>\n<document index="1" source="a.txt" page="2">\nAcme sells anvils.\n</document>\n'
+                 "</context>\n\n<question>\nWho founded Acme?\n</question>"))
+    assert NOT_IN_DOCUMENTS in text.split("<|im_end|>")[0]
+    assert is_not_in_documents("I could not find the answer in the provided  documents")
+    assert not is_not_in_documents("Acme was founded by Wile E. Coyote [1].")
+    cot = get_strategy("chain_of_thought").messages(req)[0]["content"]
+    assert GROUNDING_INSTRUCTION in cot and ChainOfThought.instructions in cot

@@ -20,6 +20,13 @@ from typing import Callable, Protocol
 from servelm.prompts.layered import ContextChunk, Example, LayeredPrompt
 
 DEFAULT_SYSTEM = "You are a helpful, concise assistant."
+# The fixed RAG answer when the documents do not hold the answer, or retrieval found
+# nothing relevant (the server can return it without calling the model at all).
+NOT_IN_DOCUMENTS = "I could not find the answer in the provided documents."
+GROUNDING_INSTRUCTION = (
+    "Answer only from the documents in <context>, citing them as [index]. If they do not contain "
+    f"the answer, reply exactly: \"{NOT_IN_DOCUMENTS}\""
+)
 
 
 class UnknownStrategyError(ValueError):
@@ -40,6 +47,7 @@ class PromptRequest:
     context: list[ContextChunk] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     examples: list[Example] | None = None  # inline few-shot examples from the request
+    grounded: bool = True  # with context: answer only from it, else NOT_IN_DOCUMENTS
 
 
 @dataclass(slots=True)
@@ -55,6 +63,11 @@ class Strategy(Protocol):
 
     def build(self, req: PromptRequest) -> LayeredPrompt: ...
     def postprocess(self, text: str, include_reasoning: bool = False) -> StrategyOutput: ...
+
+
+def is_not_in_documents(answer: str) -> bool:
+    """Return True when ``answer`` is the model's "not in the documents" reply."""
+    return NOT_IN_DOCUMENTS.lower().rstrip(".") in " ".join(answer.lower().split())
 
 
 def render_chat(tokenizer, messages: list[dict]) -> str:
@@ -80,9 +93,12 @@ class _Base:
         """Return the layered prompt for ``req`` (system → examples → context → question)."""
         if not isinstance(req.question, str) or not req.question.strip():
             raise ValueError("question must be a non-empty string")
+        instructions = self.instructions
+        if req.context and req.grounded:
+            instructions = f"{GROUNDING_INSTRUCTION}\n{instructions}".strip()
         return LayeredPrompt(system=req.system, question=req.question, examples=self._examples(req),
                              context=list(req.context), history=list(req.history),
-                             instructions=self.instructions)
+                             instructions=instructions)
 
     def messages(self, req: PromptRequest) -> list[dict]:
         """Return the chat messages for ``req``."""
