@@ -139,3 +139,15 @@ def test_decisions_in_prometheus_and_structured_log(caplog):
     by_id = {l["request_id"]: l for l in lines if l["event"] == "guard_decision"}
     assert by_id["req-metrics-1"]["action"] == "block" and by_id["req-metrics-1"]["scanner"] == "injection_rules"
     assert by_id["req-metrics-2"]["action"] == "redact"
+
+
+def test_stream_sends_flagged_pii_to_review_and_stops(tmp_path):
+    g = Guard.from_policy({"scanners": {"pii": {"action": "review"}}}, review_db=tmp_path / "s.sqlite",
+                          registry=CollectorRegistry())
+    text = "Happy to help. The account owner can be reached at owner@example.com for any further questions today."
+    s = g.output_stream(request_id="req-stream-review", prompt="who owns it?")
+    pieces = [s.feed(text[i:i + 4]) for i in range(0, len(text), 4)] + [s.finish()]
+    assert s.blocked and s.decision.action == "review" and s.decision.review_id
+    assert "owner@" not in "".join(pieces)
+    item = g.review_queue.get(s.decision.review_id)
+    assert item.stage == "output" and "owner@example.com" in item.response and item.prompt == "who owns it?"

@@ -140,7 +140,10 @@ class PiiDetector:
         """Return PII spans in ``text`` scoring at least ``threshold``, non-overlapping, in order."""
         if not text.strip():
             return []
-        analyzer = self.analyzer if "PERSON" in entities else self.fast_analyzer
+        # Names need NER, and spaCy only tags capitalised tokens as PERSON: text without an
+        # uppercase letter can skip it (most streamed chunks of lower-case prose).
+        needs_ner = "PERSON" in entities and any(c.isupper() for c in text)
+        analyzer = self.analyzer if needs_ner else self.fast_analyzer
         with self._lock:
             results = analyzer.analyze(text=text, language="en", entities=list(entities),
                                             score_threshold=threshold)
