@@ -21,7 +21,8 @@ from servelm.safety.corpus import load_task
 
 
 def _fit(x, y, c: float) -> LogisticRegression:
-    return LogisticRegression(C=c, class_weight="balanced", max_iter=2000, solver="liblinear").fit(x, y)
+    return LogisticRegression(C=c, class_weight="balanced", max_iter=2000, solver="liblinear",
+                              random_state=0).fit(x, y)
 
 
 def train(task: str, c: float, target_fpr: float) -> dict:
