@@ -31,6 +31,8 @@ _INVISIBLE_RE = re.compile(
     "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
     "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e007f]"
 )
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
+_LEET_WORD = re.compile(r"\b(?=\w*[a-z])(?=\w*[013457])[a-z0-9@$!]{3,}\b", re.IGNORECASE)
 _B64_RE = re.compile(r"(?:[A-Za-z0-9+/]{4}){4,}(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 _HEX_RE = re.compile(r"\b(?:[0-9a-fA-F]{2}[\s:]?){8,}")
 MAX_DECODED_VIEWS = 8
@@ -44,14 +46,16 @@ class Normalised:
     views: list[str] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
     rot13: str = ""
+    leet: str = ""  # digits/symbols read as letters ("1gn0r3" -> "ignore"), when any were found
 
     def all_views(self, with_rot13: bool = True) -> list[str]:
-        """Return the canonical text, every decoded view and (optionally) the rot13 view.
+        """Return the canonical text, every decoded view and (optionally) the rot13 and leet views.
 
-        Learned models should skip the rot13 view: on ordinary text it is gibberish they
-        were not trained on; exact-phrase rules can use it safely.
+        Learned models should skip the rot13/leet views: on ordinary text they are
+        gibberish the models were not trained on; exact-phrase rules can use them safely.
         """
-        return [self.text, *self.views, *([self.rot13] if with_rot13 and self.rot13 else [])]
+        extra = [v for v in (self.rot13, self.leet) if v] if with_rot13 else []
+        return [self.text, *self.views, *extra]
 
 
 def _printable(s: str) -> bool:
@@ -129,5 +133,8 @@ def normalise(text: str, max_chars: int = 200_000) -> Normalised:
             findings.append("hex")
             views.append(fold(dec))
     # rot13 is cheap and self-inverse: scanning its view catches "vtaber nyy cerivbhf".
+    leet = ""
+    if _LEET_WORD.search(folded):
+        leet = _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), folded)
     return Normalised(text=folded, views=views, findings=sorted(set(findings)),
-                      rot13=codecs.encode(folded, "rot13"))
+                      rot13=codecs.encode(folded, "rot13"), leet=leet)
