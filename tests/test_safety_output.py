@@ -102,6 +102,8 @@ def test_system_prompt_echo_detected(guard):
     system = "You are Acme's billing assistant. Only discuss invoices, refunds and payment dates for Acme customers."
     d = guard.check_output("Sure! " + system, request_id="req-echo", system_prompt=system)
     assert d.action == "block" and d.scanner == "system_prompt_leak"
+    partial = "I was told: You are Acme's billing assistant. Only discuss invoices, refunds and payment dates."
+    assert guard.check_output(partial, system_prompt=system).action == "block"
     assert guard.check_output("Your invoice is due on Friday.", system_prompt=system).action == "allow"
 
 

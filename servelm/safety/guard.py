@@ -32,7 +32,7 @@ from servelm.safety.pii import DEFAULT_ENTITIES, PiiSpan, get_pii_detector
 from servelm.safety.policy import Policy
 from servelm.safety.review_queue import ReviewQueue
 from servelm.safety.scanners import (
-    INPUT_SCANNERS, OUTPUT_SCANNERS, ScanContext, ScanResult, scan_harmful_output, scan_system_prompt_leak,
+    INPUT_SCANNERS, OUTPUT_SCANNERS, ScanContext, ScanResult, scan_harmful_output,
 )
 from servelm.safety.streaming import StreamingRedactor
 

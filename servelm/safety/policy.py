@@ -25,8 +25,6 @@ import yaml
 
 ACTIONS = ("allow", "redact", "block", "review")
 FAIL_MODES = ("open", "closed")
-INPUT_SCANNERS = ("length", "injection_rules", "prompt_injection", "secrets", "harmful_input")
-OUTPUT_SCANNERS = ("pii", "harmful_output", "system_prompt_leak")
 
 
 class PolicyError(ValueError):
@@ -54,7 +52,7 @@ DEFAULT_SCANNERS: dict[str, ScannerPolicy] = {
     # Opt-in: the n-gram harm model is trained on harmful *requests*; on free-form model
     # output its false-positive rate is too high to act on by default (docs/safety.md).
     "harmful_output": ScannerPolicy(enabled=False, threshold=0.0, action="review"),
-    "system_prompt_leak": ScannerPolicy(threshold=1.0, action="block"),
+    "system_prompt_leak": ScannerPolicy(threshold=0.5, action="block"),  # canary = 1.0; echo = share
 }
 
 
