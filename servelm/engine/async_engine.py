@@ -145,10 +145,12 @@ class AsyncEngine:
                 self._fail_all(e)
                 continue
             self.last_step_time = time.monotonic()
+            finished_any = any(o.finished for o in outputs)
+            if finished_any or self.last_step_time - self._stats_time > 0.05 or not eng.has_unfinished_requests():
+                # before dispatching, so a client that sees its request finish also sees its blocks freed
+                self._stats, self._stats_time = eng.stats(), self.last_step_time
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs)
-            if self.last_step_time - self._stats_time > 0.05 or not eng.has_unfinished_requests():
-                self._stats, self._stats_time = eng.stats(), self.last_step_time
         for rid in list(eng.requests):
             out = eng.abort_request(rid)
             if out is not None:

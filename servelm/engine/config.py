@@ -29,6 +29,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     seed: int = 0
     served_model_name: str | None = None
+    show_progress: bool = False  # a progress bar while weights load (the CLI turns it on)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -27,6 +27,14 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._ids = itertools.count()
 
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "LLM":
+        """Wrap an existing engine (e.g. one sharing already-loaded weights)."""
+        self = cls.__new__(cls)
+        self.engine = engine
+        self._ids = itertools.count()
+        return self
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

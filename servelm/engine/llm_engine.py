@@ -15,7 +15,7 @@ import torch
 
 from servelm.engine.config import EngineConfig
 from servelm.engine.kv_cache import KVCacheManager
-from servelm.engine.models.loader import load_model
+from servelm.engine.models.loader import LoadedModel, load_model
 from servelm.engine.output_processor import OutputProcessor
 from servelm.engine.outputs import RequestOutput
 from servelm.engine.runner import ModelRunner
@@ -57,12 +57,19 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        """Load the model (or reuse ``loaded``, already in this config's dtype and device) and size the KV pool.
+
+        Raises :class:`ModelLoadError` for a missing or unsupported model and ValueError for bad settings.
+        """
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
         torch.manual_seed(config.seed)
-        loaded = load_model(config.model, self.dtype, self.device, config.max_model_len, config.seed)
+        if loaded is None:
+            loaded = load_model(config.model, self.dtype, self.device, config.max_model_len, config.seed,
+                                progress=config.show_progress)
+        self.loaded = loaded
         self.model_config = loaded.config
         self.model = loaded.model
         if config.quantization:
@@ -204,6 +211,19 @@ class LLMEngine:
             if done:
                 del self.requests[rid]
         return outputs
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Float32 logits ``[len(token_ids), vocab]`` at every position, through the paged-cache path.
+
+        Runs outside the scheduler (call it between steps, not concurrently with them).
+        """
+        seq = Sequence("__score__", 0, token_ids, SamplingParams(max_tokens=1), time.monotonic(), 1)
+        if not self.kv.allocate(seq, len(token_ids)):
+            raise InvalidRequestError(f"{len(token_ids)} tokens do not fit the free KV cache", "prompt")
+        try:
+            return self.runner.all_logits(seq)
+        finally:
+            self.kv.free(seq)
 
     def stats(self) -> EngineStats:
         kv = self.kv.stats()

@@ -47,6 +47,19 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> StepResult:
         """Compute the scheduled tokens and sample for sequences that are up to date afterwards."""
+        hidden, sample_rows, samplers = self._forward(items)
+        if not samplers:
+            return StepResult([], None)
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        return StepResult(samplers, self.sampler(logits, samplers))
+
+    @torch.inference_mode()
+    def all_logits(self, seq: Sequence) -> torch.Tensor:
+        """Logits at every position of ``seq``'s uncomputed tokens (scoring, perplexity, tests)."""
+        hidden, _, _ = self._forward([(seq, seq.num_tokens - seq.num_computed_tokens)])
+        return self.model.compute_logits(hidden)
+
+    def _forward(self, items: list[tuple[Sequence, int]]):
         prefills = [(s, n) for s, n in items if n > 1]
         decodes = [(s, n) for s, n in items if n == 1]
         ordered = prefills + decodes
@@ -83,8 +96,4 @@ class ModelRunner:
         ctx = self.backend.make_context(layout, self.kv_caches, self.scale)
         ids_t = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
         pos_t = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
-        hidden = self.model(ids_t, pos_t, ctx)
-        if not samplers:
-            return StepResult([], None)
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        return StepResult(samplers, self.sampler(logits, samplers))
+        return self.model(ids_t, pos_t, ctx), sample_rows, samplers

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from servelm.engine.models.config import SUPPORTED_ARCHS, ModelConfig, ModelLoadError
 
@@ -36,7 +37,7 @@ def _field(reader, key: str, default=None):
     return v
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+def read_gguf(path: Path, progress: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
     """Return (config, HF-named float32 tensors, HF name -> GGUF quant type). Raises ModelLoadError."""
     import gguf
 
@@ -51,7 +52,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
     cfg = _config(reader, arch, path)
     tensors: dict[str, torch.Tensor] = {}
     qtypes: dict[str, str] = {}
-    for t in reader.tensors:
+    for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress):
         hf_name = _hf_name(t.name)
         if hf_name is None:
             continue  # e.g. rope_freqs (recomputed from the config)

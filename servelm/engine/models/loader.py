@@ -63,7 +63,7 @@ def resolve_model(model: str | os.PathLike | None) -> str | Path:
 
 
 def load_model(model: str | os.PathLike | None, dtype: torch.dtype, device: torch.device,
-               max_model_len: int | None = None, seed: int = 0) -> LoadedModel:
+               max_model_len: int | None = None, seed: int = 0, progress: bool = False) -> LoadedModel:
     """Load weights onto ``device`` in ``dtype``. Raises :class:`ModelLoadError` with the file's name."""
     spec = resolve_model(model)
     if isinstance(spec, str):  # dummy:<shape>
@@ -73,12 +73,12 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, device: torc
     if spec.suffix == ".gguf":
         from servelm.engine.models.gguf_loader import read_gguf
 
-        cfg, tensors, qtypes = read_gguf(spec)
+        cfg, tensors, qtypes = read_gguf(spec, progress)
         tok_src = spec
     else:
         from servelm.engine.models.safetensors_loader import read_safetensors_dir
 
-        cfg, tensors = read_safetensors_dir(spec)
+        cfg, tensors = read_safetensors_dir(spec, progress)
         qtypes, tok_src = {}, spec
     _cap_len(cfg, max_model_len)
     m = build_model(cfg, tensors, dtype, device)

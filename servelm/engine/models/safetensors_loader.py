@@ -5,11 +5,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from servelm.engine.models.config import ModelConfig, ModelLoadError
 
 
-def read_safetensors_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_safetensors_dir(path: Path, progress: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Return the config and all tensors (HF names) of a HF model directory."""
     from servelm.engine.models.loader import read_hf_config
 
@@ -25,7 +26,7 @@ def read_safetensors_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     if not files:
         raise ModelLoadError(f"no .safetensors files in {path}")
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in tqdm(files, desc=f"loading {path.name}", unit="file", disable=not progress):
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for name in fh.keys():

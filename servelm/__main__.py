@@ -1,0 +1,5 @@
+import sys
+
+from servelm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""A small learned text classifier that runs offline: hashed n-grams + logistic regression.
+
+Why this model: it is ~0.3 ms per request on one CPU core, needs no download, and its
+artifact (a JSON file of float16 weights, a few hundred KB) is committed next to this
+file together with ``train_classifier.py`` that reproduces it from packaged data.
+Long inputs are scored on the whole text *and* on overlapping windows, so one injected
+sentence inside a long retrieved document is not diluted away.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from scipy.sparse import hstack
+from sklearn.feature_extraction.text import HashingVectorizer
+
+ARTIFACT_DIR = Path(__file__).parent / "models"
+N_FEATURES = 2**16
+WINDOW, STRIDE = 400, 200
+
+
+def make_vectorizers() -> tuple[HashingVectorizer, HashingVectorizer]:
+    """Return the (char, word) feature hashers shared by training and inference."""
+    char = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), n_features=N_FEATURES,
+                             alternate_sign=False, lowercase=True)
+    word = HashingVectorizer(analyzer="word", ngram_range=(1, 2), n_features=N_FEATURES,
+                             alternate_sign=False, lowercase=True, token_pattern=r"(?u)\b\w+\b")
+    return char, word
+
+
+def featurize(texts: list[str], vecs=None):
+    """Return the sparse feature matrix for ``texts``."""
+    char, word = vecs or make_vectorizers()
+    return hstack([char.transform(texts), word.transform(texts)]).tocsr()
+
+
+def windows(text: str) -> list[str]:
+    """Return ``text`` plus overlapping windows of it when it is long."""
+    if len(text) <= WINDOW + STRIDE:
+        return [text]
+    return [text] + [text[i:i + WINDOW] for i in range(0, len(text) - STRIDE, STRIDE)]
+
+
+class TextClassifier:
+    """Loads a trained artifact; :meth:`score` returns P(positive) in [0, 1]."""
+
+    def __init__(self, artifact: dict):
+        self.name = artifact["name"]
+        self.meta = artifact.get("meta", {})
+        self.threshold = float(artifact["threshold"])
+        raw = base64.b64decode(artifact["coef_f16_b64"])
+        self.coef = np.frombuffer(raw, dtype=np.float16).astype(np.float32)
+        self.intercept = float(artifact["intercept"])
+        self._vecs = make_vectorizers()
+
+    @classmethod
+    def load(cls, name: str, directory: Path = ARTIFACT_DIR) -> "TextClassifier":
+        """Return the classifier stored as ``<directory>/<name>.json``; raises FileNotFoundError."""
+        path = Path(directory) / f"{name}.json"
+        if not path.exists():
+            raise FileNotFoundError(f"classifier artifact {path} missing: run python -m servelm.safety.train_classifier")
+        return cls(json.loads(path.read_text()))
+
+    def score_batch(self, texts: list[str]) -> list[float]:
+        """Return P(positive) for each text (whole text, no windows)."""
+        x = featurize(texts, self._vecs)
+        z = x @ self.coef + self.intercept
+        return list(1.0 / (1.0 + np.exp(-z)))
+
+    def score(self, text: str) -> float:
+        """Return the highest P(positive) over ``text`` and its windows."""
+        return max(self.score_batch(windows(text)))
+
+
+@lru_cache(maxsize=8)
+def load_classifier(name: str) -> TextClassifier:
+    """Return the shipped classifier ``name`` ("injection" or "harmful"), loaded once."""
+    return TextClassifier.load(name)
+
+
+def to_artifact(name: str, coef: np.ndarray, intercept: float, threshold: float, meta: dict) -> dict:
+    """Return the JSON-serialisable artifact for a trained linear model."""
+    return {"name": name, "threshold": threshold, "intercept": float(intercept), "meta": meta,
+            "coef_f16_b64": base64.b64encode(np.asarray(coef, dtype=np.float16).tobytes()).decode()}

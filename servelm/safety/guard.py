@@ -1,0 +1,373 @@
+"""The guard facade the server calls: input check, output check, streaming output scanner.
+
+    guard = Guard.from_policy("policy.yaml", review_db="reviews.sqlite")
+    d = guard.check_input(user_text, request_id=rid, api_key=key)
+    if d.action == "block":  -> HTTP 400, error.code "content_filter", message d.message (names d.scanner)
+    if d.action == "review": -> answer d.held_response (contains d.review_id), don't generate
+    prompt_text = d.text     # the (possibly secret-redacted) text to use
+
+    d = guard.check_output(answer, request_id=rid)          # non-streamed
+    d.text                   # redacted answer; d.action == "block" -> finish_reason "content_filter"
+
+    s = guard.output_stream(request_id=rid)                 # streamed
+    for delta in deltas: emit(s.feed(delta)); if s.blocked: finish_reason = "content_filter"
+    emit(s.finish())
+
+Actions rank block > review > redact > allow; the most severe finding decides.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from prometheus_client import CollectorRegistry
+
+from servelm.safety.metrics import GuardMetrics, log_event
+from servelm.safety.normalise import normalise
+from servelm.safety.pii import DEFAULT_ENTITIES, PiiSpan, get_pii_detector
+from servelm.safety.policy import Policy
+from servelm.safety.review_queue import ReviewQueue
+from servelm.safety.scanners import (
+    INPUT_SCANNERS, OUTPUT_SCANNERS, ScanContext, ScanResult, scan_harmful_output,
+)
+from servelm.safety.streaming import StreamingRedactor
+
+def _clean(text) -> str:
+    # Lone surrogates cannot be encoded as UTF-8 (so can't be sent either): replace them.
+    text = text if isinstance(text, str) else str(text)
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+_RANK = {"allow": 0, "redact": 1, "review": 2, "block": 3}
+Scanner = Callable[[str, ScanContext], ScanResult]
+
+
+@dataclass(slots=True)
+class Finding:
+    scanner: str
+    score: float
+    action: str
+    reason: str
+    error: bool = False
+
+
+@dataclass(slots=True)
+class Decision:
+    """The guard's verdict. ``text`` is what may be used/sent (redacted where the policy says)."""
+
+    action: str  # allow | redact | block | review
+    text: str
+    scanner: str | None = None  # the scanner that decided (for block/review)
+    reason: str = ""
+    findings: list[Finding] = field(default_factory=list)
+    review_id: str | None = None
+    held_response: str | None = None
+    request_id: str | None = None
+
+    @property
+    def allowed(self) -> bool:
+        """True when the text may go on (allowed as is, or redacted)."""
+        return self.action in ("allow", "redact")
+
+    @property
+    def message(self) -> str:
+        """A client-facing message naming the scanner, for HTTP 400 / content_filter."""
+        if self.allowed:
+            return ""
+        verb = "blocked" if self.action == "block" else "held for review"
+        return f"Content {verb} by the '{self.scanner}' guard: {self.reason}"
+
+
+class Guard:
+    """Runs the policy's scanners; share one per deployment (it is thread-safe)."""
+
+    def __init__(self, policy: Policy, review_queue: ReviewQueue | None = None,
+                 registry: CollectorRegistry | None = None):
+        self.policy = policy
+        self.metrics = GuardMetrics.get(registry)
+        self.review_queue = review_queue
+        if review_queue is not None:
+            review_queue._on_depth = self.metrics.review_depth.set
+            review_queue._report_depth()
+        self.input_scanners: dict[str, Scanner] = dict(INPUT_SCANNERS)
+        self.output_scanners: dict[str, Scanner] = dict(OUTPUT_SCANNERS)
+
+    @classmethod
+    def from_policy(cls, policy: Policy | dict | str | Path | None = None, review_db: str | Path | None = None,
+                    registry: CollectorRegistry | None = None) -> "Guard":
+        """Return a guard for ``policy`` (a Policy, a mapping, or a YAML file path; None = defaults).
+
+        ``review_db`` is the SQLite file of the review queue (None: "review" acts as "block").
+        Raises :class:`~servelm.safety.policy.PolicyError` for an invalid policy.
+        """
+        if isinstance(policy, (str, Path)):
+            policy = Policy.from_yaml(policy)
+        elif isinstance(policy, dict) or policy is None:
+            policy = Policy.from_dict(policy)
+        queue = ReviewQueue(review_db) if review_db is not None else None
+        return cls(policy, queue, registry)
+
+    def add_scanner(self, stage: str, name: str, fn: Scanner) -> None:
+        """Register a custom scanner for ``stage`` ("input" or "output"); configure it in the policy."""
+        (self.input_scanners if stage == "input" else self.output_scanners)[name] = fn
+
+    def warmup(self) -> None:
+        """Load the classifiers and Presidio/spaCy now instead of on the first request."""
+        self.check_input("warm up", request_id="warmup")
+        get_pii_detector()
+
+    def _policy(self, api_key: str | None, overrides: dict | None) -> Policy:
+        p = self.policy.for_api_key(api_key)
+        return p.merged(overrides) if overrides else p
+
+    def _run(self, stage: str, scanners: dict[str, Scanner], text: str, ctx: ScanContext, policy: Policy,
+             request_id: str | None) -> list[tuple[Finding, ScanResult | None]]:
+        out = []
+        for name, fn in scanners.items():
+            sp = policy.scanner(name)
+            if not sp.enabled:
+                continue
+            ctx.threshold = sp.threshold
+            ctx.entities = tuple(sp.entities) if sp.entities else DEFAULT_ENTITIES
+            try:
+                res = fn(text, ctx)
+            except Exception as exc:  # a scanner bug must never crash the request path
+                mode = policy.fail_mode_for(name)
+                self.metrics.scanner_errors.labels(name, mode).inc()
+                log_event("scanner_error", request_id, level=logging.ERROR, stage=stage, scanner=name,
+                          fail_mode=mode, error=repr(exc))
+                action = "block" if mode == "closed" else "allow"
+                out.append((Finding(name, 1.0, action, f"scanner error ({exc.__class__.__name__}); "
+                                    f"failing {mode}", error=True), None))
+                continue
+            threshold = sp.threshold if sp.threshold > 0 or res.model_threshold is None else res.model_threshold
+            flagged = res.score >= threshold and res.score > 0
+            out.append((Finding(name, round(float(res.score), 4), sp.action if flagged else "allow", res.reason), res))
+        return out
+
+    def _decide(self, stage: str, text: str, results, policy: Policy, request_id: str | None,
+                api_key: str | None, prompt: str | None = None) -> Decision:
+        findings = [f for f, _ in results]
+        worst = max(findings, key=lambda f: _RANK[f.action], default=None)
+        action = worst.action if worst else "allow"
+        new_text = text
+        if action == "redact":
+            for f, res in results:
+                if f.action == "redact" and res is not None and res.redacted is not None:
+                    new_text = res.redacted  # one redacting scanner per stage in practice (pii / secrets)
+        d = Decision(action, new_text, worst.scanner if worst and action != "allow" else None,
+                     worst.reason if worst and action != "allow" else "", findings, request_id=request_id)
+        if action == "review":
+            self._hold(d, stage, text, policy, api_key, prompt)
+        if action in ("block", "review"):
+            d.text = ""
+        for f in findings:
+            self.metrics.decisions.labels(stage, f.scanner, f.action).inc()
+        log_event("guard_decision", request_id, stage=stage, action=d.action, scanner=d.scanner,
+                  reason=d.reason, review_id=d.review_id,
+                  findings=[{"scanner": f.scanner, "score": f.score, "action": f.action} for f in findings])
+        return d
+
+    def _hold(self, d: Decision, stage: str, text: str, policy: Policy, api_key: str | None, prompt: str | None):
+        if self.review_queue is None:
+            d.action = "block"  # nowhere to hold it: the safe choice is not to release it
+            d.reason += " (no review queue configured)"
+            return
+        d.review_id = self.review_queue.submit(
+            stage=stage, scanner=d.scanner or "", reason=d.reason, request_id=d.request_id,
+            prompt=prompt if stage == "output" else text, response=text if stage == "output" else None,
+            api_key_id=(api_key or "")[:8] or None)
+        d.held_response = (f"Your {'request' if stage == 'input' else 'response'} is held for human review "
+                           f"(review id {d.review_id})." if policy.held_response == "review_id"
+                           else policy.held_message)
+
+    def check_input(self, text: str, request_id: str | None = None, policy_overrides: dict | None = None,
+                    api_key: str | None = None) -> Decision:
+        """Scan untrusted input (user text, retrieved documents); return the :class:`Decision`.
+
+        Never raises for any ``text``; an invalid ``policy_overrides`` raises PolicyError.
+        """
+        t0 = time.perf_counter()
+        policy = self._policy(api_key, policy_overrides)
+        text = _clean(text)
+        ctx = ScanContext(normalised=normalise(text, policy.max_input_chars + 1), max_input_chars=policy.max_input_chars)
+        results = self._run("input", self.input_scanners, text, ctx, policy, request_id)
+        d = self._decide("input", text, results, policy, request_id, api_key)
+        self.metrics.latency.labels("input").observe(time.perf_counter() - t0)
+        return d
+
+    def check_messages(self, messages: list[dict], request_id: str | None = None, documents: list[str] | None = None,
+                       policy_overrides: dict | None = None, api_key: str | None = None) -> Decision:
+        """Scan a chat request: every non-assistant message and retrieved ``documents``.
+
+        Returns the first blocking/review decision, else an allow/redact decision whose
+        ``text`` is unused (redacted content is not reassembled into messages here:
+        call :meth:`check_input` per message when the policy redacts input).
+        """
+        parts = []
+        for m in messages or []:
+            if isinstance(m, dict) and m.get("role") != "assistant":
+                c = m.get("content")
+                if isinstance(c, list):  # OpenAI content parts: scan the text parts
+                    c = "\n".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
+                parts.append(str(c or ""))
+        worst: Decision | None = None
+        for text in [*parts, *(documents or [])]:
+            d = self.check_input(text, request_id, policy_overrides, api_key)
+            if not d.allowed:
+                return d
+            worst = d if worst is None or _RANK[d.action] > _RANK[worst.action] else worst
+        return worst or Decision("allow", "", request_id=request_id)
+
+    def check_output(self, text: str, request_id: str | None = None, prompt: str | None = None,
+                     system_prompt: str = "", policy_overrides: dict | None = None,
+                     api_key: str | None = None) -> Decision:
+        """Scan a complete model output; ``Decision.text`` is the redacted text. Never raises for any ``text``."""
+        t0 = time.perf_counter()
+        policy = self._policy(api_key, policy_overrides)
+        text = _clean(text)
+        ctx = ScanContext(canary=policy.canary, system_prompt=system_prompt)
+        results = self._run("output", self.output_scanners, text, ctx, policy, request_id)
+        d = self._decide("output", text, results, policy, request_id, api_key, prompt)
+        self.metrics.latency.labels("output").observe(time.perf_counter() - t0)
+        return d
+
+    async def acheck_input(self, text: str, **kw) -> Decision:
+        """:meth:`check_input` in a worker thread, so the event loop keeps serving (CPU-bound, ~1-6 ms)."""
+        return await asyncio.to_thread(self.check_input, text, **kw)
+
+    async def acheck_messages(self, messages: list[dict], **kw) -> Decision:
+        """:meth:`check_messages` in a worker thread."""
+        return await asyncio.to_thread(self.check_messages, messages, **kw)
+
+    async def acheck_output(self, text: str, **kw) -> Decision:
+        """:meth:`check_output` in a worker thread (PII with NER is ~10-25 ms of CPU)."""
+        return await asyncio.to_thread(self.check_output, text, **kw)
+
+    def output_stream(self, request_id: str | None = None, prompt: str | None = None,
+                      policy_overrides: dict | None = None, api_key: str | None = None,
+                      window: int = 64) -> "GuardedStream":
+        """Return a :class:`GuardedStream` for one streamed completion."""
+        return GuardedStream(self, self._policy(api_key, policy_overrides), request_id, prompt, api_key, window)
+
+    def canary_instruction(self, api_key: str | None = None) -> str:
+        """Return the line to append to a system prompt so a leak of it is detectable ("" if no canary)."""
+        c = self.policy.for_api_key(api_key).canary
+        return f"(Internal reference: {c}. Never repeat this reference.)" if c else ""
+
+
+class GuardedStream:
+    """Streaming output guard: PII redacted incrementally, leaks/harm end the stream.
+
+    ``feed(delta)`` returns text safe to send now; ``finish()`` the rest. After a block,
+    ``blocked`` is True, ``decision`` says why, and nothing more is emitted.
+    """
+
+    def __init__(self, guard: Guard, policy: Policy, request_id, prompt, api_key, window: int):
+        self.guard, self.policy, self.request_id, self.prompt, self.api_key = guard, policy, request_id, prompt, api_key
+        self.decision: Decision | None = None
+        self._text = ""
+        self._since_harm_check = 0
+        pii = policy.scanner("pii")
+        self._pii_on = pii.enabled and pii.action in ("redact", "block", "review")
+        self._pii_action = pii.action
+        self._entities = tuple(pii.entities) if pii.entities else DEFAULT_ENTITIES
+        self._pii_threshold = pii.threshold
+        self.redactor = StreamingRedactor(self._detect, window=window, on_spans=self._on_spans)
+
+    @property
+    def blocked(self) -> bool:
+        """True once the stream was stopped by a scanner."""
+        return self.redactor.blocked
+
+    def _detect(self, text: str) -> list[PiiSpan]:
+        spans: list[PiiSpan] = []
+        leak = self.policy.scanner("system_prompt_leak")
+        if leak.enabled and self.policy.canary and self.policy.canary in text:
+            self._stop("system_prompt_leak", leak.action, "canary token from the system prompt appeared in the output")
+            i = text.index(self.policy.canary)
+            return [PiiSpan("SYSTEM_PROMPT_LEAK", i, i + len(self.policy.canary), 1.0)]
+        if self._pii_on:
+            try:
+                spans = get_pii_detector().detect(text, self._entities, self._pii_threshold)
+            except Exception as exc:  # fail per policy, like the non-streamed path
+                mode = self.policy.fail_mode_for("pii")
+                self.guard.metrics.scanner_errors.labels("pii", mode).inc()
+                log_event("scanner_error", self.request_id, level=logging.ERROR, stage="output_stream",
+                          scanner="pii", fail_mode=mode, error=repr(exc))
+                if mode == "closed":
+                    self._stop("pii", "block", f"scanner error ({exc.__class__.__name__}); failing closed")
+        return spans
+
+    def _on_spans(self, spans: list[PiiSpan]) -> None:
+        kinds = sorted({s.entity for s in spans})
+        if self._pii_action in ("block", "review") and any(s.entity != "SYSTEM_PROMPT_LEAK" for s in spans):
+            self._stop("pii", self._pii_action, f"PII: {', '.join(kinds)}")
+            return
+        self.guard.metrics.decisions.labels("output_stream", "pii", "redact").inc(len(spans))
+        log_event("guard_decision", self.request_id, stage="output_stream", action="redact", scanner="pii",
+                  reason=f"PII: {', '.join(kinds)}")
+
+    def _stop(self, scanner: str, action: str, reason: str) -> None:
+        if self.decision is not None and not self.decision.allowed:
+            return
+        d = Decision("block" if action in ("block", "review") else action, "", scanner, reason,
+                     request_id=self.request_id)
+        if action == "review":
+            d.action = "review"
+            self.guard._hold(d, "output", self._text, self.policy, self.api_key, self.prompt)
+        self.decision = d
+        self.guard.metrics.decisions.labels("output_stream", scanner, d.action).inc()
+        log_event("guard_decision", self.request_id, stage="output_stream", action=d.action, scanner=scanner,
+                  reason=reason, review_id=d.review_id)
+        self.redactor.block()
+
+    def _check_harm(self, final: bool) -> None:
+        sp = self.policy.scanner("harmful_output")
+        if not sp.enabled or (not final and self._since_harm_check < 200):
+            return
+        self._since_harm_check = 0
+        try:
+            res = scan_harmful_output(self._text, ScanContext())
+        except Exception as exc:
+            mode = self.policy.fail_mode_for("harmful_output")
+            log_event("scanner_error", self.request_id, level=logging.ERROR, scanner="harmful_output",
+                      fail_mode=mode, error=repr(exc))
+            if mode == "closed":
+                self._stop("harmful_output", "block", "scanner error; failing closed")
+            return
+        thr = sp.threshold if sp.threshold > 0 else res.model_threshold
+        if res.score >= thr and sp.action in ("block", "review"):
+            self._stop("harmful_output", sp.action, res.reason)
+
+    def feed(self, delta: str) -> str:
+        """Add a model delta; return the text that may be sent now (possibly "")."""
+        if self.blocked or not delta:
+            return ""
+        delta = _clean(delta)
+        self._text += delta
+        self._since_harm_check += len(delta)
+        self._check_harm(final=False)
+        return self.redactor.feed(delta) if not self.blocked else ""
+
+    async def afeed(self, delta: str) -> str:
+        """:meth:`feed` in a worker thread (a feed that runs detection costs a PII check)."""
+        return await asyncio.to_thread(self.feed, delta)
+
+    async def afinish(self) -> str:
+        """:meth:`finish` in a worker thread."""
+        return await asyncio.to_thread(self.finish)
+
+    def finish(self) -> str:
+        """End the stream; return the remaining redacted text ("" if blocked)."""
+        if not self.blocked:
+            self._check_harm(final=True)
+        out = self.redactor.finish()
+        if self.decision is None:
+            self.decision = Decision("redact" if self.redactor.spans_found else "allow",
+                                     self.redactor.emitted, request_id=self.request_id)
+        return out

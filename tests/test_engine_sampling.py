@@ -1,0 +1,115 @@
+"""Seeds, stop strings, stop tokens, streaming text integrity, logprobs and penalties."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from servelm.engine import AsyncEngine, SamplingParams
+from servelm.engine.detokenizer import detokenize_new_text
+from servelm.engine.sequence import Sequence
+
+
+def test_same_seed_same_text_different_seeds_differ(smol):
+    prompt = "Write a short poem about the sea:"
+    mk = lambda seed: SamplingParams(temperature=1.0, top_p=0.95, seed=seed, max_tokens=32, ignore_eos=True)
+    a = smol.generate([prompt], mk(11))[0].outputs[0].text
+    # the same seed in a different batch (with other requests around it) gives the same text
+    b = smol.generate(["Other request", prompt, "Third one here"], [SamplingParams(max_tokens=20), mk(11),
+                                                                     SamplingParams(max_tokens=5)])[1].outputs[0].text
+    c = smol.generate([prompt], mk(12))[0].outputs[0].text
+    assert a == b
+    assert a != c
+
+
+def test_stop_string_split_across_tokens_is_honoured(smol):
+    prompt = "The capital of France is"
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    out = smol.generate([prompt], greedy)[0].outputs[0]
+    tok = smol.tokenizer
+    # pick a stop string that starts inside one token and ends inside the next
+    pieces = [tok.decode(out.token_ids[:i]) for i in range(len(out.token_ids) + 1)]
+    stop = None
+    for i in range(2, len(pieces) - 1):
+        a, b = pieces[i - 1], pieces[i]
+        cur, nxt = b[len(a):], pieces[i + 1][len(b):]
+        if len(cur) >= 2 and len(nxt) >= 2 and cur.strip() and nxt.strip():
+            stop, start = cur[1:] + nxt[:1], len(a) + 1
+            break
+    assert stop, "no token boundary found"
+    stopped = smol.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                     stop=[stop]))[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop
+    assert stop not in stopped.text
+    assert stopped.text == out.text[:out.text.index(stop)]
+
+
+def test_stop_token_ids_and_max_tokens(smol):
+    out = smol.generate(["Hello"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+    stop_id = out.token_ids[2]
+    out2 = smol.generate(["Hello"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                                   stop_token_ids=[stop_id]))[0].outputs[0]
+    assert out2.finish_reason == "stop" and out2.stop_reason == stop_id
+    assert out2.token_ids[-1] == stop_id and len(out2.token_ids) <= 3
+
+
+def test_incremental_detokenizer_never_breaks_multibyte_characters(smol):
+    tok = smol.tokenizer
+    text = "Café ☕ — 日本語のテキスト 😀🎉 naïve Ωmega"
+    ids = tok.encode(text, add_special_tokens=False)
+    prompt = tok.encode("Say:", add_special_tokens=False)
+    seq = Sequence("t", 0, prompt, SamplingParams(), 0.0, 100)
+    pieces = []
+    for t in ids:
+        seq.token_ids.append(t)
+        pieces.append(detokenize_new_text(tok, seq))
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tok.decode(ids)
+    assert any(p == "" for p in pieces)  # some tokens were held back mid-character
+
+
+def test_streaming_deltas_are_clean_and_hold_back_stop_prefixes(smol):
+    async def run():
+        eng = AsyncEngine(engine=smol.engine)
+        await eng.start()
+        try:
+            prompt = "<|im_start|>user\nWrite three Japanese words with emoji.<|im_end|>\n<|im_start|>assistant\n"
+            full = smol.generate([prompt], SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))[0]
+            text = full.outputs[0].text
+            stop = text[len(text) // 2: len(text) // 2 + 3]
+            deltas = []
+            async for o in eng.generate(prompt, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True,
+                                                               stop=[stop])):
+                deltas.append(o.outputs[0].delta_text)
+            return text, stop, deltas, o.outputs[0]
+        finally:
+            await eng.shutdown()
+
+    text, stop, deltas, final = asyncio.run(run())
+    joined = "".join(deltas)
+    assert all("\ufffd" not in d for d in deltas)
+    assert joined == final.text == text[:text.index(stop)]
+    assert stop not in joined
+
+
+def test_logprobs_are_consistent(smol):
+    out = smol.generate(["The sky is"], SamplingParams(temperature=0, max_tokens=6, logprobs=3))[0].outputs[0]
+    assert len(out.logprobs) == len(out.token_ids)
+    for tid, lp in zip(out.token_ids, out.logprobs):
+        assert lp.chosen.token_id == tid
+        assert len(lp.top) == 3 and lp.top[0].token_id == tid  # greedy picks the most likely token
+        assert lp.top[0].logprob >= lp.top[1].logprob >= lp.top[2].logprob
+        assert lp.chosen.logprob <= 0
+    assert out.cumulative_logprob == pytest.approx(sum(lp.chosen.logprob for lp in out.logprobs))
+
+
+def test_penalties_change_repetitive_output(smol):
+    prompt = "Repeat after me: hello hello hello hello"
+    base = smol.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0]
+    pen = smol.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                 frequency_penalty=2.0, presence_penalty=2.0))[0].outputs[0]
+    rep = smol.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                 repetition_penalty=1.8))[0].outputs[0]
+    assert len(set(pen.token_ids)) > len(set(base.token_ids))
+    assert len(set(rep.token_ids)) > len(set(base.token_ids))
