@@ -99,7 +99,7 @@ class Sampler:
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=logits.device)
+    k = torch.tensor([min(kk, vocab) if kk > 0 else vocab for kk in top_k], device=logits.device)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     remove = ranks >= k[:, None]
     p = torch.tensor(top_p, device=logits.device)[:, None]

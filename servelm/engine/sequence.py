@@ -49,7 +49,7 @@ class Sequence:
         if params.seed is not None:
             # Each completion gets its own stream so n > 1 with a seed gives n different samples,
             # and the stream never depends on which other requests share the batch.
-            self.generator = torch.Generator().manual_seed(params.seed * 1_000_003 + index)
+            self.generator = torch.Generator().manual_seed((params.seed * 1_000_003 + index) % (1 << 63))
         self.wait_for: Sequence | None = None  # sibling whose prompt must be cached first (n > 1)
         self.output_text = ""
         self.emitted_text_len = 0
