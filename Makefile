@@ -1,8 +1,11 @@
-# The two set-up commands of the README. Each installs everything first.
-.PHONY: install serve chat test bench
+# The two set-up commands of the README (`make serve`, `make test`). Each installs everything first.
+.PHONY: install serve chat test
 
 install:
 	bash scripts/install.sh
+
+serve: install
+	HF_HUB_OFFLINE=1 servelm serve
 
 chat: install
 	HF_HUB_OFFLINE=1 servelm chat
