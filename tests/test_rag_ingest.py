@@ -62,17 +62,17 @@ def test_reingest_updates_changed_removes_deleted_and_dedups(svc, tmp_path):
     assert {r.status for r in first.values()} == {"added"}
     (d / "a.txt").write_text("The observatory now measures the tide every minute.")
     os.unlink(d / "c.txt")
-    (d / "copy.txt").write_text("Kerosene replaced whale oil in 1890.")  # same bytes as c.txt... which is gone
+    (d / "copy.txt").write_text("Kerosene replaced whale oil in 1890.")  # c.txt moved: must not be lost
     (d / "dup.md").write_text("# Bees\nA hive holds forty thousand bees.")  # same bytes as b.md
     second = by_name(svc.ingest_paths("kb", [str(d)], progress=False))
     assert second["a.txt"].status == "updated" and second["b.md"].status == "unchanged"
     assert second["dup.md"].status == "duplicate" and "b.md" in second["dup.md"].error
     assert second["c.txt"].status == "removed"
     sources = sorted(os.path.basename(x.source) for x in svc.store.list_documents("kb"))
-    assert sources == ["a.txt", "b.md", "copy.txt"] or sources == ["a.txt", "b.md"]
+    assert sources == ["a.txt", "b.md", "copy.txt"] and second["copy.txt"].status == "added"
     texts = svc.store.all_texts("kb")[1]
     assert not any("every six minutes" in t for t in texts) and any("every minute" in t for t in texts)
-    assert sum("whale oil" in t for t in texts) <= 1
+    assert sum("whale oil" in t for t in texts) == 1
 
 
 KILL_SCRIPT = r"""

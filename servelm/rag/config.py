@@ -27,6 +27,7 @@ class RagConfig:
     data_dir: str = ""                 # "" = default_data_dir()
     embed_model: str = ""              # a local sentence-transformers dir; "" = all-MiniLM-L6-v2
     embed_batch_size: int = 64
+    embed_threads: int = 0             # >0: torch.set_num_threads (process-wide); 1 avoids spin-wait collapse on busy CPUs
     chunk_size: int = 500              # in the embedding model's tokens
     chunk_overlap: int = 50
     max_file_bytes: int = 50 * 1024 * 1024

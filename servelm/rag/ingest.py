@@ -143,6 +143,13 @@ class Ingestor:
             else:
                 report.results.append(FileResult(ap, "error", error=f"{p}: no such file or directory"))
         known = {d.doc_id: d for d in self.store.list_documents(name)}
+        # Removals first, so a file that moved (same bytes, new path) is not taken for a duplicate.
+        seen = set(files)
+        for d in list(known.values()):
+            if any(d.source.startswith(r + os.sep) for r in roots) and d.source not in seen and not os.path.exists(d.source):
+                self.store.delete_document(name, d.doc_id)
+                del known[d.doc_id]
+                report.results.append(FileResult(d.source, "removed", 0, d.doc_id))
         from tqdm import tqdm
 
         for f in tqdm(files, desc=f"ingest → {name}", unit="file", disable=not progress):
@@ -159,11 +166,6 @@ class Ingestor:
             report.results.append(self.ingest_bytes(name, f, data, source=f, known=known))
             if on_file:
                 on_file(report.results[-1])
-        seen = set(files)
-        for d in list(known.values()):
-            if any(d.source.startswith(r + os.sep) for r in roots) and d.source not in seen and not os.path.exists(d.source):
-                self.store.delete_document(name, d.doc_id)
-                report.results.append(FileResult(d.source, "removed", 0, d.doc_id))
         if hasattr(self.store, "flush"):
             self.store.flush()
         report.seconds = time.time() - t0

@@ -67,7 +67,8 @@ class RagService:
         self.cfg = (config or RagConfig()).resolved()
         os.makedirs(self.cfg.data_dir, exist_ok=True)
         self.embedder = embedder or Embedder(self.cfg.embed_model, self.cfg.embed_batch_size,
-                                             EmbeddingCache(os.path.join(self.cfg.data_dir, "embeddings.sqlite")))
+                                             EmbeddingCache(os.path.join(self.cfg.data_dir, "embeddings.sqlite")),
+                                             threads=self.cfg.embed_threads)
         self.store = store or open_store(self.cfg)
         self.splitter = Splitter(self.embedder.tokenizer, self.cfg.chunk_size, self.cfg.chunk_overlap)
         self.ingestor = Ingestor(self.store, self.embedder, self.splitter, self.cfg.max_file_bytes)

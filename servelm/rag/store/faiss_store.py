@@ -108,7 +108,7 @@ class FaissStore(VectorStore):
             self.db.execute("DELETE FROM collections WHERE name=?", (name,))
             self.db.execute("COMMIT")
             self._index.pop(name, None)
-            for f in glob.glob(os.path.join(self.dir, "faiss", f"{glob.escape(name)}.v*.faiss")):
+            for f in glob.glob(os.path.join(self.dir, "faiss", f"{glob.escape(name)}@v*.faiss")):
                 os.unlink(f)
 
     # -- documents ---------------------------------------------------------
@@ -183,7 +183,7 @@ class FaissStore(VectorStore):
         cur = self._index.get(name)
         if cur and cur[0] == version:
             return cur[1]
-        path = os.path.join(self.dir, "faiss", f"{name}.v{version}.faiss")
+        path = os.path.join(self.dir, "faiss", f"{name}@v{version}.faiss")
         if os.path.exists(path):
             index = faiss.read_index(path)
             self._saved[name] = version
@@ -204,13 +204,13 @@ class FaissStore(VectorStore):
             for name, (version, index) in list(self._index.items()):
                 if self._saved.get(name) == version:
                     continue
-                final = os.path.join(self.dir, "faiss", f"{name}.v{version}.faiss")
+                final = os.path.join(self.dir, "faiss", f"{name}@v{version}.faiss")
                 tmp = final + f".tmp{os.getpid()}"
                 faiss.write_index(index, tmp)
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(tmp, final)
-                for old in glob.glob(os.path.join(self.dir, "faiss", f"{glob.escape(name)}.v*.faiss")):
+                for old in glob.glob(os.path.join(self.dir, "faiss", f"{glob.escape(name)}@v*.faiss")):
                     if old != final:
                         os.unlink(old)
                 self._saved[name] = version
