@@ -27,11 +27,15 @@ class BM25Index:
         vocab = self.model.vocab_dict
         if not any(t in vocab for t in terms):
             return []  # no query word occurs in the collection
-        mask = None
+        scores = self.model.get_scores(terms)
         if allowed is not None:
-            mask = np.zeros(len(self.ids), np.float32)
-            mask[[self.pos[i] for i in allowed if i in self.pos]] = 1
-            if not mask.any():
-                return []
-        docs, scores = self.model.retrieve([terms], k=min(k, len(self.ids)), show_progress=False, weight_mask=mask)
-        return [(int(self.ids[d]), float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
+            keep = np.zeros(len(self.ids), bool)
+            keep[[self.pos[i] for i in allowed if i in self.pos]] = True
+            scores = np.where(keep, scores, 0)
+        # Select among the matching chunks only: bm25s' own top-k runs argpartition over every
+        # chunk, and with ~all scores 0 that took ~29 ms at 100k chunks (measured, docs/rag.md).
+        nz = np.flatnonzero(scores)
+        if len(nz) > k:
+            nz = nz[np.argpartition(-scores[nz], k - 1)[:k]]
+        order = nz[np.argsort(-scores[nz], kind="stable")]
+        return [(int(self.ids[d]), float(scores[d])) for d in order]

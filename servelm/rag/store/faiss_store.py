@@ -250,9 +250,11 @@ class FaissStore(VectorStore):
             rows = {}
             for i in range(0, len(ids), 500):
                 part = list(ids[i:i + 500])
-                q = f"SELECT {cols} FROM chunks WHERE collection=? AND id IN ({','.join('?' * len(part))})"
-                for r in self.db.execute(q, [name, *part]):
-                    rows[r[0]] = r
+                # By primary key; "collection=?" in SQL made SQLite scan the collection's index.
+                q = f"SELECT collection, {cols} FROM chunks WHERE id IN ({','.join('?' * len(part))})"
+                for r in self.db.execute(q, part):
+                    if r[0] == name:
+                        rows[r[1]] = r[1:]
         out = []
         for i in ids:
             if i in rows:
