@@ -4,7 +4,8 @@
 No cross-encoder model is available offline here, so the default is
 ``SentenceReranker``: a late-interaction re-ranker built from the same bi-encoder. Each
 chunk's sentences were embedded at ingest time; a chunk scores
-``alpha * max_sentence_cosine + (1 - alpha) * chunk_cosine``, so a chunk whose one sentence
+``alpha * max_sentence_cosine + (1 - alpha) * chunk_cosine`` (alpha 0.7, chosen on a dev split
+of other articles than the benchmark's, docs/rag.md), so a chunk whose one sentence
 answers the query beats a chunk that is only loosely about the topic (a 500-token chunk's
 single vector is an average over many topics). Its effect is measured in bench/rag_eval.py
 (docs/rag.md). Both also pick the best-matching sentence as the citation snippet.
@@ -47,7 +48,7 @@ class SentenceReranker:
 
     name = "sentence-maxsim(all-MiniLM-L6-v2)"
 
-    def __init__(self, alpha: float = 0.5):
+    def __init__(self, alpha: float = 0.7):
         self.alpha = alpha
 
     def rerank(self, query: str, query_vec: np.ndarray, hits: list[Hit]) -> list[Hit]:
