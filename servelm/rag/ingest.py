@@ -84,7 +84,8 @@ class Ingestor:
         for bad file content: the error is in the result). Raises NotFound for a missing collection."""
         source = source or filename
         doc_id = doc_id_for(source)
-        digest = hashlib.sha256(data).hexdigest()
+        # The splitter settings are part of the version: re-ingesting with another chunk size re-splits.
+        digest = f"{hashlib.sha256(data).hexdigest()}:{self.splitter.chunk_size}/{self.splitter.overlap}"
         docs = known if known is not None else {d.doc_id: d for d in self.store.list_documents(name)}
         old = docs.get(doc_id)
         if old and old.content_hash == digest:
