@@ -1,0 +1,53 @@
+"""``servelm ingest PATH... --collection NAME``: the lead wires ``register`` into servelm/cli.py."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    """Add the ``ingest`` sub-command to an argparse ``subparsers`` object."""
+    p = subparsers.add_parser("ingest", help="add files or directories to a RAG collection")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (recursive)")
+    p.add_argument("--collection", required=True, help="collection name (created if missing)")
+    p.add_argument("--data-dir", default="", help="data directory (default $SERVELM_DATA_DIR or ~/.servelm/rag)")
+    p.add_argument("--chunk-size", type=int, default=500, help="chunk size in embedding tokens")
+    p.add_argument("--chunk-overlap", type=int, default=50, help="overlap in embedding tokens")
+    p.add_argument("--embed-model", default="", help="local sentence-transformers model directory")
+    p.add_argument("--store", choices=["faiss", "pgvector"], default="faiss")
+    p.add_argument("--pg-dsn", default="", help="postgresql://... for --store pgvector")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Ingest and print the JSON report; returns 1 if any file failed (the rest are ingested)."""
+    from servelm.rag.config import RagConfig
+    from servelm.rag.service import RagService
+
+    try:
+        svc = RagService(RagConfig(data_dir=args.data_dir, embed_model=args.embed_model, chunk_size=args.chunk_size,
+                                   chunk_overlap=args.chunk_overlap, store=args.store, pg_dsn=args.pg_dsn))
+        report = svc.ingest_paths(args.collection, args.paths, progress=not args.no_progress)
+        svc.close()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict(), indent=1))
+    for r in report.errors:
+        print(f"error: {r.error}", file=sys.stderr)
+    return 1 if report.errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: ``python -m servelm.rag.cli PATH... --collection NAME``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="servelm")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["ingest", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

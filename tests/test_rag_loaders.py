@@ -1,0 +1,61 @@
+"""Loaders on real committed fixtures, and a clear error for every kind of bad file."""
+import json
+import os
+
+import pytest
+
+from servelm.rag.loaders import LoaderError, load_bytes
+from tests.rag_support import FIXTURES
+
+
+def read(name):
+    with open(os.path.join(FIXTURES, name), "rb") as f:
+        return f.read()
+
+
+def test_pdf_pages_keep_their_numbers():
+    pages = load_bytes("sample.pdf", read("sample.pdf"))
+    assert [p.page for p in pages] == [1, 2]
+    assert "Fenwick lighthouse was built in 1873" in pages[0].text
+    assert "storm of 2011" in pages[1].text
+
+
+def test_html_text_without_scripts_or_styles():
+    (page,) = load_bytes("page.html", read("page.html"))
+    assert "forty thousand worker bees" in page.text
+    assert "Inspect frames every nine days" in page.text
+    assert "console.log" not in page.text and "font-family" not in page.text
+
+
+def test_markdown_keeps_text():
+    (page,) = load_bytes("notes.md", read("notes.md"))
+    assert "250 degrees Celsius" in page.text and page.page is None
+
+
+def test_json_and_jsonl():
+    (j,) = load_bytes("a.json", json.dumps({"title": "Tides", "text": "Spring tides follow the full moon."}).encode())
+    assert "title: Tides" in j.text and "Spring tides follow the full moon." in j.text
+    (jl,) = load_bytes("a.jsonl", b'{"text": "first record"}\n\n{"text": "second record"}\n')
+    assert "first record" in jl.text and "second record" in jl.text
+
+
+@pytest.mark.parametrize("name,data,match", [
+    ("encrypted.pdf", None, "encrypted"),
+    ("corrupt.pdf", None, "corrupt PDF"),
+    ("empty.txt", b"", "empty"),
+    ("blank.md", b"  \n\n ", "empty"),
+    ("image.png", b"\x89PNG\r\n", "unsupported file type '.png'"),
+    ("noext", b"hello", "unsupported file type"),
+    ("bad.json", b"{not json", "invalid JSON at line 1"),
+    ("bad.jsonl", b'{"a": 1}\n{oops\n', "invalid JSON on line 2"),
+    ("latin1.txt", "café".encode("latin-1"), "not valid UTF-8"),
+])
+def test_bad_files_get_a_clear_error(name, data, match):
+    with pytest.raises(LoaderError, match=match) as e:
+        load_bytes(name, read(name) if data is None else data)
+    assert name in str(e.value)
+
+
+def test_size_limit():
+    with pytest.raises(LoaderError, match="over the size limit of 10 bytes"):
+        load_bytes("big.txt", b"x" * 11, max_bytes=10)
