@@ -1,0 +1,60 @@
+"""The interface between the model and an attention implementation over the paged KV cache.
+
+The runner describes a batch once per step (:class:`BatchLayout`); a backend turns that
+into an :class:`AttentionContext`, whose ``attention(layer, q, k, v)`` the model calls in
+every layer. Tokens are packed: first every sequence that computes several tokens this
+step ("prefills", chunked or with a cached prefix), then the sequences decoding one token.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class BatchLayout:
+    """Where each sequence's new tokens sit in the packed batch and where their K/V go.
+
+    ``slot_mapping[t]`` is the flat cache slot (``block * block_size + offset``) of token ``t``.
+    ``query_lens[i]``/``context_lens[i]``: new tokens and total tokens (cached + new) of sequence ``i``.
+    ``block_tables``: ``[num_seqs, max_blocks]``, padded with 0. The first ``num_prefills``
+    sequences are prefills; the rest have ``query_lens == 1``.
+    """
+
+    slot_mapping: torch.Tensor
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: torch.Tensor
+    num_prefills: int
+    num_prefill_tokens: int
+    context_lens_tensor: torch.Tensor  # context_lens on the device (decode kernels read it)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+
+class AttentionContext(ABC):
+    """Per-step attention state handed to the model's forward pass."""
+
+    @abstractmethod
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write ``k``/``v`` ([T, kv_heads, head_dim]) into the cache and return attention
+        output [T, heads, head_dim] for queries ``q`` ([T, heads, head_dim])."""
+
+
+class AttentionBackend(ABC):
+    """Owns the KV tensors' layout and builds per-step contexts."""
+
+    name: str = "base"
+
+    @abstractmethod
+    def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                          head_dim: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+        """Return one cache tensor per layer."""
+
+    @abstractmethod
+    def make_context(self, layout: BatchLayout, kv_caches: list[torch.Tensor], scale: float) -> AttentionContext:
+        """Return the context the model uses for this step."""

@@ -1,0 +1,45 @@
+"""Engine settings, one dataclass (vLLM's ``EngineArgs`` in spirit)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything that shapes an engine. ``model=None`` is the embedded SmolLM2 GGUF."""
+
+    model: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    quantization: str | None = None  # None, int8, int4, nf4, nf4-dq (see engine/quant)
+    device: str = "auto"
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    prefill_chunk_size: int | None = None  # cap on one prompt's tokens per step
+    max_model_len: int | None = None  # default: the model's context window
+    kv_cache_memory_bytes: int | None = None  # default: 1 GiB on CPU, gpu_memory_utilization on CUDA
+    num_kv_blocks: int | None = None  # overrides the memory budget (tests of preemption)
+    gpu_memory_utilization: float = 0.90
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    seed: int = 0
+    served_model_name: str | None = None
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        """The compute dtype; raises ValueError for an unknown name."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            return _DTYPES[self.dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of auto, float32, bfloat16, float16") from None

@@ -1,0 +1,227 @@
+"""The synchronous engine core: add requests, then ``step()`` until they finish.
+
+One step = schedule (a token budget over waiting and running sequences) → execute
+(one forward pass over the packed batch, then sampling) → update (append tokens,
+detokenize, stop rules, free finished sequences' blocks). Not thread-safe: the
+``AsyncEngine`` drives it from a single thread.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from servelm.engine.config import EngineConfig
+from servelm.engine.kv_cache import KVCacheManager
+from servelm.engine.models.loader import load_model
+from servelm.engine.output_processor import OutputProcessor
+from servelm.engine.outputs import RequestOutput
+from servelm.engine.runner import ModelRunner
+from servelm.engine.sampling import Sampler
+from servelm.engine.sampling_params import InvalidRequestError, SamplingParams
+from servelm.engine.scheduler import Scheduler, SchedulerConfig
+from servelm.engine.sequence import Sequence
+from servelm.engine.tokenizer import Tokenizer
+
+log = logging.getLogger("servelm.engine")
+
+CPU_KV_BYTES = 1 << 30
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    kv_blocks_free: int
+    kv_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_hit_rate: float
+    num_preemptions: int
+    steps: int
+    prompt_tokens_computed: int  # prompt tokens actually run through the model (cache hits excluded)
+    healthy: bool = True
+
+
+@dataclass(slots=True)
+class _Request:
+    prompt: str | None
+    prompt_ids: list[int]
+    seqs: list[Sequence]
+    arrival_time: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device)
+        torch.manual_seed(config.seed)
+        loaded = load_model(config.model, self.dtype, self.device, config.max_model_len, config.seed)
+        self.model_config = loaded.config
+        self.model = loaded.model
+        if config.quantization:
+            from servelm.engine.quant import quantize_model  # noqa: PLC0415 (optional subsystem)
+
+            self.quant_report = quantize_model(self.model, config.quantization, loaded.source_qtypes)
+        src = loaded.tokenizer_source
+        if src is None:  # dummy weights: borrow the embedded model's tokenizer
+            from servelm.engine.models.loader import default_model_path
+
+            src = default_model_path()
+        self.tokenizer = Tokenizer.from_source(src, loaded.config.eos_token_ids)
+        self.max_model_len = self.model_config.max_position_embeddings
+        self.model_name = config.served_model_name or _model_name(config.model, loaded.config.name)
+        block_size = config.block_size
+        num_blocks = config.num_kv_blocks or self._num_kv_blocks(block_size)
+        self.kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk_size), self.kv)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.device, self.dtype,
+                                  Sampler(self.tokenizer.eos_token_ids), config.attention_backend)
+        self.output = OutputProcessor(self.tokenizer, self.tokenizer.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, _Request] = {}
+        self.steps = 0
+        self.prompt_tokens_computed = 0
+        log.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d x %d tokens", self.model_name,
+                 self.device, self.dtype, num_blocks, block_size)
+
+    def _num_kv_blocks(self, block_size: int) -> int:
+        per_block = ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
+        if self.config.kv_cache_memory_bytes:
+            budget = self.config.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            from servelm.engine.memory import profile_kv_budget
+
+            budget = profile_kv_budget(self, self.config.gpu_memory_utilization)
+        else:
+            budget = CPU_KV_BYTES
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(f"the KV cache budget ({budget} bytes) holds no {per_block}-byte block")
+        return int(blocks)
+
+    # -- requests ------------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """Return (text or None, token ids); raises :class:`InvalidRequestError` for an empty or bad prompt."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty.", "prompt")
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise InvalidRequestError("prompt tokenizes to no tokens.", "prompt")
+            return prompt, ids
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt must not be empty.", "prompt")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}).", "prompt")
+        return None, ids
+
+    def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """The completion budget in tokens; raises :class:`InvalidRequestError` when it cannot fit."""
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise InvalidRequestError(
+                f"the prompt is {num_prompt_tokens} tokens, but this model's context window is {limit} tokens; "
+                "shorten the prompt.", "prompt")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt_tokens
+        if num_prompt_tokens + max_tokens > limit:
+            raise InvalidRequestError(
+                f"this model's context window is {limit} tokens, but {num_prompt_tokens + max_tokens} were requested "
+                f"({num_prompt_tokens} in the prompt, {max_tokens} for the completion); reduce max_tokens or the "
+                "prompt.", "max_tokens")
+        capacity = self.kv.num_blocks * self.kv.block_size
+        if num_prompt_tokens + max_tokens > capacity:
+            raise InvalidRequestError(
+                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} prompt + {max_tokens} completion) "
+                f"do not fit the KV cache, which holds {capacity} tokens; reduce max_tokens.", "max_tokens")
+        return max_tokens
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None, prompt_ids: list[int] | None = None) -> None:
+        """Queue a request; raises :class:`InvalidRequestError` (and queues nothing) for bad input."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use.", "request_id")
+        params.validate()
+        text, ids = (prompt if isinstance(prompt, str) else None, prompt_ids) if prompt_ids else \
+            self.tokenize_prompt(prompt)
+        max_tokens = self.resolve_max_tokens(len(ids), params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seqs = [Sequence(request_id, i, ids, params, arrival, max_tokens) for i in range(params.n)]
+        for s in seqs[1:]:
+            s.wait_for = seqs[0]
+        self.requests[request_id] = _Request(text, ids, seqs, arrival)
+        for s in seqs:
+            self.scheduler.add(s)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its KV blocks now; returns its final output (or None if unknown)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for s in req.seqs:
+            if not s.finished:
+                s.finish_reason = s.finish_reason or "abort"
+                self.scheduler.finish(s)
+        return self.output.make_output(request_id, req.prompt, req.prompt_ids, req.seqs, req.arrival_time, True)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return the outputs of requests that changed."""
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return []
+        self.steps += 1
+        result = self.runner.run(batch.items)
+        for seq, n in batch.items:
+            prev = seq.num_computed_tokens
+            seq.num_computed_tokens += n
+            if prev < seq.num_prompt_tokens:
+                self.prompt_tokens_computed += min(seq.num_computed_tokens, seq.num_prompt_tokens) - prev
+            self.kv.cache_full_blocks(seq, prev)
+        touched: dict[str, None] = {}
+        if result.sample is not None:
+            for seq, tok, lp in zip(result.seqs, result.sample.token_ids, result.sample.logprobs):
+                self.output.append_token(seq, tok, lp)
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq)
+                touched[seq.request_id] = None
+        outputs = []
+        for rid in touched:
+            req = self.requests[rid]
+            done = all(s.finished for s in req.seqs)
+            outputs.append(self.output.make_output(rid, req.prompt, req.prompt_ids, req.seqs, req.arrival_time, done))
+            if done:
+                del self.requests[rid]
+        return outputs
+
+    def stats(self) -> EngineStats:
+        kv = self.kv.stats()
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=kv.num_blocks, kv_blocks_used=kv.used, kv_blocks_cached=kv.cached,
+            kv_blocks_free=kv.free, kv_usage=kv.usage, prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits, prefix_hit_rate=kv.prefix_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions, steps=self.steps,
+            prompt_tokens_computed=self.prompt_tokens_computed)
+
+
+def _model_name(model: str | None, config_name: str) -> str:
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    if model.startswith("dummy:"):
+        return model
+    from pathlib import Path
+
+    p = Path(model)
+    return p.stem if p.suffix == ".gguf" else p.name

@@ -1,0 +1,90 @@
+"""Turns a scheduled batch into tensors, runs the model, and samples.
+
+It owns the model, the KV cache tensors and the attention backend. Sequences that
+compute several tokens (prefills) are packed first, single-token decodes after them;
+logits are computed only for the last token of sequences that finish their known
+tokens this step (a chunk in the middle of a prompt samples nothing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from servelm.engine.attention import BatchLayout, get_backend
+from servelm.engine.models.llama import LlamaForCausalLM
+from servelm.engine.sampling import Sampler, SampleResult
+from servelm.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Sequences that produced a token this step, with what they sampled."""
+
+    seqs: list[Sequence]
+    sample: SampleResult | None
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
+                 kv_dtype: torch.dtype, sampler: Sampler, attention_backend: str = "auto"):
+        cfg = model.config
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.sampler = sampler
+        self.backend = get_backend(attention_backend, device)
+        self.kv_caches = self.backend.allocate_kv_cache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
+                                                        cfg.head_dim, kv_dtype, device)
+        self.scale = cfg.head_dim ** -0.5
+
+    @staticmethod
+    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+        cfg = model.config
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+    @torch.inference_mode()
+    def run(self, items: list[tuple[Sequence, int]]) -> StepResult:
+        """Compute the scheduled tokens and sample for sequences that are up to date afterwards."""
+        prefills = [(s, n) for s, n in items if n > 1]
+        decodes = [(s, n) for s, n in items if n == 1]
+        ordered = prefills + decodes
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens, context_lens, tables, sample_rows, samplers = [], [], [], [], []
+        bs = self.block_size
+        for seq, n in ordered:
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(n)
+            context_lens.append(end)
+            tables.append(table)
+            if end == seq.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                samplers.append(seq)
+        dev = self.device
+        max_blocks = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
+        layout = BatchLayout(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            query_lens=query_lens,
+            context_lens=context_lens,
+            block_tables=block_tables.to(dev, non_blocking=True),
+            num_prefills=len(prefills),
+            num_prefill_tokens=sum(n for _, n in prefills),
+            context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32).to(dev, non_blocking=True),
+        )
+        ctx = self.backend.make_context(layout, self.kv_caches, self.scale)
+        ids_t = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos_t = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        hidden = self.model(ids_t, pos_t, ctx)
+        if not samplers:
+            return StepResult([], None)
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        return StepResult(samplers, self.sampler(logits, samplers))

@@ -1,0 +1,79 @@
+"""Tokenizer and chat template, from GGUF metadata or a HF directory, through transformers.
+
+transformers converts a GGUF vocabulary into a fast tokenizer, which takes seconds; the
+converted tokenizer is cached on disk (keyed by the file's path, size and mtime).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from servelm.engine.models.config import ModelLoadError
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SERVELM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "servelm")
+    return Path(root) / "tokenizers"
+
+
+class Tokenizer:
+    """Thin wrapper over a transformers fast tokenizer with the calls the engine needs."""
+
+    def __init__(self, hf_tokenizer, extra_eos_ids: list[int] | None = None):
+        self.hf = hf_tokenizer
+        eos = set(extra_eos_ids or [])
+        if hf_tokenizer.eos_token_id is not None:
+            eos.add(hf_tokenizer.eos_token_id)
+        self.eos_token_ids: set[int] = eos
+        self.vocab_size = len(hf_tokenizer)
+        self._backend = hf_tokenizer.backend_tokenizer if hasattr(hf_tokenizer, "backend_tokenizer") else None
+
+    @classmethod
+    def from_source(cls, source: Path, extra_eos_ids: list[int] | None = None) -> "Tokenizer":
+        """Load from a ``.gguf`` file or a HF directory; raises :class:`ModelLoadError`."""
+        from transformers import AutoTokenizer
+
+        try:
+            if source.suffix == ".gguf":
+                st = source.stat()
+                key = hashlib.sha256(f"{source.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+                cached = _cache_dir() / key
+                if (cached / "tokenizer.json").exists():
+                    tok = AutoTokenizer.from_pretrained(str(cached))
+                else:
+                    tok = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+                    try:
+                        tok.save_pretrained(str(cached))
+                    except OSError:
+                        pass  # a read-only home only costs the conversion next time
+            else:
+                tok = AutoTokenizer.from_pretrained(str(source))
+        except Exception as e:  # transformers raises many error types for bad tokenizer files
+            raise ModelLoadError(f"cannot load the tokenizer from {source}: {e}") from e
+        return cls(tok, extra_eos_ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``."""
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; ids outside the vocabulary (dummy models) are dropped."""
+        ids = [i for i in ids if 0 <= i < self.vocab_size]
+        if self._backend is not None:  # the backend call skips transformers' per-call overhead
+            return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return self.hf.convert_ids_to_tokens(ids)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render ``messages`` with the model's own chat template; raises ValueError if it has none."""
+        if not self.has_chat_template:
+            raise ValueError("this model has no chat template; use the completions API with a plain prompt")
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **kwargs)
