@@ -70,7 +70,12 @@ def _targets(model: nn.Module, include_lm_head: bool) -> list[tuple[str, nn.Line
     return out
 
 
-def _resolve_group(cfg: QuantConfig, targets: list[tuple[str, nn.Linear]]) -> tuple[int | None, str]:
+# GGUF types stored in blocks of 32 weights along in_features (K-quants: 32-weight sub-blocks).
+_GGUF_BLOCK32 = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "IQ4_NL"}
+
+
+def _resolve_group(cfg: QuantConfig, targets: list[tuple[str, nn.Linear]],
+                   source_qtypes: dict[str, str]) -> tuple[int | None, str]:
     if cfg.method in (None, "int8"):
         return None, "per output channel" if cfg.method else ""
     if cfg.group_size is not None:
@@ -80,7 +85,10 @@ def _resolve_group(cfg: QuantConfig, targets: list[tuple[str, nn.Linear]]) -> tu
                                  f"{lin.in_features} of layer {name!r}; use a group size that divides it "
                                  f"(e.g. 32)")
         return cfg.group_size, "as requested"
-    first = next((lin for n, lin in targets if n.split(".")[-1] != "lm_head"), None)
+    first_name, first = next(((n, lin) for n, lin in targets if n.split(".")[-1] != "lm_head"), (None, None))
+    src = source_qtypes.get(f"{first_name}.weight")
+    if src in _GGUF_BLOCK32 and all(l.in_features % 32 == 0 for _, l in targets):
+        return 32, f"aligned to the GGUF {src} source's 32-weight blocks"
     if first is not None and all(l.in_features % 32 == 0 for _, l in targets) and on_int4_grid(first.weight.detach(), 32):
         # The source is already 4-bit in blocks of 32 (GGUF Q4_0/Q4_1): align to its blocks so
         # int4 reproduces the grid exactly and nf4 re-quantizes each source block on its own.
@@ -100,14 +108,18 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, cfg: QuantConfig | str | None) -> QuantReport:
+def quantize_model(model: nn.Module, cfg: QuantConfig | str | None,
+                   source_qtypes: dict[str, str] | None = None) -> QuantReport:
     """Replace the model's nn.Linear layers by quantized ones, in place.
+
+    `source_qtypes` (param name -> GGUF type, from the loader) lets an automatic group size line
+    up with a GGUF source's blocks, so a Q4_1 model quantized to int4 keeps its own grid.
 
     Returns a QuantReport with bytes per layer before/after. Raises ValueError (before touching
     the model) for an unknown format or a group size that does not divide a layer's in_features."""
     cfg = QuantConfig.parse(cfg) if not isinstance(cfg, QuantConfig) else cfg
     targets = _targets(model, cfg.include_lm_head) if cfg.method else []
-    group, reason = _resolve_group(cfg, targets)
+    group, reason = _resolve_group(cfg, targets, source_qtypes or {})
     report = QuantReport(cfg.method, group, reason)
     for name, lin in targets:
         if cfg.method == "int8":

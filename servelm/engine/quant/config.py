@@ -46,7 +46,8 @@ class QuantConfig:
 
     @classmethod
     def parse(cls, spec: str | None, include_lm_head: bool = False) -> "QuantConfig":
-        """Parse 'int8', 'int4', 'int4:g32' / 'int4-g128' / 'int4:128', 'nf4', 'nf4-dq', 'none'.
+        """Parse 'int8', 'int4', 'int4:g32' / 'int4-g128' / 'int4:128', 'nf4', 'nf4-dq', 'none';
+        a '+lm_head' suffix (e.g. 'int4:g32+lm_head') quantizes lm_head as well.
 
         Returns a validated QuantConfig; raises ValueError naming the valid formats."""
         if spec is None:
@@ -54,6 +55,8 @@ class QuantConfig:
         if isinstance(spec, QuantConfig):
             return spec
         s = str(spec).strip().lower().replace("_", "-")
+        if s.endswith("+lm-head"):  # e.g. "int4+lm_head": quantize the output projection too
+            s, include_lm_head = s.removesuffix("+lm-head"), True
         if s in ("", "none", "no", "off"):
             return cls(None, include_lm_head=include_lm_head)
         group = None
@@ -67,14 +70,15 @@ class QuantConfig:
         if s not in METHODS:
             raise ValueError(
                 f"unknown quantization {spec!r}; valid: none, int8, int4[:gN] (N in {INT4_GROUP_SIZES}), "
-                "nf4[:gN], nf4-dq[:gN]")
+                "nf4[:gN], nf4-dq[:gN], each optionally followed by +lm_head")
         return cls(s, group, include_lm_head=include_lm_head)
 
     def label(self) -> str:
         """Returns the canonical spelling, e.g. 'int4:g32' or 'bf16-weights' when not quantized."""
         if self.method is None:
             return "none"
-        return self.method + (f":g{self.group_size}" if self.group_size else "")
+        return (self.method + (f":g{self.group_size}" if self.group_size else "")
+                + ("+lm_head" if self.include_lm_head else ""))
 
 
 def parse_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.bfloat16) -> torch.dtype:
