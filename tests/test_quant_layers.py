@@ -121,3 +121,25 @@ def test_parse_spellings():
     assert QuantConfig.parse("nf4-dq:64").method == "nf4-dq"
     assert QuantConfig.parse(None).method is None and QuantConfig.parse("none").method is None
     assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float16") is torch.float16
+
+
+def test_ladder_computed_bytes_match_measured_modules():
+    from servelm.engine.quant.report import linear_bytes
+
+    for method, g in [("int8", None), ("int4", 64), ("nf4", 64), ("nf4-dq", 64)]:
+        _, q = _make(method, g=g)
+        assert linear_bytes(method, q.out_features, q.in_features, g) == q.weight_nbytes(), method
+
+
+def test_quantize_cli_prints_the_ladder(capsys):
+    from servelm.engine.quant.cli import main
+
+    assert main(["--report", "dummy:llama-2-7b", "--include-lm-head", "--json"]) == 0
+    import json
+
+    r = json.loads(capsys.readouterr().out)["formats"]
+    assert r["fp16"]["computed_bytes"] / 1e9 == pytest.approx(13.48, abs=0.05)
+    assert r["int8"]["computed_bytes"] / 1e9 < 7.2 and r["int4"]["computed_bytes"] / 1e9 < 3.8
+    assert r["nf4-dq"]["computed_bytes"] < r["nf4"]["computed_bytes"]
+    assert main(["--report", "/no/such/model"]) == 2
+    assert "model path not found" in capsys.readouterr().err

@@ -29,7 +29,7 @@ def quantize_nf4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
 
 
 def double_quantize(absmax: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (int8 codes, float32 scale per block, float32 mean) with
+    """Returns (int8 codes padded to whole blocks, float32 scale per block, float32 mean) with
     absmax ≈ codes * scale[block] + mean. Centering first makes the int8 range go further."""
     flat = absmax.reshape(-1).float()
     mean = flat.mean()
@@ -37,7 +37,8 @@ def double_quantize(absmax: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     pad = (-centered.numel()) % block
     blocks = F.pad(centered, (0, pad)).reshape(-1, block)
     scale = (blocks.abs().amax(-1) / 127.0).clamp(min=1e-12)
-    q = torch.round(blocks / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: flat.numel()]
+    # codes stay padded to whole blocks (< dq_block bytes extra) so decoding is one reshape
+    q = torch.round(blocks / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)
     return q, scale, mean.reshape(1)
 
 
@@ -72,8 +73,9 @@ class NF4Linear(QuantLinear):
     def _absmax(self) -> torch.Tensor:
         if not self.double_quant:
             return self.absmax
-        idx = torch.arange(self.absmax_q.numel(), device=self.absmax_q.device) // self.dq_block
-        return self.absmax_q.float() * self.absmax_scale[idx] + self.absmax_mean
+        n = self.out_features * (self.in_features // self.group_size)
+        blocks = self.absmax_q.view(-1, self.dq_block).float() * self.absmax_scale[:, None] + self.absmax_mean
+        return blocks.reshape(-1)[:n]
 
     def _table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         # byte b -> (code[b & 15], code[b >> 4]): one gather decodes two weights.

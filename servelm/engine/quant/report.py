@@ -87,7 +87,8 @@ def linear_bytes(method: str, n: int, k: int, group: int | None, dq_block: int =
     if method == "nf4":
         return n * k // 2 + 4 * groups  # fp32 absmax per group (QLoRA)
     if method == "nf4-dq":
-        return n * k // 2 + groups + 4 * math.ceil(groups / dq_block) + 4  # int8 absmax, fp32 per block, mean
+        blocks = math.ceil(groups / dq_block)
+        return n * k // 2 + blocks * dq_block + 4 * blocks + 4  # int8 absmax (padded), fp32 per block, mean
     raise ValueError(f"unknown format {method!r}; valid: {', '.join(LADDER)}")
 
 
