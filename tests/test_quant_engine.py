@@ -15,8 +15,8 @@ def test_generate_in_every_format(quant):
     assert len(rep.layers) == 30 * 4 + quant.endswith("+lm_head")
     assert all(isinstance(m, QuantLinear) for n, m in llm.engine.model.named_modules() if n.endswith("_proj"))
     assert rep.linear_bytes_after < rep.linear_bytes_before * (0.55 if quant == "int8" else 0.35)
-    out = llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0))[0].outputs[0]
-    assert len(out.token_ids) == 6
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=3, temperature=0))[0].outputs[0]
+    assert 1 <= len(out.token_ids) <= 3
     assert "Paris" in out.text, f"{quant}: {out.text!r}"
 
 
