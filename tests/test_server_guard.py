@@ -202,14 +202,14 @@ def test_strategies_render_through_the_chat_template(env, tokenizer):
 
 def test_chain_of_thought_returns_the_final_answer_and_reasoning_on_request(env):
     msgs = [{"role": "user", "content": "Tom has 3 apples and buys 2 more. How many apples does he have?"}]
-    r = chat(env, "alice", msgs, strategy="chain_of_thought", include_reasoning=True, max_tokens=48).json()
+    r = chat(env, "alice", msgs, strategy="chain_of_thought", include_reasoning=True, max_tokens=24).json()
     m = r["choices"][0]["message"]
     assert m["content"] and "final answer" not in m["content"].lower()
     assert "reasoning_content" in m
-    plain = chat(env, "alice", msgs, strategy="chain_of_thought", max_tokens=48).json()["choices"][0]["message"]
+    plain = chat(env, "alice", msgs, strategy="chain_of_thought", max_tokens=24).json()["choices"][0]["message"]
     assert plain["content"] == m["content"] and "reasoning_content" not in plain
     streamed = "".join(ch.choices[0].delta.content or "" for ch in sdk(env, "alice").chat.completions.create(
-        model=MODEL, messages=msgs, max_tokens=48, temperature=0, stream=True,
+        model=MODEL, messages=msgs, max_tokens=24, temperature=0, stream=True,
         extra_body={"strategy": "chain_of_thought"}) if ch.choices)
     assert streamed == m["content"]  # streams send only the final answer too
 

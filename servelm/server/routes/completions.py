@@ -18,7 +18,7 @@ from servelm.server.schemas import Completion, CompletionChoice, CompletionReque
 from servelm.safety import FallbackResult
 from servelm.server.guarding import call_engine, fallback_headers
 from servelm.server.pipeline import run_stream_stages
-from servelm.server.serving import Generation, sampling_params, start, until_disconnect
+from servelm.server.serving import Generation, check_context, sampling_params, start, until_disconnect
 
 router = APIRouter(tags=["openai"])
 log = logging.getLogger("servelm.server")
@@ -55,11 +55,13 @@ async def create_completion(body: CompletionRequest, request: Request, response:
     rid_req = request.scope["servelm"]["request_id"]
     g = ctx.guarding
     rid = "cmpl-" + uuid.uuid4().hex
+    params = sampling_params(body, body.max_tokens, body.logprobs, getattr(ctx.engine.tokenizer, "vocab_size", None))
+    # a prompt the model cannot take gets its precise 400 before any scanning
+    check_context(ctx, len(prompt_ids), params.max_tokens, "prompt")
     held = await g.check_prompt(prompt_text, rid_req, principal.name) if g is not None else None
     if held is not None:
         headers = {"x-servelm-review-id": held.servelm["review_id"]}
         return _without_engine(ctx, rid, body, held.text, "content_filter", held.servelm, headers)
-    params = sampling_params(body, body.max_tokens, body.logprobs, getattr(ctx.engine.tokenizer, "vocab_size", None))
     echo = prompt_text if body.echo else ""
 
     async def run_stream():
