@@ -89,8 +89,9 @@ def test_injection_and_jailbreak_are_refused_with_content_filter(env, text):
     err = e.value.body
     assert e.value.status_code == 400 and err["code"] == "content_filter"
     assert "blocked by the '" in err["message"] and ("injection" in err["message"])
-    r = call(env, "POST", "/v1/completions", "alice", {"prompt": text, "max_tokens": 4})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter"
+    for path in ("/v1/completions", "/generate"):
+        r = call(env, "POST", path, "alice", {"prompt": text, "max_tokens": 4})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter", path
 
 
 def test_a_harmless_request_is_served(env):
@@ -246,6 +247,7 @@ def test_fallback_answers_while_the_engine_is_stopped(env):
             assert "".join(deltas) == FALLBACK and reason == "stop"
         c = call(env, "POST", "/v1/completions", "alice", {"prompt": "Hi", "max_tokens": 3}).json()
         assert c["choices"][0]["text"] == FALLBACK and c["servelm"]["fallback"]["reason"] == "circuit_open"
+        assert call(env, "POST", "/generate", "alice", {"prompt": "Hi", "max_tokens": 3}).json()["text"] == FALLBACK
         m = env.metrics()
         assert m['servelm_circuit_breaker_open{name="engine"}'] == 1.0
         assert m['servelm_fallbacks_total{kind="static",reason="error"}'] >= 1

@@ -33,7 +33,8 @@ class Guarding:
 
     def pipeline(self) -> RequestPipeline:
         """Returns the chat route's stages: input guard and strategy before, answer guard after."""
-        return RequestPipeline(pre=[self._check_input, self._apply_strategy], post=[self._finish_answer],
+        return RequestPipeline(pre=[self._check_input, self._apply_strategy, self._add_canary],
+                               post=[self._finish_answer],
                                stream=[lambda turn: ChoiceStream(self, turn)], features=frozenset({"strategy"}))
 
     # -- input ------------------------------------------------------------------------------------
@@ -84,6 +85,18 @@ class Guarding:
                             history=convo[:last], examples=examples)
         turn.messages = strategy.messages(req)
         turn.metadata["strategy"] = strategy
+
+    async def _add_canary(self, turn: ChatTurn) -> None:
+        # With a canary in the policy, the system message carries it, so a leak of the system prompt
+        # shows in the output (the system_prompt_leak scanner).
+        line = self.guard.canary_instruction(turn.key_name) if self.guard is not None else ""
+        if not line:
+            return
+        first = next((m for m in turn.messages if m["role"] == "system"), None)
+        if first is None:
+            turn.messages.insert(0, {"role": "system", "content": line})
+        else:
+            first["content"] = f"{first['content']}\n\n{line}" if first["content"] else line
 
     # -- output -----------------------------------------------------------------------------------
     async def _finish_answer(self, turn: ChatTurn, text: str) -> Answer:
