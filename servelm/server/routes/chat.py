@@ -86,7 +86,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     choices = []
     for index, c_text, reason, logprobs in raw:
         a = await ctx.pipeline.answer(turn, c_text)
-        if a.text != c_text.strip() and a.text != c_text or a.finish_reason:
+        if (a.text not in (c_text, c_text.strip())) or a.finish_reason:
             logprobs = None  # token logprobs would give the redacted or filtered text away
         choices.append(ChatChoice(index=index, message=AssistantMessage(content=a.text, **a.extras),
                                   logprobs=logprobs, finish_reason=a.finish_reason or reason,
