@@ -11,12 +11,13 @@ from fastapi import FastAPI
 from servelm.server.admission import Admission
 from servelm.server.context import ServerContext
 from servelm.server.errors import install_handlers
+from servelm.server.guarding import build_guarding
 from servelm.server.keys import KeyStore
 from servelm.server.metrics import Metrics
 from servelm.server.middleware import RequestMiddleware
 from servelm.server.pipeline import RequestPipeline
 from servelm.server.rate_limit import RateLimiter
-from servelm.server.routes import admin, chat, completions, embeddings, generate, health, models
+from servelm.server.routes import admin, chat, completions, embeddings, generate, health, models, review
 from servelm.server.settings import ServerSettings
 
 log = logging.getLogger("servelm.server")
@@ -34,14 +35,21 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
     if not settings.no_auth and keys is None:
         keys = KeyStore(settings.keys_db)
     admission = Admission(settings.max_num_seqs, settings.max_queue)
+    metrics = Metrics(engine, admission)
+    guarding = build_guarding(settings, metrics.registry)
     ctx = ServerContext(settings=settings, engine=engine, keys=keys, limiter=RateLimiter(settings.redis_url),
-                        admission=admission, metrics=Metrics(engine, admission),
-                        pipeline=pipeline or RequestPipeline())
+                        admission=admission, metrics=metrics, pipeline=pipeline or guarding.pipeline(),
+                        guarding=guarding)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # The two models load at once: each spends most of its time in file reads and torch init.
-        await asyncio.gather(engine.start(), _load_embedder(ctx))
+        await asyncio.gather(engine.start(), _load_embedder(ctx), _warm_guard(guarding))
+        if guarding.guard is None:
+            log.warning("guardrails are OFF (--no-guard): no input or output scanning, no review queue")
+        else:
+            log.info("guardrails on", extra={"policy": settings.policy or "default", "reviews_db": settings.reviews_db,
+                                             "fallback": settings.fallback})
         if settings.no_auth:
             log.warning("authentication is OFF (--no-auth): anyone who can reach %s can use it",
                         settings.public_url)
@@ -59,15 +67,23 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
             await ctx.limiter.close()
             if keys is not None:
                 keys.close()
+            if guarding.guard is not None and guarding.guard.review_queue is not None:
+                guarding.guard.review_queue.close()
 
     app = FastAPI(title="servelm", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible LLM server. Authenticate with `Authorization: Bearer <key>`.")
     app.state.servelm = ctx
     install_handlers(app)
-    for module in (chat, completions, embeddings, models, generate, health, admin):
+    for module in (chat, completions, embeddings, models, generate, health, admin, review):
         app.include_router(module.router)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, get_metrics=lambda: ctx.metrics)
     return app
+
+
+async def _warm_guard(guarding) -> None:
+    # Classifiers and Presidio/spaCy load now, not on the first request.
+    if guarding.guard is not None:
+        await asyncio.to_thread(guarding.guard.warmup)
 
 
 async def _load_embedder(ctx: ServerContext) -> None:

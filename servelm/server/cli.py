@@ -37,6 +37,17 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=_S, help="Larger request bodies get 413.")
     p.add_argument("--no-embeddings", dest="embedding_model", action="store_const", const=None, default=_S,
                    help="Do not load the embedding model.")
+    p.add_argument("--policy", default=_S, help="Guard policy YAML (default: the shipped policy, docs/safety.md).")
+    p.add_argument("--no-guard", action="store_true", default=_S,
+                   help="Serve without guardrails (no input/output scanning, no review queue).")
+    p.add_argument("--strategy", dest="default_strategy", default=_S,
+                   choices=["zero_shot", "few_shot", "chain_of_thought"],
+                   help="Prompt strategy for requests that name none (default: the messages as sent).")
+    p.add_argument("--fallback", default=_S, choices=["static", "none"],
+                   help="When the engine fails: answer a static message, marked as a fallback (default), or 503.")
+    p.add_argument("--fallback-message", default=_S, help="The static fallback's text.")
+    p.add_argument("--enable-fault-injection", action="store_true", default=_S,
+                   help="TEST ONLY: POST /v1/admin/fault {\"engine\": \"stop\"|\"start\"} stops/starts the engine.")
     p.set_defaults(func=_serve)
 
     # --config/--data-dir are accepted before or after the action ("keys --data-dir D list" or "keys list --data-dir D").
@@ -75,7 +86,8 @@ def _settings(args: argparse.Namespace, fields: tuple[str, ...]):
 
 _SERVE_FIELDS = ("model", "served_model_name", "host", "port", "no_auth", "redis_url", "data_dir", "log_prompts",
                  "log_level", "max_num_seqs", "max_queue", "max_model_len", "kv_cache_memory_bytes", "dtype",
-                 "quantization", "request_timeout_s", "shutdown_timeout_s", "max_body_bytes", "embedding_model")
+                 "quantization", "request_timeout_s", "shutdown_timeout_s", "max_body_bytes", "embedding_model",
+                 "policy", "no_guard", "default_strategy", "fallback", "fallback_message", "enable_fault_injection")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -95,7 +107,13 @@ def _serve(args: argparse.Namespace) -> int:
                                                         "enable_prefix_caching", "dtype", "quantization")
                      if getattr(settings, f) is not None}
     engine = AsyncEngine(EngineConfig(model=settings.model, **engine_kwargs))
-    app = create_app(settings, engine)
+    from servelm.prompts import UnknownStrategyError
+    from servelm.safety import PolicyError
+
+    try:
+        app = create_app(settings, engine)
+    except (PolicyError, UnknownStrategyError) as e:
+        sys.exit(f"servelm serve: {e}")
     admission = app.state.servelm.admission
 
     class Server(uvicorn.Server):

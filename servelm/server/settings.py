@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
@@ -56,6 +57,20 @@ class ServerSettings(BaseSettings):
     default_rpm: int = Field(0, ge=0, description="Requests/minute for unauthenticated use (--no-auth); 0 = none.")
     default_tpm: int = Field(0, ge=0, description="Tokens/minute for unauthenticated use (--no-auth); 0 = none.")
 
+    # Guardrails, prompt strategies, degradation (docs/safety.md)
+    no_guard: bool = Field(False, description="Serve without input/output scanning (announced at start).")
+    policy: str | None = Field(None, description="Guard policy YAML; None = the shipped default policy.")
+    default_strategy: str | None = Field(None, description="Prompt strategy for requests without 'strategy' "
+                                         "(zero_shot, few_shot, chain_of_thought); None = messages as sent.")
+    fallback: Literal["static", "none"] = Field("static", description="What answers when the engine fails: a "
+                                                "static message (marked in the response) or none (HTTP 503).")
+    fallback_message: str = "The service is temporarily unavailable; please retry shortly."
+    fallback_on: list[Literal["engine_error", "timeout", "overloaded"]] = Field(
+        ["engine_error"], description="Failures the fallback answers; the others keep their 503/504.")
+    breaker_failures: int = Field(3, ge=1, description="Consecutive engine failures that open the breaker.")
+    breaker_reset_s: float = Field(30.0, gt=0, description="Seconds the open breaker waits before a trial call.")
+    enable_fault_injection: bool = Field(False, description="TEST ONLY: admin route that stops/starts the engine.")
+
     # Observability
     log_prompts: bool = False
     log_level: str = "info"
@@ -64,6 +79,11 @@ class ServerSettings(BaseSettings):
     def keys_db(self) -> str:
         """Returns the path of the SQLite key store."""
         return os.path.join(self.data_dir, "keys.sqlite3")
+
+    @property
+    def reviews_db(self) -> str:
+        """Returns the path of the SQLite review queue (human-in-the-loop)."""
+        return os.path.join(self.data_dir, "reviews.sqlite3")
 
     @property
     def public_url(self) -> str:
