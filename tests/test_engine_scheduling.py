@@ -65,7 +65,7 @@ def test_random_aborts_free_the_pool_and_spare_the_others(make_llm):
     llm = make_llm()
     eng = llm.engine
     prompts = _prompts(120, seed=2)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)  # outlives the aborts below
     rng = random.Random(3)
     keep = set(rng.sample(range(120), 20))
     for i, p in enumerate(prompts):
@@ -76,7 +76,9 @@ def test_random_aborts_free_the_pool_and_spare_the_others(make_llm):
     while eng.has_unfinished_requests():
         for _ in range(rng.randint(0, 8)):
             if to_abort:
-                eng.abort_request(to_abort.pop())
+                rid = to_abort.pop()
+                out = eng.abort_request(rid)
+                assert out is not None and out.outputs[0].finish_reason == "abort", rid
         for out in eng.step():
             if out.finished:
                 finished[out.request_id] = out
