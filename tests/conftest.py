@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded model is loaded once per test session and shared by engines."""
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +31,17 @@ def make_llm(smol_loaded):
     def make(**kwargs) -> LLM:
         return LLM.from_engine(LLMEngine(EngineConfig(dtype="float32", device="cpu", **kwargs), loaded=smol_loaded))
     return make
+
+
+@pytest.fixture(scope="session")
+def clone_smol(smol_loaded):
+    """A private copy of the loaded SmolLM2 weights in ``dtype`` (for tests that modify the model, e.g. quantize)."""
+    def clone(dtype: torch.dtype):
+        c = copy.deepcopy(smol_loaded)  # deepcopy keeps the tied embedding/lm_head tied
+        for p in c.model.parameters():
+            p.data = p.data.to(dtype)
+        return c
+    return clone
 
 
 @pytest.fixture(scope="session")

@@ -2,15 +2,17 @@
 import pytest
 import torch
 
-from servelm.engine import LLM, SamplingParams
+from servelm.engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from servelm.engine.quant import Int4Linear, QuantLinear
 
 PROMPT = "The capital of France is"
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4", "nf4", "nf4-dq+lm_head"])
-def test_generate_in_every_format(quant):
-    llm = LLM(model=None, dtype="bfloat16", quantization=quant, max_num_seqs=2)
+def test_generate_in_every_format(quant, clone_smol):
+    engine = LLMEngine(EngineConfig(dtype="bfloat16", device="cpu", quantization=quant, max_num_seqs=2),
+                       loaded=clone_smol(torch.bfloat16))
+    llm = LLM.from_engine(engine)
     rep = llm.engine.quant_report
     assert len(rep.layers) == 30 * 4 + quant.endswith("+lm_head")
     assert all(isinstance(m, QuantLinear) for n, m in llm.engine.model.named_modules() if n.endswith("_proj"))
@@ -20,13 +22,11 @@ def test_generate_in_every_format(quant):
     assert "Paris" in out.text, f"{quant}: {out.text!r}"
 
 
-def test_int4_keeps_the_q4_1_grid_of_the_gguf():
+def test_int4_keeps_the_q4_1_grid_of_the_gguf(clone_smol):
     """The GGUF's projections are Q4_1 (w = q*d + m per 32 inputs); int4 at the auto group size
     lines up with those blocks, so the quantized weights equal the loaded ones to bf16 rounding
     of the scales (a careless re-quantization would be off by a large part of a step)."""
-    from servelm.engine.models.loader import load_model
-
-    loaded = load_model(None, torch.float32, torch.device("cpu"))
+    loaded = clone_smol(torch.float32)
     w = loaded.model.layers[3].mlp.down_proj.weight.detach().clone()
     from servelm.engine.quant import quantize_model
 
