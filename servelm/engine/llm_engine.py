@@ -157,8 +157,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use.", "request_id")
         params.validate()
-        text, ids = (prompt if isinstance(prompt, str) else None, prompt_ids) if prompt_ids else \
-            self.tokenize_prompt(prompt)
+        if prompt_ids:  # already tokenized by the caller (AsyncEngine does it off the step thread)
+            text, ids = (prompt if isinstance(prompt, str) else None), prompt_ids
+        else:
+            text, ids = self.tokenize_prompt(prompt)
         max_tokens = self.resolve_max_tokens(len(ids), params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [Sequence(request_id, i, ids, params, arrival, max_tokens) for i in range(params.n)]

@@ -51,7 +51,7 @@ class TorchAttentionContext(AttentionContext):
             ql, cl = lay.query_lens[i], lay.context_lens[i]
             mask = None
             if cl != ql:  # a cached prefix precedes the new tokens
-                q_pos = torch.arange(cl - ql, cl, device=tables_device(lay))
+                q_pos = torch.arange(cl - ql, cl, device=lay.block_tables.device)
                 mask = torch.arange(cl, device=q_pos.device)[None, :] <= q_pos[:, None]
             blocks = lay.block_tables[i, : -(-cl // self.block_size)].long()
             self.prefills.append((start, ql, cl, blocks, mask))
@@ -89,7 +89,3 @@ class TorchAttentionContext(AttentionContext):
                                                enable_gqa=True)
             out[p:] = o.squeeze(2)
         return out
-
-
-def tables_device(layout: BatchLayout) -> torch.device:
-    return layout.block_tables.device

@@ -175,6 +175,8 @@ async def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: Cha
                     # a stage that holds or rewrites text would have its tokens given away by logprobs
                     lp = (chat_logprobs(c.delta_logprobs or [], k) if body.logprobs and c.delta_logprobs
                           and all(getattr(s, "passthrough", False) for s in stages[c.index]) else None)
+                    if not delta and lp is None and reason is None and c.index not in done:
+                        continue  # a guard is holding this text back: no empty chunk
                     choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta), logprobs=lp,
                                                    finish_reason=reason, servelm=note))
                 if choices:

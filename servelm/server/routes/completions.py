@@ -171,6 +171,8 @@ async def _stream(ctx: ServerContext, gen: Generation, body: CompletionRequest, 
                         # logprobs only unguarded: a guard holds text back, so token offsets would not match
                         lp = completion_logprobs(c.delta_logprobs, body.logprobs, offsets[c.index])
                     offsets[c.index] += len(text)
+                    if not text and lp is None and reason is None and c.index not in done:
+                        continue  # a guard is holding this text back: no empty chunk
                     choices.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason,
                                                     servelm=note))
                 if choices:
