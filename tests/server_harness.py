@@ -164,7 +164,7 @@ class Fleet:
         self.small_dir = d("small")
         self.small_keys = {"user": create_key(self.small_dir, "user")}
         self.redis.wait()
-        common = ("--no-embeddings",)
+        common = ("--no-embeddings", "--no-rag")
         self.servers = {
             "main": Server("main", self.main_dir, "--max-num-seqs", "32", "--max-queue", "16"),
             # small: a tiny admission bound, no auth, prompts logged

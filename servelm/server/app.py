@@ -16,7 +16,8 @@ from servelm.server.metrics import Metrics
 from servelm.server.middleware import RequestMiddleware
 from servelm.server.pipeline import RequestPipeline
 from servelm.server.rate_limit import RateLimiter
-from servelm.server.routes import admin, chat, completions, embeddings, generate, health, models
+from servelm.server import rag_stage
+from servelm.server.routes import admin, chat, completions, embeddings, generate, health, models, rag
 from servelm.server.settings import ServerSettings
 
 log = logging.getLogger("servelm.server")
@@ -37,11 +38,15 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
     ctx = ServerContext(settings=settings, engine=engine, keys=keys, limiter=RateLimiter(settings.redis_url),
                         admission=admission, metrics=Metrics(engine, admission),
                         pipeline=pipeline or RequestPipeline())
+    if settings.rag:
+        rag_stage.install(ctx.pipeline, ctx)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # The two models load at once: each spends most of its time in file reads and torch init.
-        await asyncio.gather(engine.start(), _load_embedder(ctx))
+        await asyncio.gather(engine.start(), _load_embedder(ctx), rag_stage.load(ctx))
+        if ctx.rag is not None:
+            ctx.rag.context_window = engine.max_model_len
         if settings.no_auth:
             log.warning("authentication is OFF (--no-auth): anyone who can reach %s can use it",
                         settings.public_url)
@@ -59,14 +64,17 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
             await ctx.limiter.close()
             if keys is not None:
                 keys.close()
+            if ctx.rag is not None:
+                ctx.rag.close()
 
     app = FastAPI(title="servelm", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible LLM server. Authenticate with `Authorization: Bearer <key>`.")
     app.state.servelm = ctx
     install_handlers(app)
-    for module in (chat, completions, embeddings, models, generate, health, admin):
+    for module in (chat, completions, embeddings, models, generate, health, admin, rag):
         app.include_router(module.router)
-    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, get_metrics=lambda: ctx.metrics)
+    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, get_metrics=lambda: ctx.metrics,
+                       upload_max_bytes=settings.rag_max_file_bytes * 4)
     return app
 
 

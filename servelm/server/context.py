@@ -27,6 +27,7 @@ class ServerContext:
     metrics: Metrics
     pipeline: RequestPipeline
     embedder: Any = None  # servelm.server.embedder.Embedder, when an embedding model is configured
+    rag: Any = None  # servelm.rag.RagService, when RAG is on
     ready: bool = False
 
     @property

@@ -75,6 +75,8 @@ class RagOptions(_Request):
 
     collection: str = Field(..., min_length=1)
     k: int = Field(4, ge=1, le=50)
+    filters: dict[str, str | int | float | list[str | int | float]] | None = Field(
+        None, description="Metadata filters, e.g. {\"source\": \"guide.pdf\"}.")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -119,6 +121,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    sources: list[dict] | None = Field(None, description="With 'rag': the cited chunks (servelm extension).")
 
 
 class DeltaMessage(BaseModel):
@@ -140,6 +143,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    sources: list[dict] | None = None  # with 'rag': sent once, in a chunk with no choices after the answer
 
 
 # ---------------------------------------------------------------- completions
