@@ -168,9 +168,11 @@ class Fleet:
         common = ("--no-embeddings", "--no-rag")
         self.servers = {
             "main": Server("main", self.main_dir, "--max-num-seqs", "32", "--max-queue", "16", "--no-rag"),
-            # small: a tiny admission bound, no auth, prompts logged
+            # small: a tiny admission bound, no auth, prompts logged; no guardrails, since its tests count
+            # stream chunks (an output guard batches them) and send marker prompts (tests/test_server_guard.py
+            # covers the guard)
             "small": Server("small", self.small_dir, "--max-num-seqs", "2", "--max-queue", "2", "--no-auth",
-                            "--log-prompts", *common),
+                            "--log-prompts", "--no-guard", *common),
             "redis-a": Server("redis-a", self.shared_dir, "--redis-url", self.redis.url, *common),
             "redis-b": Server("redis-b", self.shared_dir, "--redis-url", self.redis.url, "--request-timeout", "5",
                               *common),

@@ -84,9 +84,12 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_queries += seq.num_prompt_tokens
-        self.prefix_hits += min(len(hits) * self.block_size, seq.num_prompt_tokens)
         return hits
+
+    def record_prefix_lookup(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        """Count one admitted prompt for the hit-rate metric (retries after a full pool are not counted)."""
+        self.prefix_queries += num_prompt_tokens
+        self.prefix_hits += min(num_cached_tokens, num_prompt_tokens)
 
     # -- allocation ----------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:

@@ -115,8 +115,9 @@ class Scheduler:
                 skipped.append(seq)
                 break
             seq.num_computed_tokens = num_cached
-            if seq.num_output_tokens == 0:
+            if seq.num_output_tokens == 0:  # first admission, not a recompute after preemption
                 seq.num_cached_prompt_tokens = num_cached
+                self.kv.record_prefix_lookup(seq.num_prompt_tokens, num_cached)
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now

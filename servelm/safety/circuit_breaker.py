@@ -75,11 +75,13 @@ class CircuitBreaker:
             raise CircuitOpenError(f"circuit '{self.name}' is open after {self.failures} failures")
         self._trial_running = state == "half_open"
 
-    async def call(self, fn: Callable[[], Awaitable[T]], timeout_s: float | None = None) -> T:
+    async def call(self, fn: Callable[[], Awaitable[T]], timeout_s: float | None = None,
+                   is_failure: Callable[[BaseException], bool] | None = None) -> T:
         """Return ``await fn()`` through the breaker.
 
         Raises :class:`CircuitOpenError` when open, ``asyncio.TimeoutError`` on timeout,
-        or whatever ``fn`` raised (each counted as a failure).
+        or whatever ``fn`` raised (each counted as a failure unless ``is_failure`` says the
+        error is the caller's, e.g. a bad request, which says nothing about the engine's health).
         """
         self.before_call()
         timeout = timeout_s if timeout_s is not None else self.config.call_timeout_s
@@ -88,9 +90,10 @@ class CircuitBreaker:
         except asyncio.CancelledError:
             self._trial_running = False
             raise
-        except BaseException:
+        except BaseException as exc:
             self._trial_running = False
-            self.record_failure()
+            if is_failure is None or is_failure(exc):
+                self.record_failure()
             raise
         self._trial_running = False
         self.record_success()

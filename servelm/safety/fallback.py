@@ -101,8 +101,12 @@ class ResilientCaller:
     """
 
     def __init__(self, breaker: CircuitBreaker, fallbacks: list, metrics: GuardMetrics | None = None,
-                 overloaded: Callable[[], bool] | None = None):
+                 overloaded: Callable[[], bool] | None = None,
+                 is_failure: Callable[[BaseException], bool] | None = None):
         self.breaker = breaker
+        # Errors for which is_failure is False (bad input, rate limits, a client that left) are re-raised
+        # as they are: neither counted against the engine nor answered by a fallback.
+        self.is_failure = is_failure
         self.fallbacks = list(fallbacks)
         self.metrics = metrics or GuardMetrics.get()
         self.overloaded = overloaded
@@ -115,8 +119,10 @@ class ResilientCaller:
         try:
             if self.overloaded is not None and self.overloaded():
                 raise OverloadedError("engine queue is over its limit")
-            text = await self.breaker.call(fn, timeout_s)
+            text = await self.breaker.call(fn, timeout_s, self.is_failure)
         except Exception as exc:  # any engine failure degrades to the fallbacks
+            if self.is_failure is not None and not self.is_failure(exc):
+                raise
             reason = _reason(exc)
             for fb in self.fallbacks:
                 answer = await fb.answer(prompt)

@@ -180,7 +180,7 @@ class Guard:
         d.review_id = self.review_queue.submit(
             stage=stage, scanner=d.scanner or "", reason=d.reason, request_id=d.request_id,
             prompt=prompt if stage == "output" else text, response=text if stage == "output" else None,
-            api_key_id=(api_key or "")[:8] or None)
+            api_key_id=api_key or None)  # the caller's key *name* (servelm serve passes names, never secrets)
         d.held_response = (f"Your {'request' if stage == 'input' else 'response'} is held for human review "
                            f"(review id {d.review_id})." if policy.held_response == "review_id"
                            else policy.held_message)

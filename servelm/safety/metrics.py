@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -17,7 +18,9 @@ log = logging.getLogger("servelm.safety")
 class GuardMetrics:
     """The guard's Prometheus series, registered once per registry."""
 
-    _by_registry: dict[int, "GuardMetrics"] = {}
+    # Keyed by the registry object itself (weakly): an id() key could be reused by a new registry
+    # after the old one is collected, handing it series registered elsewhere.
+    _by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, GuardMetrics]" = weakref.WeakKeyDictionary()
 
     def __init__(self, registry: CollectorRegistry):
         self.decisions = Counter("servelm_guard_decisions_total", "Guard decisions by scanner and action",
@@ -38,10 +41,9 @@ class GuardMetrics:
     def get(cls, registry: CollectorRegistry | None = None) -> "GuardMetrics":
         """Return the metrics bound to ``registry`` (default: the global one), creating them once."""
         registry = registry or REGISTRY
-        key = id(registry)
-        if key not in cls._by_registry:
-            cls._by_registry[key] = cls(registry)
-        return cls._by_registry[key]
+        if registry not in cls._by_registry:
+            cls._by_registry[registry] = cls(registry)
+        return cls._by_registry[registry]
 
 
 def log_event(event: str, request_id: str | None = None, level: int = logging.INFO, **fields) -> dict:

@@ -41,6 +41,17 @@ def register(subparsers) -> None:
     p.add_argument("--rag-data-dir", default=_S, help="Where RAG collections live (default DATA_DIR/rag).")
     p.add_argument("--pg-url", default=_S, help="postgresql://... (with pgvector) to keep collections in PostgreSQL.")
     p.add_argument("--rag-max-file-bytes", type=int, default=_S, help="Larger uploaded documents get 413.")
+    p.add_argument("--policy", default=_S, help="Guard policy YAML (default: the shipped policy, docs/safety.md).")
+    p.add_argument("--no-guard", action="store_true", default=_S,
+                   help="Serve without guardrails (no input/output scanning, no review queue).")
+    p.add_argument("--strategy", dest="default_strategy", default=_S,
+                   choices=["zero_shot", "few_shot", "chain_of_thought"],
+                   help="Prompt strategy for requests that name none (default: the messages as sent).")
+    p.add_argument("--fallback", default=_S, choices=["static", "none"],
+                   help="When the engine fails: answer a static message, marked as a fallback (default), or 503.")
+    p.add_argument("--fallback-message", default=_S, help="The static fallback's text.")
+    p.add_argument("--enable-fault-injection", action="store_true", default=_S,
+                   help="TEST ONLY: POST /v1/admin/fault {\"engine\": \"stop\"|\"start\"} stops/starts the engine.")
     p.set_defaults(func=_serve)
 
     # --config/--data-dir are accepted before or after the action ("keys --data-dir D list" or "keys list --data-dir D").
@@ -80,7 +91,8 @@ def _settings(args: argparse.Namespace, fields: tuple[str, ...]):
 _SERVE_FIELDS = ("model", "served_model_name", "host", "port", "no_auth", "redis_url", "data_dir", "log_prompts",
                  "log_level", "max_num_seqs", "max_queue", "max_model_len", "kv_cache_memory_bytes", "dtype",
                  "quantization", "request_timeout_s", "shutdown_timeout_s", "max_body_bytes", "embedding_model",
-                 "rag", "rag_data_dir", "pg_url", "rag_max_file_bytes")
+                 "rag", "rag_data_dir", "pg_url", "rag_max_file_bytes",
+                 "policy", "no_guard", "default_strategy", "fallback", "fallback_message", "enable_fault_injection")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -100,7 +112,13 @@ def _serve(args: argparse.Namespace) -> int:
                                                         "enable_prefix_caching", "dtype", "quantization")
                      if getattr(settings, f) is not None}
     engine = AsyncEngine(EngineConfig(model=settings.model, **engine_kwargs))
-    app = create_app(settings, engine)
+    from servelm.prompts import UnknownStrategyError
+    from servelm.safety import PolicyError
+
+    try:
+        app = create_app(settings, engine)
+    except (PolicyError, UnknownStrategyError) as e:
+        sys.exit(f"servelm serve: {e}")
     admission = app.state.servelm.admission
 
     class Server(uvicorn.Server):

@@ -26,6 +26,7 @@ class ServerContext:
     admission: Admission
     metrics: Metrics
     pipeline: RequestPipeline
+    guarding: Any = None  # servelm.server.guarding.Guarding: guard, engine fallback, default strategy
     embedder: Any = None  # servelm.server.embedder.Embedder, when an embedding model is configured
     rag: Any = None  # servelm.rag.RagService, when RAG is on
     ready: bool = False

@@ -27,10 +27,27 @@ class ChatTurn:
     key_name: str                   # who is asking (never the key itself)
     request_id: str
     metadata: dict = field(default_factory=dict)
+    # Set by a pre-stage that holds the request (e.g. for human review): the client gets this answer and
+    # the model is not called.
+    held: "Answer | None" = None
+
+
+@dataclass(slots=True)
+class Answer:
+    """What a choice's client receives after the post-stages."""
+
+    text: str
+    finish_reason: str | None = None  # overrides the engine's, e.g. "content_filter"
+    extras: dict = field(default_factory=dict)  # extra message fields, e.g. {"reasoning_content": ...}
+    servelm: dict = field(default_factory=dict)  # servelm's response annotations, e.g. {"review_id": ...}
 
 
 class StreamStage(Protocol):
-    """Rewrites a stream of text deltas (e.g. an output guard that holds back partial words)."""
+    """Rewrites a stream of text deltas (e.g. an output guard that holds back partial words).
+
+    A stage may also carry ``finish_reason`` (not None once it has ended the choice, e.g.
+    "content_filter") and ``servelm`` (annotations for the last chunk); the route reads both.
+    """
 
     async def feed(self, delta: str) -> str: ...
 
@@ -39,8 +56,9 @@ class StreamStage(Protocol):
 
 # A pre-stage may rewrite turn.messages or refuse the request by raising servelm.server.errors.APIError.
 PreStage = Callable[[ChatTurn], Awaitable[None]]
-# A post-stage gets the full answer of one choice and returns what the client receives.
-PostStage = Callable[[ChatTurn, str], Awaitable[str]]
+# A post-stage gets the full answer of one choice and returns what the client receives: a string, or an
+# Answer to also set the finish reason or extra fields.
+PostStage = Callable[[ChatTurn, str], Awaitable["str | Answer"]]
 # Streaming requests get a fresh StreamStage per choice from each factory.
 StreamStageFactory = Callable[[ChatTurn], StreamStage]
 
@@ -64,13 +82,27 @@ class RequestPipeline:
             raise invalid("This server has no prompt strategies configured; remove 'strategy'.", "strategy",
                           "unsupported_parameter")
         for stage in self.pre:
+            if turn.held is not None:  # a held request is not rewritten further
+                return
             await stage(turn)
 
     async def after(self, turn: ChatTurn, text: str) -> str:
         """Returns ``text`` passed through every post-stage."""
+        return (await self.answer(turn, text)).text
+
+    async def answer(self, turn: ChatTurn, text: str) -> Answer:
+        """Returns the :class:`Answer` for ``text`` after every post-stage (each sees the earlier ones' text)."""
+        answer = Answer(text)
         for stage in self.post:
-            text = await stage(turn, text)
-        return text
+            r = await stage(turn, answer.text)
+            if isinstance(r, Answer):
+                answer = Answer(r.text, r.finish_reason or answer.finish_reason, answer.extras | r.extras,
+                                answer.servelm | r.servelm)
+            else:
+                answer.text = r
+            if answer.finish_reason == "content_filter":
+                break  # nothing after a filter may bring text back
+        return answer
 
     def stream_stages(self, turn: ChatTurn) -> list[StreamStage]:
         """Returns fresh stream stages for one streamed choice."""

@@ -80,6 +80,8 @@ def engine_generate(ctx, request: Request, principal: Principal, max_tokens: int
 class _SourceRecorder:
     """A stream stage that passes text through and records the finished answer's citations."""
 
+    passthrough = True  # the text is not changed, so the chat route may keep sending token logprobs
+
     def __init__(self, turn: ChatTurn):
         self.turn = turn
         self.parts: list[str] = []

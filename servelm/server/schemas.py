@@ -79,12 +79,22 @@ class RagOptions(_Request):
         None, description="Metadata filters, e.g. {\"source\": \"guide.pdf\"}.")
 
 
+class FewShotExample(_Request):
+    input: str
+    output: str
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer SDKs).")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    strategy: str | None = Field(None, description="Prompt strategy name (servelm extension).")
+    strategy: str | None = Field(None, description="Prompt strategy: zero_shot, few_shot or chain_of_thought "
+                                                   "(servelm extension).")
+    include_reasoning: bool = Field(False, description="chain_of_thought: also return the reasoning as "
+                                                       "message.reasoning_content (servelm extension).")
+    examples: list[FewShotExample] | None = Field(None, max_length=32,
+                                                  description="few_shot: demonstrations (servelm extension).")
     rag: RagOptions | None = Field(None, description="Retrieval options (servelm extension).")
 
 
@@ -105,6 +115,7 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # chain_of_thought with include_reasoning (vLLM's field name)
 
 
 class ChatChoice(BaseModel):
@@ -112,6 +123,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+    servelm: dict | None = None  # per choice: review_id or content_filter details
 
 
 class ChatCompletion(BaseModel):
@@ -122,6 +134,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     sources: list[dict] | None = Field(None, description="With 'rag': the cited chunks (servelm extension).")
+    servelm: dict | None = None  # servelm annotations: review_id, fallback, content_filter
 
 
 class DeltaMessage(BaseModel):
@@ -134,6 +147,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+    servelm: dict | None = None  # per choice: review_id or content_filter details
 
 
 class ChatCompletionChunk(BaseModel):
@@ -144,6 +158,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     sources: list[dict] | None = None  # with 'rag': sent once, in a chunk with no choices after the answer
+    servelm: dict | None = None  # servelm annotations: review_id, fallback, content_filter
 
 
 # ---------------------------------------------------------------- completions
@@ -167,6 +182,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    servelm: dict | None = None  # per choice: review_id or content_filter details
 
 
 class Completion(BaseModel):
@@ -176,6 +192,7 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    servelm: dict | None = None  # servelm annotations: review_id, fallback, content_filter
 
 
 # ---------------------------------------------------------------- embeddings

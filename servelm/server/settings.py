@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
@@ -62,6 +63,20 @@ class ServerSettings(BaseSettings):
     pg_url: str | None = Field(None, description="postgresql://... with pgvector: collections shared by replicas.")
     rag_max_file_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Larger uploaded files get 413.")
 
+    # Guardrails, prompt strategies, degradation (docs/safety.md)
+    no_guard: bool = Field(False, description="Serve without input/output scanning (announced at start).")
+    policy: str | None = Field(None, description="Guard policy YAML; None = the shipped default policy.")
+    default_strategy: str | None = Field(None, description="Prompt strategy for requests without 'strategy' "
+                                         "(zero_shot, few_shot, chain_of_thought); None = messages as sent.")
+    fallback: Literal["static", "none"] = Field("static", description="What answers when the engine fails: a "
+                                                "static message (marked in the response) or none (HTTP 503).")
+    fallback_message: str = "The service is temporarily unavailable; please retry shortly."
+    fallback_on: list[Literal["engine_error", "timeout", "overloaded"]] = Field(
+        ["engine_error"], description="Failures the fallback answers; the others keep their 503/504.")
+    breaker_failures: int = Field(3, ge=1, description="Consecutive engine failures that open the breaker.")
+    breaker_reset_s: float = Field(30.0, gt=0, description="Seconds the open breaker waits before a trial call.")
+    enable_fault_injection: bool = Field(False, description="TEST ONLY: admin route that stops/starts the engine.")
+
     # Observability
     log_prompts: bool = False
     log_level: str = "info"
@@ -75,6 +90,11 @@ class ServerSettings(BaseSettings):
     def rag_dir(self) -> str:
         """Returns the RAG data directory (FAISS indexes, metadata, embedding cache)."""
         return self.rag_data_dir or os.path.join(self.data_dir, "rag")
+
+    @property
+    def reviews_db(self) -> str:
+        """Returns the path of the SQLite review queue (human-in-the-loop)."""
+        return os.path.join(self.data_dir, "reviews.sqlite3")
 
     @property
     def public_url(self) -> str:

@@ -7,6 +7,7 @@ import uuid
 from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 
 from servelm.server import sse
 from servelm.server.auth import Principal, require
@@ -16,6 +17,8 @@ from servelm.server.logprobs import chat_logprobs
 from servelm.server.pipeline import ChatTurn, run_stream_stages
 from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                     ChatCompletionChunk, ChatCompletionRequest, DeltaMessage, Usage)
+from servelm.safety import FallbackResult
+from servelm.server.guarding import call_engine, fallback_headers
 from servelm.server.serving import Generation, sampling_params, start, until_disconnect
 
 router = APIRouter(tags=["openai"])
@@ -39,11 +42,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                               f"messages.{i}.content", "unsupported_content")
     turn = ChatTurn(messages=[{"role": _ROLE.get(m.role, m.role), "content": m.text()} for m in body.messages],
                     strategy=body.strategy, rag=body.rag, key_name=principal.name, request_id=info["request_id"])
+    turn.metadata.update(include_reasoning=body.include_reasoning,
+                         examples=[e.model_dump() for e in body.examples or []])
     await ctx.pipeline.before(turn)
     if "reply" in turn.metadata:  # a pre-stage answered itself (e.g. RAG found nothing relevant)
         return _reply(ctx, turn, body)
     if ctx.settings.log_prompts:
         info["prompt"] = turn.messages
+    rid = "chatcmpl-" + uuid.uuid4().hex
+    if turn.held is not None:  # held for human review: the model is not called
+        info["finish_reason"] = "content_filter"
+        review = {"x-servelm-review-id": turn.held.servelm["review_id"]} if turn.held.servelm.get("review_id") else {}
+        return _answer_without_engine(ctx, rid, body, turn.held.text, "content_filter", turn.held.servelm, review)
     tok = ctx.engine.tokenizer
     try:
         text = tok.apply_chat_template(turn.messages, add_generation_prompt=True)
@@ -55,14 +65,38 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     k = body.top_logprobs or 0
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens, k if body.logprobs else None,
                              getattr(tok, "vocab_size", None))
-    gen = await start(ctx, request, principal, prompt_ids, params, prompt_param="messages")
-    response.headers.update(gen.rate_headers)
-    rid = "chatcmpl-" + uuid.uuid4().hex
+
+    async def run_stream():
+        return await start(ctx, request, principal, prompt_ids, params, prompt_param="messages")
+
+    async def run_collect():
+        gen = await run_stream()
+        response.headers.update(gen.rate_headers)
+        return gen, await until_disconnect(request, _collect(gen, k))
+
     if body.stream:
+        gen = await call_engine(ctx.guarding, turn.request_id, run_stream)
+        if isinstance(gen, FallbackResult):
+            return _fallback(ctx, rid, body, gen, info)
+        response.headers.update(gen.rate_headers)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.EventStream(headers=gen.rate_headers, content=_stream(ctx, gen, turn, body, rid, k, include_usage))
-    choices = await until_disconnect(request, _collect(ctx, gen, turn, body, k))
-    return ChatCompletion(id=rid, model=ctx.model_name, choices=choices,
+    result = await call_engine(ctx.guarding, turn.request_id, run_collect)
+    if isinstance(result, FallbackResult):
+        return _fallback(ctx, rid, body, result, info)
+    gen, raw = result
+    choices = []
+    for index, c_text, reason, logprobs in raw:
+        a = await ctx.pipeline.answer(turn, c_text)
+        if (a.text not in (c_text, c_text.strip())) or a.finish_reason:
+            logprobs = None  # token logprobs would give the redacted or filtered text away
+        choices.append(ChatChoice(index=index, message=AssistantMessage(content=a.text, **a.extras),
+                                  logprobs=logprobs, finish_reason=a.finish_reason or reason,
+                                  servelm=a.servelm or None))
+    note = next((c.servelm for c in choices if c.servelm and "review_id" in c.servelm), None)
+    if note:
+        response.headers["x-servelm-review-id"] = note["review_id"]
+    return ChatCompletion(id=rid, model=ctx.model_name, choices=choices, servelm=note,
                           usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
                                       total_tokens=gen.prompt_tokens + gen.completion_tokens),
                           sources=turn.metadata.get("sources"))
@@ -94,8 +128,33 @@ def _reply(ctx: ServerContext, turn: ChatTurn, body: ChatCompletionRequest):
     return sse.EventStream(content=events())
 
 
-async def _collect(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompletionRequest,
-                   k: int) -> list[ChatChoice]:
+def _answer_without_engine(ctx: ServerContext, rid: str, body: ChatCompletionRequest, text: str, reason: str,
+                           note: dict, headers: dict | None = None):
+    """Returns a one-choice answer the engine did not write (held for review, or a fallback)."""
+    if body.stream:
+        created = int(time.time())
+
+        async def events():
+            for choices in ([ChatChunkChoice(index=0, delta=DeltaMessage(role="assistant", content=text))],
+                            [ChatChunkChoice(index=0, delta=DeltaMessage(), finish_reason=reason)]):
+                yield sse.event(ChatCompletionChunk(id=rid, created=created, model=ctx.model_name, choices=choices,
+                                                    servelm=note))
+            yield sse.DONE
+
+        return sse.EventStream(headers=headers or {}, content=events())
+    out = ChatCompletion(id=rid, model=ctx.model_name, servelm=note, usage=Usage(prompt_tokens=0, total_tokens=0),
+                         choices=[ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=reason)])
+    return JSONResponse(out.model_dump(exclude_none=True), headers=headers or {})
+
+
+def _fallback(ctx: ServerContext, rid: str, body: ChatCompletionRequest, r: FallbackResult, info: dict):
+    info["fallback"] = r.kind
+    return _answer_without_engine(ctx, rid, body, r.text, "stop", {"fallback": {"kind": r.kind, "reason": r.reason}},
+                                  fallback_headers(r))
+
+
+async def _collect(gen: Generation, k: int) -> list[tuple]:
+    """Returns ``(index, text, finish_reason, logprobs)`` per choice as the engine wrote them."""
     last = None
     lps: dict[int, list] = {}
     async with aclosing(gen.outputs()) as outputs:
@@ -104,13 +163,10 @@ async def _collect(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: Ch
             for c in out.outputs:
                 if c.delta_logprobs:
                     lps.setdefault(c.index, []).extend(c.delta_logprobs)
-    choices = []
-    for c in sorted(last.outputs, key=lambda c: c.index):
-        text = await ctx.pipeline.after(turn, c.text)
-        logprobs = chat_logprobs(c.logprobs or lps.get(c.index, []), k) if body.logprobs else None
-        choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=text), logprobs=logprobs,
-                                  finish_reason=_finish(c.finish_reason)))
-    return choices
+    logprobs_on = gen.params.logprobs is not None
+    return [(c.index, c.text, _finish(c.finish_reason),
+             chat_logprobs(c.logprobs or lps.get(c.index, []), k) if logprobs_on else None)
+            for c in sorted(last.outputs, key=lambda c: c.index)]
 
 
 def _finish(reason: str | None) -> str | None:
@@ -138,13 +194,22 @@ async def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: Cha
                     if c.finished:
                         done.add(c.index)
                     delta = c.delta_text
+                    reason, note = _finish(c.finish_reason), None
                     if stages[c.index]:
                         delta = await run_stream_stages(stages[c.index], delta, c.finished)
-                    lp = chat_logprobs(c.delta_logprobs or [], k) if body.logprobs and c.delta_logprobs else None
+                        stopped = next((s for s in stages[c.index] if getattr(s, "finish_reason", None)), None)
+                        if stopped is not None:  # a guard ended this choice: nothing more of it is sent
+                            done.add(c.index)
+                            reason, note = stopped.finish_reason, getattr(stopped, "servelm", None)
+                    # a stage that holds or rewrites text would have its tokens given away by logprobs
+                    lp = (chat_logprobs(c.delta_logprobs or [], k) if body.logprobs and c.delta_logprobs
+                          and all(getattr(s, "passthrough", False) for s in stages[c.index]) else None)
                     choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta), logprobs=lp,
-                                                   finish_reason=_finish(c.finish_reason)))
+                                                   finish_reason=reason, servelm=note))
                 if choices:
                     yield chunk(choices)
+                if len(done) == body.n:
+                    break  # every choice ended (possibly filtered early): closing the stream aborts the rest
         if turn.metadata.get("sources") is not None:  # with 'rag': the cited chunks, once, after the answer
             yield sse.event(ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
                                                 sources=turn.metadata["sources"]))

@@ -7,6 +7,7 @@ import uuid
 from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 
 from servelm.server import sse
 from servelm.server.auth import Principal, require
@@ -14,7 +15,10 @@ from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import APIError, invalid
 from servelm.server.logprobs import completion_logprobs
 from servelm.server.schemas import Completion, CompletionChoice, CompletionRequest, Usage
-from servelm.server.serving import Generation, sampling_params, start, until_disconnect
+from servelm.safety import FallbackResult
+from servelm.server.guarding import call_engine, fallback_headers
+from servelm.server.pipeline import run_stream_stages
+from servelm.server.serving import Generation, check_context, sampling_params, start, until_disconnect
 
 router = APIRouter(tags=["openai"])
 log = logging.getLogger("servelm.server")
@@ -48,18 +52,71 @@ async def create_completion(body: CompletionRequest, request: Request, response:
     prompt_ids, prompt_text = _prompt(ctx, body)
     if ctx.settings.log_prompts:
         request.scope["servelm"]["prompt"] = prompt_text
-    params = sampling_params(body, body.max_tokens, body.logprobs, getattr(ctx.engine.tokenizer, "vocab_size", None))
-    gen = await start(ctx, request, principal, prompt_ids, params, prompt_param="prompt")
-    response.headers.update(gen.rate_headers)
+    rid_req = request.scope["servelm"]["request_id"]
+    g = ctx.guarding
     rid = "cmpl-" + uuid.uuid4().hex
+    params = sampling_params(body, body.max_tokens, body.logprobs, getattr(ctx.engine.tokenizer, "vocab_size", None))
+    # a prompt the model cannot take gets its precise 400 before any scanning
+    check_context(ctx, len(prompt_ids), params.max_tokens, "prompt")
+    held = await g.check_prompt(prompt_text, rid_req, principal.name) if g is not None else None
+    if held is not None:
+        headers = {"x-servelm-review-id": held.servelm["review_id"]}
+        return _without_engine(ctx, rid, body, held.text, "content_filter", held.servelm, headers)
     echo = prompt_text if body.echo else ""
+
+    async def run_stream():
+        return await start(ctx, request, principal, prompt_ids, params, prompt_param="prompt")
+
+    async def run_collect():
+        gen = await run_stream()
+        return gen, await until_disconnect(request, _collect(gen, body, echo))
+
     if body.stream:
+        gen = await call_engine(g, rid_req, run_stream)
+        if isinstance(gen, FallbackResult):
+            return _fallback(ctx, rid, body, gen, request.scope["servelm"])
+        response.headers.update(gen.rate_headers)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.EventStream(headers=gen.rate_headers, content=_stream(ctx, gen, body, rid, echo, include_usage))
-    choices = await until_disconnect(request, _collect(gen, body, echo))
+        scanners = {i: g.stream_scanner(rid_req, principal.name, prompt_text) if g is not None else None
+                    for i in range(body.n)}
+        return sse.EventStream(headers=gen.rate_headers,
+                               content=_stream(ctx, gen, body, rid, echo, include_usage, scanners))
+    result = await call_engine(g, rid_req, run_collect)
+    if isinstance(result, FallbackResult):
+        return _fallback(ctx, rid, body, result, request.scope["servelm"])
+    gen, choices = result
+    response.headers.update(gen.rate_headers)
+    if g is not None:
+        for c in choices:
+            raw = c.text[len(echo):]
+            a = await g.scan_output(raw, rid_req, principal.name, prompt_text)
+            if a.text != raw or a.finish_reason:
+                c.logprobs = None  # token logprobs would give the redacted text away
+            c.text, c.servelm = echo + a.text, a.servelm or None
+            c.finish_reason = a.finish_reason or c.finish_reason
     return Completion(id=rid, model=ctx.model_name, choices=choices,
                       usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
                                   total_tokens=gen.prompt_tokens + gen.completion_tokens))
+
+
+def _without_engine(ctx: ServerContext, rid: str, body: CompletionRequest, text: str, reason: str, note: dict,
+                    headers: dict):
+    """Returns a one-choice completion the engine did not write (held for review, or a fallback)."""
+    out = Completion(id=rid, model=ctx.model_name, servelm=note, usage=Usage(prompt_tokens=0, total_tokens=0),
+                     choices=[CompletionChoice(index=0, text=text, finish_reason=reason)])
+    if body.stream:
+        async def events():
+            yield sse.event(out)
+            yield sse.DONE
+
+        return sse.EventStream(headers=headers, content=events())
+    return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
+
+
+def _fallback(ctx: ServerContext, rid: str, body: CompletionRequest, r: FallbackResult, info: dict):
+    info["fallback"] = r.kind
+    return _without_engine(ctx, rid, body, r.text, "stop", {"fallback": {"kind": r.kind, "reason": r.reason}},
+                           fallback_headers(r))
 
 
 async def _collect(gen: Generation, body: CompletionRequest, echo: str) -> list[CompletionChoice]:
@@ -82,7 +139,7 @@ async def _collect(gen: Generation, body: CompletionRequest, echo: str) -> list[
 
 
 async def _stream(ctx: ServerContext, gen: Generation, body: CompletionRequest, rid: str, echo: str,
-                  include_usage: bool):
+                  include_usage: bool, scanners: dict):
     created = int(time.time())
 
     def chunk(choices, usage=None) -> bytes:
@@ -102,14 +159,24 @@ async def _stream(ctx: ServerContext, gen: Generation, body: CompletionRequest, 
                     if c.finished:
                         done.add(c.index)
                     lp = None
-                    if body.logprobs is not None and c.delta_logprobs:
-                        lp = completion_logprobs(c.delta_logprobs, body.logprobs, offsets[c.index])
-                    offsets[c.index] += len(c.delta_text)
+                    text, note = c.delta_text, None
                     reason = "stop" if c.finish_reason == "abort" else c.finish_reason
-                    choices.append(CompletionChoice(index=c.index, text=c.delta_text, logprobs=lp,
-                                                    finish_reason=reason))
+                    scanner = scanners.get(c.index)
+                    if scanner is not None:
+                        text = await run_stream_stages([scanner], text, c.finished)
+                        if scanner.finish_reason:  # a guard ended this choice
+                            done.add(c.index)
+                            reason, note = scanner.finish_reason, scanner.servelm
+                    elif body.logprobs is not None and c.delta_logprobs:
+                        # logprobs only unguarded: a guard holds text back, so token offsets would not match
+                        lp = completion_logprobs(c.delta_logprobs, body.logprobs, offsets[c.index])
+                    offsets[c.index] += len(text)
+                    choices.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason,
+                                                    servelm=note))
                 if choices:
                     yield chunk(choices)
+                if len(done) == body.n:
+                    break
         if include_usage:
             yield chunk([], Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
                                   total_tokens=gen.prompt_tokens + gen.completion_tokens))

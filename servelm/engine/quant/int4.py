@@ -1,0 +1,110 @@
+"""INT4 weight-only, group-wise asymmetric (min/max per group of `group_size` inputs).
+
+Stored in the form torch's packed int4 kernels read: w = (q - 8) * scale + zero, q in 0..15,
+one (scale, zero) pair per group. A Q4_1 GGUF block (w = q*d + m over 32 inputs) is exactly
+this with group_size=32, scale=d, zero=m+8d, so quantizing a dequantized Q4_1 model at g=32
+gives back its own grid (see `on_int4_grid`)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .base import QuantLinear, dtype_key
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (q int32 [N,K] in 0..15, scale [N,K/g], zero [N,K/g]) float32, w ≈ (q-8)*scale+zero."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-10)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(n, k), scale, lo + 8.0 * scale
+
+
+def on_int4_grid(w: torch.Tensor, group_size: int = 32, tol: float = 0.05) -> bool:
+    """Returns True when w already sits on a 4-bit min/max grid of `group_size` blocks (e.g. a
+    dequantized GGUF Q4_1 tensor): the mean round-trip error is below `tol` of one step."""
+    q, scale, zero = quantize_int4(w, group_size)
+    n, k = w.shape
+    deq = (q.reshape(n, k // group_size, group_size) - 8) * scale[..., None] + zero[..., None]
+    err = (deq.reshape(n, k) - w.float()).abs().reshape(n, k // group_size, group_size).mean(-1)
+    return bool((err / scale).mean() < tol)
+
+
+def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    # Layout of aten._convert_weight_to_int4pack_for_cpu: rows in blocks of 64; for each input
+    # column, byte j of a block holds row j (low nibble) and row j+32 (high nibble).
+    v = packed.view(n // 64, k, 32)
+    q = torch.cat([v & 15, v >> 4], dim=-1)
+    return q.permute(0, 2, 1).reshape(n, k)
+
+
+class Int4Linear(QuantLinear):
+    """Kernels: CPU aten._weight_int4pack_mm_for_cpu (bf16 activations), CUDA tinygemm
+    aten._weight_int4pack_mm, or dequantize+matmul; picked per device/dtype/batch by measurement."""
+
+    method = "int4"
+
+    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+        super().__init__(linear)
+        n, k = self.out_features, self.in_features
+        if k % group_size:
+            raise ValueError(f"int4 group_size {group_size} does not divide in_features {k} "
+                             f"(layer {n}x{k}); pick a group size that divides {k}")
+        self.group_size = group_size
+        dev = linear.weight.device
+        q, scale, zero = quantize_int4(linear.weight.detach(), group_size)
+        # [K/g, N, 2] is what both packed kernels take; bf16 is their native scale dtype.
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.layout = "plain"
+        packed = None
+        if dev.type == "cpu" and n % 64 == 0:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            self.layout = "cpu"
+        elif dev.type == "cuda":
+            try:
+                u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).to(dev)
+                packed = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
+                self.layout = "tinygemm"
+            except (RuntimeError, NotImplementedError):
+                packed = None
+        if packed is None:
+            packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        self.register_buffer("qweight", packed.to(dev))
+        self.register_buffer("scales_zeros", sz.to(dev))
+
+    def _codes(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        if self.layout == "cpu":
+            return _unpack_cpu(self.qweight, n, k)
+        p = self.qweight
+        return torch.stack([p & 15, p >> 4], dim=-1).reshape(n, k)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if self.layout == "tinygemm":  # opaque tiled layout: let the kernel multiply by I
+            eye = torch.eye(k, dtype=torch.bfloat16, device=self.qweight.device)
+            return torch.ops.aten._weight_int4pack_mm(eye, self.qweight, g, self.scales_zeros).t().to(dtype)
+        return self._dequant_weight(torch.float32).to(dtype)
+
+    def _dequant_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        n, k, g = self.out_features, self.in_features, self.group_size
+        sz = self.scales_zeros.to(dtype).transpose(0, 1)  # [N, K/g, 2]
+        q = self._codes().reshape(n, k // g, g).to(dtype) - 8
+        return (q * sz[..., 0:1] + sz[..., 1:2]).reshape(n, k)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.group_size
+        if self.layout == "tinygemm":
+            return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, g, self.scales_zeros)
+        cands = {}
+        if self.layout == "cpu":
+            cands["int4pack_bf16"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(torch.bfloat16), self.qweight, g, self.scales_zeros)
+        cands["dequant_matmul"] = lambda: F.linear(x, self._dequant_weight(x.dtype))
+        key = ("int4", self.layout, x.device.type, dtype_key(x), self.out_features, self.in_features, g,
+               kernels.batch_bucket(x.shape[0]))
+        return cands[kernels.choose(key, cands, x.device)]()

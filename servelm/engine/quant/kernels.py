@@ -1,0 +1,84 @@
+"""Pick the fastest kernel for a quantized matmul by timing the candidates once.
+
+Which kernel wins depends on device, activation dtype, layer shape and batch size (torch's
+packed CPU int4 kernel wins at decode batch 1, dequantize+matmul wins for long prefills),
+so each (format, device, dtype, shape, batch bucket) is measured the first time it is seen
+and the winner is cached for the life of the process.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable
+
+import torch
+
+_CHOICES: dict[tuple, str] = {}
+_LOCK = threading.Lock()
+# Forcing a kernel is for benchmarks and debugging only; the engine normally measures.
+_FORCE = os.environ.get("SERVELM_QUANT_KERNEL") or None
+
+
+def batch_bucket(m: int) -> int:
+    """Returns the power-of-two bucket (1, 2, 4, ... 512) a row count falls in."""
+    b = 1
+    while b < m and b < 512:
+        b *= 2
+    return b
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], torch.Tensor], device: torch.device, reps: int) -> float:
+    fn()  # warm-up: first calls pay for allocation and lazy init
+    _sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def choose(key: tuple, candidates: dict[str, Callable[[], torch.Tensor]], device: torch.device) -> str:
+    """Returns the name of the fastest candidate for `key`, timing them on first sight.
+
+    A candidate that raises (kernel missing on this build or device) is dropped. Raises
+    RuntimeError only if every candidate fails."""
+    name = _CHOICES.get(key)
+    if name is not None:
+        return name
+    if _FORCE in candidates:
+        return _FORCE
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing:  # cannot time inside a CUDA graph capture: take the first that is listed
+        return next(iter(candidates))
+    with _LOCK:
+        if key in _CHOICES:
+            return _CHOICES[key]
+        times, errors = {}, {}
+        for cand, fn in candidates.items():
+            try:
+                times[cand] = _time(fn, device, reps=3)
+            except (RuntimeError, NotImplementedError) as e:
+                errors[cand] = e
+        if not times:
+            raise RuntimeError(f"no quantized kernel ran for {key}: {errors}")
+        name = min(times, key=times.get)
+        _CHOICES[key] = name
+    return name
+
+
+def chosen() -> dict[tuple, str]:
+    """Returns a copy of the kernel choices made so far (for reports and benchmarks)."""
+    return dict(_CHOICES)
+
+
+def reset() -> None:
+    """Forget all measured choices (benchmarks call this between formats)."""
+    _CHOICES.clear()

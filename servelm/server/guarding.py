@@ -1,0 +1,255 @@
+"""Composes the guardrails (``servelm.safety``) and prompt strategies (``servelm.prompts``) into requests.
+
+``build_guarding(settings, registry)`` returns the deployment's :class:`Guarding`; ``pipeline()``
+gives the chat route its stages (input guard, strategy, answer post-processing, streamed output
+guard) and :func:`call_engine` runs an engine call behind the circuit breaker and fallback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, TypeVar
+
+from servelm.engine import InvalidRequestError
+from servelm.prompts import ChainOfThought, Example, PromptRequest, UnknownStrategyError, resolve_strategy
+from servelm.prompts.strategies import DEFAULT_SYSTEM
+from servelm.safety import (BreakerConfig, CircuitBreaker, FallbackResult, Guard, OverloadedError, ResilientCaller,
+                            StaticFallback)
+from servelm.safety.metrics import GuardMetrics
+from servelm.server.errors import APIError, ClientGone, invalid
+from servelm.server.pipeline import Answer, ChatTurn, RequestPipeline
+
+T = TypeVar("T")
+_ENGINE_CODES = {"engine_error", "engine_unavailable"}
+
+
+@dataclass(slots=True)
+class Guarding:
+    """The deployment's guard (None with ``--no-guard``), engine fallback and default strategy."""
+
+    guard: Guard | None
+    caller: ResilientCaller | None
+    default_strategy: str | None
+    fallback_on: frozenset[str] = field(default_factory=frozenset)
+
+    def pipeline(self) -> RequestPipeline:
+        """Returns the chat route's stages: input guard and strategy before, answer guard after."""
+        return RequestPipeline(pre=[self._check_input, self._apply_strategy, self._add_canary],
+                               post=[self._finish_answer],
+                               stream=[lambda turn: ChoiceStream(self, turn)], features=frozenset({"strategy"}))
+
+    # -- input ------------------------------------------------------------------------------------
+    async def _check_input(self, turn: ChatTurn) -> None:
+        if self.guard is None:
+            return
+        d = await self.guard.acheck_messages(turn.messages, request_id=turn.request_id, api_key=turn.key_name)
+        if d.action == "block":
+            raise content_filtered(d.message, "messages")
+        if d.action == "review":
+            turn.held = held_answer(d)
+        elif d.action == "redact":  # e.g. secrets in input, when the policy redacts them: per message
+            for m in turn.messages:
+                if m["role"] != "assistant" and m["content"]:
+                    m["content"] = (await self.guard.acheck_input(m["content"], request_id=turn.request_id,
+                                                                  api_key=turn.key_name)).text
+
+    async def check_prompt(self, text: str, request_id: str, key_name: str) -> Answer | None:
+        """Scans a raw prompt (completions); returns a held Answer for review, None to go on.
+
+        Raises APIError(400, code "content_filter") when the policy blocks it.
+        """
+        if self.guard is None:
+            return None
+        d = await self.guard.acheck_input(text, request_id=request_id, api_key=key_name)
+        if d.action == "block":
+            raise content_filtered(d.message, "prompt")
+        return held_answer(d) if d.action == "review" else None
+
+    # -- prompt strategy --------------------------------------------------------------------------
+    async def _apply_strategy(self, turn: ChatTurn) -> None:
+        name = turn.strategy or self.default_strategy
+        if name is None:
+            return  # plain OpenAI behaviour: the messages as sent
+        try:
+            strategy = resolve_strategy(name)
+        except UnknownStrategyError as e:
+            raise invalid(e.message, "strategy", "invalid_value") from None
+        system = "\n\n".join(m["content"] for m in turn.messages if m["role"] == "system" and m["content"])
+        convo = [m for m in turn.messages if m["role"] in ("user", "assistant")]
+        last = max((i for i, m in enumerate(convo) if m["role"] == "user"), default=None)
+        if last is None or not convo[last]["content"].strip():
+            raise invalid("A prompt strategy needs a non-empty user message.", "messages")
+        examples = [Example(e["input"], e["output"]) for e in turn.metadata.get("examples") or []] or None
+        # The client's system message is the API key holder's own instruction (OpenAI semantics); user and
+        # document text stays fenced in user turns (servelm.prompts.layered).
+        req = PromptRequest(question=convo[last]["content"], system=system or DEFAULT_SYSTEM,
+                            history=convo[:last], examples=examples)
+        turn.messages = strategy.messages(req)
+        turn.metadata["strategy"] = strategy
+
+    async def _add_canary(self, turn: ChatTurn) -> None:
+        # With a canary in the policy, the system message carries it, so a leak of the system prompt
+        # shows in the output (the system_prompt_leak scanner).
+        line = self.guard.canary_instruction(turn.key_name) if self.guard is not None else ""
+        if not line:
+            return
+        first = next((m for m in turn.messages if m["role"] == "system"), None)
+        if first is None:
+            turn.messages.insert(0, {"role": "system", "content": line})
+        else:
+            first["content"] = f"{first['content']}\n\n{line}" if first["content"] else line
+
+    # -- output -----------------------------------------------------------------------------------
+    async def _finish_answer(self, turn: ChatTurn, text: str) -> Answer:
+        reasoning = None
+        strategy = turn.metadata.get("strategy")
+        if strategy is not None:
+            out = strategy.postprocess(text, bool(turn.metadata.get("include_reasoning")))
+            text, reasoning = out.answer, out.reasoning
+        answer = await self.scan_output(text, turn.request_id, turn.key_name, _question(turn), _system(turn))
+        if reasoning is not None and answer.finish_reason is None:
+            r = await self.scan_output(reasoning, turn.request_id, turn.key_name, _question(turn), _system(turn))
+            if r.finish_reason is None:  # blocked reasoning is dropped, not shown
+                answer.extras["reasoning_content"] = r.text
+        return answer
+
+    async def scan_output(self, text: str, request_id: str, key_name: str, prompt: str | None = None,
+                          system_prompt: str = "") -> Answer:
+        """Returns ``text`` as the client may see it: redacted, or emptied with finish_reason content_filter."""
+        if self.guard is None:
+            return Answer(text)
+        d = await self.guard.acheck_output(text, request_id=request_id, prompt=prompt, system_prompt=system_prompt,
+                                           api_key=key_name)
+        if d.action == "review":
+            return held_answer(d)
+        if d.action == "block":
+            return Answer("", "content_filter", servelm={"content_filter": {"scanner": d.scanner, "reason": d.reason}})
+        return Answer(d.text)
+
+    def stream_scanner(self, request_id: str, key_name: str, prompt: str | None) -> "ChoiceStream":
+        """Returns a stream stage guarding one streamed completion choice (no strategy)."""
+        return ChoiceStream(self, ChatTurn([], None, None, key_name, request_id), prompt=prompt)
+
+
+class ChoiceStream:
+    """One streamed choice: holds a chain-of-thought answer to the end, then redacts or stops its text."""
+
+    def __init__(self, g: Guarding, turn: ChatTurn, prompt: str | None = None):
+        self.strategy = turn.metadata.get("strategy")
+        self.hold_all = isinstance(self.strategy, ChainOfThought)  # only the final answer is sent
+        self.scanner = (g.guard.output_stream(request_id=turn.request_id, api_key=turn.key_name,
+                                              prompt=prompt if prompt is not None else _question(turn))
+                        if g.guard is not None else None)
+        self.finish_reason: str | None = None
+        self.servelm: dict | None = None
+        self._raw = ""
+
+    @property
+    def passthrough(self) -> bool:
+        """True when this stage sends every delta as it comes (no guard, no held answer)."""
+        return self.scanner is None and not self.hold_all
+
+    async def feed(self, delta: str) -> str:
+        """Returns the text that may leave the server now."""
+        if self.hold_all:
+            self._raw += delta
+            return ""
+        return await self._scan(delta)
+
+    async def end(self) -> str:
+        """Returns what was held back, redacted (the final answer for chain of thought)."""
+        text = ""
+        if self.hold_all:
+            text = await self._scan(self.strategy.postprocess(self._raw).answer)
+        if self.scanner is not None and self.finish_reason is None:
+            text += await self.scanner.afinish()
+            text += self._check()
+        return text
+
+    async def _scan(self, delta: str) -> str:
+        if self.scanner is None or self.finish_reason is not None:
+            return delta if self.scanner is None else ""
+        return await self.scanner.afeed(delta) + self._check()
+
+    def _check(self) -> str:
+        if self.finish_reason is None and self.scanner.blocked:
+            d = self.scanner.decision
+            self.finish_reason = "content_filter"
+            if d is not None and d.review_id:
+                self.servelm = {"review_id": d.review_id}
+                return d.held_response or ""
+            self.servelm = {"content_filter": {"scanner": d.scanner if d else None, "reason": d.reason if d else ""}}
+        return ""
+
+
+def _question(turn: ChatTurn) -> str | None:
+    return next((m["content"] for m in reversed(turn.messages) if m["role"] == "user"), None)
+
+
+def _system(turn: ChatTurn) -> str:
+    return "\n".join(m["content"] for m in turn.messages if m["role"] == "system" and m["content"])
+
+
+def content_filtered(message: str, param: str) -> APIError:
+    """Returns the 400 a blocked request gets (OpenAI's ``content_filter`` code; the message names the scanner)."""
+    return APIError(400, message, param=param, code="content_filter")
+
+
+def held_answer(d) -> Answer:
+    """Returns the Answer for a request or response sent to human review."""
+    return Answer(d.held_response or "", "content_filter", servelm={"review_id": d.review_id, "status": "pending"})
+
+
+# -- engine calls behind the breaker --------------------------------------------------------------
+def _is_failure(exc: BaseException) -> bool:
+    """True for errors that say the engine is unwell (not the client's: bad input, limits, leaving)."""
+    if isinstance(exc, APIError):
+        return exc.code in _ENGINE_CODES
+    return not isinstance(exc, (ClientGone, InvalidRequestError, ValueError))
+
+
+async def call_engine(g: Guarding, request_id: str, fn: Callable[[], Awaitable[T]]) -> T | FallbackResult:
+    """Returns ``await fn()``, or a marked FallbackResult when the engine failed and a fallback answered.
+
+    Raises what ``fn`` raised for client errors (400, 429, ...) and when no fallback is configured.
+    """
+    if g.caller is None:
+        return await fn()
+
+    async def attempt():
+        try:
+            return await fn()
+        except APIError as e:  # the server's own timeout/overload errors degrade only where configured
+            if e.code == "request_timeout" and "timeout" in g.fallback_on:
+                raise TimeoutError(e.message) from e
+            if e.code == "server_overloaded" and "overloaded" in g.fallback_on:
+                raise OverloadedError(e.message) from e
+            raise
+
+    r = await g.caller.call("", attempt, request_id=request_id)
+    return r if r.fallback else r.text
+
+
+def fallback_headers(r: FallbackResult) -> dict[str, str]:
+    """Returns the response header that marks a fallback answer."""
+    return {"x-servelm-fallback": f"{r.kind}; reason={r.reason}"}
+
+
+def build_guarding(settings, registry) -> Guarding:
+    """Returns the guard, breaker and fallback ``settings`` ask for (metrics on ``registry``).
+
+    Raises servelm.safety.PolicyError for a bad policy file.
+    """
+    guard = None
+    if not settings.no_guard:
+        guard = Guard.from_policy(settings.policy, review_db=settings.reviews_db, registry=registry)
+    caller = None
+    if settings.fallback == "static":
+        breaker = CircuitBreaker("engine", BreakerConfig(settings.breaker_failures, settings.breaker_reset_s,
+                                                         call_timeout_s=None))  # the request timeout governs
+        caller = ResilientCaller(breaker, [StaticFallback(settings.fallback_message)],
+                                 metrics=GuardMetrics.get(registry), is_failure=_is_failure)
+        caller.metrics.breaker_state.labels("engine").set(0)
+    if settings.default_strategy is not None:
+        resolve_strategy(settings.default_strategy)  # fail at start, not on the first request
+    return Guarding(guard, caller, settings.default_strategy, frozenset(settings.fallback_on))
+

@@ -1,0 +1,145 @@
+"""Each quantized Linear multiplies like its own dequantized weight, stores what it claims,
+and rejects bad settings with a message naming the fix."""
+import pytest
+import torch
+from torch import nn
+
+from servelm.engine.quant import (Int4Linear, Int8Linear, NF4Linear, QuantConfig, on_int4_grid, parse_dtype,
+                                  quantize_model)
+
+# Tolerance: relative to the output's max magnitude. fp32 paths agree to float rounding; bf16
+# activations (what the packed CPU kernels take) carry bf16's 8-bit mantissa, ~0.4% per product sum.
+TOL = {torch.float32: 2e-2, torch.bfloat16: 2e-2}
+FORMATS = ["int8", "int4", "nf4", "nf4-dq"]
+
+
+def _make(method, n=192, k=256, g=None, bias=False):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n, bias=bias)
+    if method == "int8":
+        return lin, Int8Linear(lin)
+    if method == "int4":
+        return lin, Int4Linear(lin, g or 64)
+    return lin, NF4Linear(lin, g or 64, double_quant=method == "nf4-dq")
+
+
+@pytest.mark.parametrize("method", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_matches_dequantized_reference(method, dtype, m):
+    lin, q = _make(method, bias=True)
+    x = torch.randn(m, lin.in_features).to(dtype)
+    ref = x.float() @ q.dequantize().t() + lin.bias.detach()
+    y = q(x)
+    assert y.dtype == dtype and y.shape == (m, lin.out_features)
+    err = (y.float() - ref).abs().max() / ref.abs().max()
+    assert err < TOL[dtype], f"{method} {dtype} m={m}: rel err {err:.4f}"
+
+
+@pytest.mark.parametrize("method,max_rel", [("int8", 0.01), ("int4", 0.12), ("nf4", 0.12), ("nf4-dq", 0.12)])
+def test_dequantized_weight_is_close_to_original(method, max_rel):
+    lin, q = _make(method)
+    w = lin.weight.detach()
+    assert ((q.dequantize() - w).norm() / w.norm()) < max_rel
+
+
+def test_3d_input_keeps_shape():
+    lin, q = _make("int4")
+    x = torch.randn(2, 3, lin.in_features)
+    assert q(x).shape == (2, 3, lin.out_features)
+
+
+def test_nf4_dq_stores_fewer_bytes_than_nf4():
+    _, a = _make("nf4")
+    _, b = _make("nf4-dq")
+    assert b.weight_nbytes() < a.weight_nbytes()
+    n, k = a.out_features, a.in_features
+    assert a.weight_nbytes() < n * k * 2 * 0.3  # well under a third of bf16
+
+
+def test_int4_reproduces_a_q4_1_grid_exactly():
+    # Build a weight the way GGUF Q4_1 stores it: per block of 32, w = q*d + m with fp16 d, m.
+    torch.manual_seed(1)
+    n, k = 128, 256
+    q = torch.randint(0, 16, (n, k // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15  # llama.cpp's Q4_1 is min/max: both ends always occur
+    d = (torch.rand(n, k // 32, 1) * 0.02 + 1e-3).half().float()
+    # real blocks are roughly centred: min ≈ -max, so m ≈ -7.5 d
+    m = (-(7.5 + torch.randn(n, k // 32, 1)) * d).half().float()
+    w = (q * d + m).reshape(n, k)
+    assert on_int4_grid(w, 32) and not on_int4_grid(torch.randn(n, k), 32)
+    lin = nn.Linear(k, n, bias=False)
+    lin.weight.data = w.clone()
+    model = nn.Sequential(lin)
+    rep = quantize_model(model, "int4")
+    assert rep.group_size == 32 and "grid" in rep.group_size_reason
+    assert torch.equal(model[0]._codes().reshape(n, k // 32, 32).long(), q)  # the very same codes
+    # scale/zero are kept in bf16 (the kernels' format): off the grid by well under a step
+    step = d.reshape(n, k // 32).repeat_interleave(32, 1)
+    assert ((model[0].dequantize() - w).abs() / step).max() < 0.05
+
+
+def test_quantize_model_replaces_linears_and_reports_bytes():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"up": nn.Linear(256, 512, bias=False), "down": nn.Linear(512, 256, bias=False),
+                           "lm_head": nn.Linear(256, 1000, bias=False)})
+    rep = quantize_model(model, QuantConfig("int4", 128))
+    assert isinstance(model["up"], Int4Linear) and isinstance(model["down"], Int4Linear)
+    assert isinstance(model["lm_head"], nn.Linear)  # lm_head only when asked
+    assert len(rep.layers) == 2
+    assert rep.linear_bytes_before == (256 * 512 * 2) * 4
+    assert rep.linear_bytes_after < rep.linear_bytes_before / 6
+    assert rep.other_bytes == 256 * 1000 * 4
+    model2 = nn.ModuleDict({"lm_head": nn.Linear(256, 1000, bias=False)})
+    quantize_model(model2, QuantConfig("int8", include_lm_head=True))
+    assert isinstance(model2["lm_head"], Int8Linear)
+
+
+def test_unknown_format_lists_valid_ones():
+    with pytest.raises(ValueError, match="int8.*int4.*nf4.*nf4-dq"):
+        QuantConfig.parse("int3")
+    with pytest.raises(ValueError, match="valid: float32, bfloat16, float16"):
+        parse_dtype("float8")
+
+
+def test_group_size_that_does_not_divide_names_both_numbers():
+    model = nn.Sequential(nn.Linear(96, 64))
+    with pytest.raises(ValueError, match=r"group_size 64 does not divide in_features 96"):
+        quantize_model(model, "int4:g64")
+    assert isinstance(model[0], nn.Linear)  # untouched on error
+
+
+def test_bad_combinations():
+    with pytest.raises(ValueError, match="int8 is per output channel"):
+        QuantConfig.parse("int8:g32")
+    with pytest.raises(ValueError, match=r"int4 group_size must be one of \(32, 64, 128, 256\)"):
+        QuantConfig.parse("int4:g48")
+
+
+def test_parse_spellings():
+    assert QuantConfig.parse("INT4-g32").group_size == 32
+    assert QuantConfig.parse("nf4-dq:64").method == "nf4-dq"
+    assert QuantConfig.parse(None).method is None and QuantConfig.parse("none").method is None
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float16") is torch.float16
+
+
+def test_ladder_computed_bytes_match_measured_modules():
+    from servelm.engine.quant.report import linear_bytes
+
+    for method, g in [("int8", None), ("int4", 64), ("nf4", 64), ("nf4-dq", 64)]:
+        _, q = _make(method, g=g)
+        assert linear_bytes(method, q.out_features, q.in_features, g) == q.weight_nbytes(), method
+
+
+def test_quantize_cli_prints_the_ladder(capsys):
+    from servelm.engine.quant.cli import main
+
+    assert main(["--report", "dummy:llama-2-7b", "--include-lm-head", "--json"]) == 0
+    import json
+
+    r = json.loads(capsys.readouterr().out)["formats"]
+    assert r["fp16"]["computed_bytes"] / 1e9 == pytest.approx(13.48, abs=0.05)
+    assert r["int8"]["computed_bytes"] / 1e9 < 7.2 and r["int4"]["computed_bytes"] / 1e9 < 3.8
+    assert r["nf4-dq"]["computed_bytes"] < r["nf4"]["computed_bytes"]
+    assert main(["--report", "/no/such/model"]) == 2
+    assert "model path not found" in capsys.readouterr().err
