@@ -154,7 +154,8 @@ class Fleet:
         self.root = tempfile.mkdtemp(prefix="servelm-server-tests-")
         self.redis = Redis()
         d = lambda name: os.makedirs(os.path.join(self.root, name), exist_ok=True) or os.path.join(self.root, name)
-        # main: auth on, empty key store (the bootstrap admin key), embeddings, room for 32 streams
+        # main: auth on, empty key store (the bootstrap admin key), embeddings, room for 32 streams;
+        # no RAG (tests/test_server_rag.py runs its own server), so 'rag' there is an unsupported extension
         self.main_dir = d("main")
         # redis pair: one shared key store and one shared Redis
         self.shared_dir = d("shared")
@@ -164,9 +165,9 @@ class Fleet:
         self.small_dir = d("small")
         self.small_keys = {"user": create_key(self.small_dir, "user")}
         self.redis.wait()
-        common = ("--no-embeddings",)
+        common = ("--no-embeddings", "--no-rag")
         self.servers = {
-            "main": Server("main", self.main_dir, "--max-num-seqs", "32", "--max-queue", "16"),
+            "main": Server("main", self.main_dir, "--max-num-seqs", "32", "--max-queue", "16", "--no-rag"),
             # small: a tiny admission bound, no auth, prompts logged; no guardrails, since its tests count
             # stream chunks (an output guard batches them) and send marker prompts (tests/test_server_guard.py
             # covers the guard)

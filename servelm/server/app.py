@@ -17,7 +17,8 @@ from servelm.server.metrics import Metrics
 from servelm.server.middleware import RequestMiddleware
 from servelm.server.pipeline import RequestPipeline
 from servelm.server.rate_limit import RateLimiter
-from servelm.server.routes import admin, chat, completions, embeddings, generate, health, models, review
+from servelm.server import rag_stage
+from servelm.server.routes import admin, chat, completions, embeddings, generate, health, models, rag, review
 from servelm.server.settings import ServerSettings
 
 log = logging.getLogger("servelm.server")
@@ -40,16 +41,21 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
     ctx = ServerContext(settings=settings, engine=engine, keys=keys, limiter=RateLimiter(settings.redis_url),
                         admission=admission, metrics=metrics, pipeline=pipeline or guarding.pipeline(),
                         guarding=guarding)
+    if settings.rag:  # after the guard's stages: the input check sees the client's own messages
+        rag_stage.install(ctx.pipeline, ctx)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # The two models load at once: each spends most of its time in file reads and torch init.
-        await asyncio.gather(engine.start(), _load_embedder(ctx), _warm_guard(guarding))
+        await asyncio.gather(engine.start(), _load_embedder(ctx), _warm_guard(guarding),
+                             rag_stage.load(ctx))
         if guarding.guard is None:
             log.warning("guardrails are OFF (--no-guard): no input or output scanning, no review queue")
         else:
             log.info("guardrails on", extra={"policy": settings.policy or "default", "reviews_db": settings.reviews_db,
                                              "fallback": settings.fallback})
+        if ctx.rag is not None:
+            ctx.rag.context_window = engine.max_model_len
         if settings.no_auth:
             log.warning("authentication is OFF (--no-auth): anyone who can reach %s can use it",
                         settings.public_url)
@@ -69,14 +75,17 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
                 keys.close()
             if guarding.guard is not None and guarding.guard.review_queue is not None:
                 guarding.guard.review_queue.close()
+            if ctx.rag is not None:
+                ctx.rag.close()
 
     app = FastAPI(title="servelm", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible LLM server. Authenticate with `Authorization: Bearer <key>`.")
     app.state.servelm = ctx
     install_handlers(app)
-    for module in (chat, completions, embeddings, models, generate, health, admin, review):
+    for module in (chat, completions, embeddings, models, generate, health, admin, review, rag):
         app.include_router(module.router)
-    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, get_metrics=lambda: ctx.metrics)
+    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, get_metrics=lambda: ctx.metrics,
+                       upload_max_bytes=settings.rag_max_file_bytes * 4)
     return app
 
 

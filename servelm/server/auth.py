@@ -26,10 +26,11 @@ class Principal:
         return scope in self.scopes or "admin" in self.scopes
 
 
-def require(scope: str):
+def require(scope: str, *alternatives: str):
     """Returns a dependency resolving the caller's :class:`Principal`.
 
-    The dependency raises APIError 401 for a missing/unknown/revoked key and 403 without ``scope``.
+    The dependency raises APIError 401 for a missing/unknown/revoked key and 403 without ``scope``
+    (or any of ``alternatives``).
     """
 
     async def dependency(request: Request,
@@ -50,8 +51,9 @@ def require(scope: str):
                            headers={"WWW-Authenticate": "Bearer"})
         info["key_name"] = record.name
         p = Principal(record.name, record.scopes, record.rpm, record.tpm)
-        if not p.allows(scope):
-            raise APIError(403, f"The key '{record.name}' lacks the '{scope}' scope.", code="insufficient_scope")
+        if not any(p.allows(s) for s in (scope, *alternatives)):
+            need = " or ".join(f"'{s}'" for s in (scope, *alternatives))
+            raise APIError(403, f"The key '{record.name}' lacks the {need} scope.", code="insufficient_scope")
         return p
 
     return dependency

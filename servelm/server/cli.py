@@ -37,6 +37,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=_S, help="Larger request bodies get 413.")
     p.add_argument("--no-embeddings", dest="embedding_model", action="store_const", const=None, default=_S,
                    help="Do not load the embedding model.")
+    p.add_argument("--no-rag", dest="rag", action="store_false", default=_S, help="Do not serve the RAG routes.")
+    p.add_argument("--rag-data-dir", default=_S, help="Where RAG collections live (default DATA_DIR/rag).")
+    p.add_argument("--pg-url", default=_S, help="postgresql://... (with pgvector) to keep collections in PostgreSQL.")
+    p.add_argument("--rag-max-file-bytes", type=int, default=_S, help="Larger uploaded documents get 413.")
     p.add_argument("--policy", default=_S, help="Guard policy YAML (default: the shipped policy, docs/safety.md).")
     p.add_argument("--no-guard", action="store_true", default=_S,
                    help="Serve without guardrails (no input/output scanning, no review queue).")
@@ -58,7 +62,7 @@ def register(subparsers) -> None:
     ks = k.add_subparsers(dest="keys_command", required=True)
     c = ks.add_parser("create", help="Create a key and print it once.", parents=[where])
     c.add_argument("--name", required=True)
-    c.add_argument("--scopes", default="chat,embeddings,models", help="Comma list of chat,embeddings,models,admin.")
+    c.add_argument("--scopes", default="chat,embeddings,models", help="Comma list of chat,embeddings,models,rag,admin.")
     c.add_argument("--rpm", type=int, default=0, help="Requests per minute (0 = unlimited).")
     c.add_argument("--tpm", type=int, default=0, help="Tokens per minute, prompt + completion (0 = unlimited).")
     c.add_argument("--json", action="store_true", help="Print the record and key as JSON.")
@@ -87,6 +91,7 @@ def _settings(args: argparse.Namespace, fields: tuple[str, ...]):
 _SERVE_FIELDS = ("model", "served_model_name", "host", "port", "no_auth", "redis_url", "data_dir", "log_prompts",
                  "log_level", "max_num_seqs", "max_queue", "max_model_len", "kv_cache_memory_bytes", "dtype",
                  "quantization", "request_timeout_s", "shutdown_timeout_s", "max_body_bytes", "embedding_model",
+                 "rag", "rag_data_dir", "pg_url", "rag_max_file_bytes",
                  "policy", "no_guard", "default_strategy", "fallback", "fallback_message", "enable_fault_injection")
 
 

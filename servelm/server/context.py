@@ -28,6 +28,7 @@ class ServerContext:
     pipeline: RequestPipeline
     guarding: Any = None  # servelm.server.guarding.Guarding: guard, engine fallback, default strategy
     embedder: Any = None  # servelm.server.embedder.Embedder, when an embedding model is configured
+    rag: Any = None  # servelm.rag.RagService, when RAG is on
     ready: bool = False
 
     @property

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 
 KEY_PREFIX = "sk-servelm-"
-# "admin" implies every other scope.
-SCOPES = ("chat", "embeddings", "models", "admin")
+# "admin" implies every other scope; "rag" allows changing RAG collections (reading them needs chat or rag).
+SCOPES = ("chat", "embeddings", "models", "rag", "admin")
 DEFAULT_SCOPES = ("chat", "embeddings", "models")
 
 _SCHEMA = """

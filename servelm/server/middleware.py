@@ -15,14 +15,16 @@ from servelm.server.errors import APIError
 
 access_log = logging.getLogger("servelm.access")
 _RID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+_UPLOAD = re.compile(r"^/v1/collections/[^/]+/documents/?$")  # document uploads may exceed max_body_bytes
 
 
 class RequestMiddleware:
     """Wraps every HTTP request; see module docstring."""
 
-    def __init__(self, app, max_body_bytes: int, get_metrics):
+    def __init__(self, app, max_body_bytes: int, get_metrics, upload_max_bytes: int | None = None):
         self.app = app
         self.max_body = max_body_bytes
+        self.upload_max = upload_max_bytes
         self.get_metrics = get_metrics
 
     async def __call__(self, scope, receive, send):
@@ -47,9 +49,10 @@ class RequestMiddleware:
             length = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
             length = 0
+        limit = self.upload_max if self.upload_max and _UPLOAD.match(scope["path"]) else self.max_body
         try:
-            if length > self.max_body:
-                await _too_large(self.max_body, length).response()(scope, receive, send_wrapper)
+            if length > limit:
+                await _too_large(limit, length).response()(scope, receive, send_wrapper)
                 return
             seen = 0
 
@@ -58,8 +61,8 @@ class RequestMiddleware:
                 message = await receive()
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
-                    if seen > self.max_body:  # chunked bodies carry no Content-Length
-                        raise BodyTooLarge(413, f"Request body too large; the limit is {self.max_body} bytes.")
+                    if seen > limit:  # chunked bodies carry no Content-Length
+                        raise BodyTooLarge(413, f"Request body too large; the limit is {limit} bytes.")
                 return message
 
             await self.app(scope, receive_wrapper, send_wrapper)

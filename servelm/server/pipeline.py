@@ -14,7 +14,12 @@ from servelm.server.schemas import RagOptions
 
 @dataclass(slots=True)
 class ChatTurn:
-    """One chat request as the stages see it. Stages may replace ``messages`` and fill ``metadata``."""
+    """One chat request as the stages see it. Stages may replace ``messages`` and fill ``metadata``.
+
+    Keys the chat route reads: ``metadata["reply"]`` (set by a pre-stage: the answer of every choice,
+    no generation) and ``metadata["sources"]`` (a list returned as the response's top-level ``sources``,
+    in streams as a last chunk with ``choices: []``).
+    """
 
     messages: list[dict]            # [{"role": ..., "content": ...}] in OpenAI roles
     strategy: str | None            # the request's prompt strategy name, if any

@@ -75,6 +75,8 @@ class RagOptions(_Request):
 
     collection: str = Field(..., min_length=1)
     k: int = Field(4, ge=1, le=50)
+    filters: dict[str, str | int | float | list[str | int | float]] | None = Field(
+        None, description="Metadata filters, e.g. {\"source\": \"guide.pdf\"}.")
 
 
 class FewShotExample(_Request):
@@ -131,6 +133,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    sources: list[dict] | None = Field(None, description="With 'rag': the cited chunks (servelm extension).")
     servelm: dict | None = None  # servelm annotations: review_id, fallback, content_filter
 
 
@@ -154,6 +157,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    sources: list[dict] | None = None  # with 'rag': sent once, in a chunk with no choices after the answer
     servelm: dict | None = None  # servelm annotations: review_id, fallback, content_filter
 
 

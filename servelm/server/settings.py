@@ -57,6 +57,12 @@ class ServerSettings(BaseSettings):
     default_rpm: int = Field(0, ge=0, description="Requests/minute for unauthenticated use (--no-auth); 0 = none.")
     default_tpm: int = Field(0, ge=0, description="Tokens/minute for unauthenticated use (--no-auth); 0 = none.")
 
+    # RAG (servelm.rag): collections, uploads, /v1/rag/query and the chat 'rag' field
+    rag: bool = Field(True, description="Serve the RAG routes (loads the embedding model a second time).")
+    rag_data_dir: str | None = Field(None, description="Where collections live; default <data_dir>/rag.")
+    pg_url: str | None = Field(None, description="postgresql://... with pgvector: collections shared by replicas.")
+    rag_max_file_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Larger uploaded files get 413.")
+
     # Guardrails, prompt strategies, degradation (docs/safety.md)
     no_guard: bool = Field(False, description="Serve without input/output scanning (announced at start).")
     policy: str | None = Field(None, description="Guard policy YAML; None = the shipped default policy.")
@@ -79,6 +85,11 @@ class ServerSettings(BaseSettings):
     def keys_db(self) -> str:
         """Returns the path of the SQLite key store."""
         return os.path.join(self.data_dir, "keys.sqlite3")
+
+    @property
+    def rag_dir(self) -> str:
+        """Returns the RAG data directory (FAISS indexes, metadata, embedding cache)."""
+        return self.rag_data_dir or os.path.join(self.data_dir, "rag")
 
     @property
     def reviews_db(self) -> str:

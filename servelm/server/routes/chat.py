@@ -45,6 +45,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     turn.metadata.update(include_reasoning=body.include_reasoning,
                          examples=[e.model_dump() for e in body.examples or []])
     await ctx.pipeline.before(turn)
+    if "reply" in turn.metadata:  # a pre-stage answered itself (e.g. RAG found nothing relevant)
+        return _reply(ctx, turn, body)
     if ctx.settings.log_prompts:
         info["prompt"] = turn.messages
     rid = "chatcmpl-" + uuid.uuid4().hex
@@ -96,7 +98,34 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         response.headers["x-servelm-review-id"] = note["review_id"]
     return ChatCompletion(id=rid, model=ctx.model_name, choices=choices, servelm=note,
                           usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                                      total_tokens=gen.prompt_tokens + gen.completion_tokens))
+                                      total_tokens=gen.prompt_tokens + gen.completion_tokens),
+                          sources=turn.metadata.get("sources"))
+
+
+def _reply(ctx: ServerContext, turn: ChatTurn, body: ChatCompletionRequest):
+    """Returns the pre-stage's ``metadata["reply"]`` as the answer of every choice, without generating."""
+    rid = "chatcmpl-" + uuid.uuid4().hex
+    text, sources = turn.metadata["reply"], turn.metadata.get("sources")
+    if not body.stream:
+        return ChatCompletion(id=rid, model=ctx.model_name, sources=sources,
+                              choices=[ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason="stop")
+                                       for i in range(body.n)],
+                              usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0))
+
+    async def events():
+        def chunk(choices, **extra) -> bytes:
+            return sse.event(ChatCompletionChunk(id=rid, created=int(time.time()), model=ctx.model_name,
+                                                 choices=choices, **extra))
+        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(body.n)])
+        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text), finish_reason="stop")
+                     for i in range(body.n)])
+        if sources is not None:
+            yield chunk([], sources=sources)
+        if body.stream_options and body.stream_options.include_usage:
+            yield chunk([], usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0))
+        yield sse.DONE
+
+    return sse.EventStream(content=events())
 
 
 def _answer_without_engine(ctx: ServerContext, rid: str, body: ChatCompletionRequest, text: str, reason: str,
@@ -183,6 +212,9 @@ async def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: Cha
                     yield chunk(choices)
                 if len(done) == body.n:
                     break  # every choice ended (possibly filtered early): closing the stream aborts the rest
+        if turn.metadata.get("sources") is not None:  # with 'rag': the cited chunks, once, after the answer
+            yield sse.event(ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
+                                                sources=turn.metadata["sources"]))
         if include_usage:
             yield chunk([], Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
                                   total_tokens=gen.prompt_tokens + gen.completion_tokens))

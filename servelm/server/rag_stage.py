@@ -1,0 +1,153 @@
+"""RAG inside the server: the ``RagService`` the routes use, the engine-backed ``generate`` it answers
+with, and the chat pipeline stages that handle the ``rag`` field of ``/v1/chat/completions``.
+
+The chat stages: the pre-stage retrieves and rewrites the conversation into the layered prompt (the
+retrieved chunks go fenced into the last user turn, never into the system message); the post- and
+stream stages read each finished answer and keep ``turn.metadata["sources"]`` (the cited chunks) for the
+chat route to return. When no chunk passes the relevance threshold, the pre-stage answers itself with
+``turn.metadata["reply"]`` ("the documents do not contain ...") instead of letting the model guess.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import aclosing
+
+from fastapi import Request
+
+from servelm.engine import SamplingParams
+from servelm.server.auth import Principal
+from servelm.server.errors import APIError
+from servelm.server.pipeline import ChatTurn, RequestPipeline
+from servelm.server.serving import start
+from servelm.server.settings import ServerSettings
+
+log = logging.getLogger("servelm.server")
+
+
+def build_service(settings: ServerSettings, engine):
+    """Returns a ``servelm.rag.RagService`` for ``settings`` (loads the embedding model; blocking).
+
+    Raises ValueError/FileNotFoundError/RuntimeError for bad RAG settings (e.g. an unreachable --pg-url).
+    """
+    from servelm.rag.config import RagConfig
+    from servelm.rag.service import RagService
+
+    # embed_threads stays 0: RagConfig applies it with torch.set_num_threads, which is process-wide
+    # and would lower the engine's threads in this process.
+    cfg = RagConfig(data_dir=settings.rag_dir, max_file_bytes=settings.rag_max_file_bytes,
+                    store="pgvector" if settings.pg_url else "faiss", pg_dsn=settings.pg_url or "",
+                    embed_threads=0)
+
+    def count_tokens(messages: list[dict]) -> int:
+        # Counted in the answering model's tokens, with its chat template (the engine is started by then).
+        tok = engine.tokenizer
+        return len(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False))
+
+    return RagService(cfg, count_tokens=count_tokens)
+
+
+def rag_error(exc: BaseException, param: str | None = None) -> APIError:
+    """Returns the APIError for an exception from RagService (404 unknown collection, 409 taken, 400 bad input)."""
+    from servelm.rag.service import http_status
+
+    status = http_status(exc)
+    if status == 500:
+        raise exc
+    code = {404: "collection_not_found", 409: "collection_exists"}.get(status, "invalid_value")
+    message = str(exc.args[0]) if exc.args else str(exc)
+    return APIError(status, message, param=param, code=code)
+
+
+def engine_generate(ctx, request: Request, principal: Principal, max_tokens: int | None,
+                    temperature: float | None, param: str = "query"):
+    """Returns ``generate(messages) -> AsyncIterator[str]`` answering through the server's admission,
+    rate limits and metrics (as a chat request of ``principal``)."""
+
+    async def generate(messages: list[dict]):
+        tok = ctx.engine.tokenizer
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+        limit = max_tokens or ctx.rag.cfg.answer_reserve_tokens
+        params = SamplingParams(max_tokens=limit, temperature=0.0 if temperature is None else temperature)
+        gen = await start(ctx, request, principal, ids, params, prompt_param=param)
+        async with aclosing(gen.outputs()) as outputs:
+            async for out in outputs:
+                yield out.outputs[0].delta_text
+
+    return generate
+
+
+class _SourceRecorder:
+    """A stream stage that passes text through and records the finished answer's citations."""
+
+    passthrough = True  # the text is not changed, so the chat route may keep sending token logprobs
+
+    def __init__(self, turn: ChatTurn):
+        self.turn = turn
+        self.parts: list[str] = []
+
+    async def feed(self, delta: str) -> str:
+        self.parts.append(delta)
+        return delta
+
+    async def end(self) -> str:
+        _record(self.turn, "".join(self.parts))
+        return ""
+
+
+def _record(turn: ChatTurn, answer: str) -> None:
+    # Sources of every choice, first-cited first, each chunk once.
+    from servelm.rag.answer import cited_sources
+
+    hits = turn.metadata.get("rag_hits")
+    if hits is None:
+        return
+    sources = turn.metadata.setdefault("sources", [])
+    seen = {s["chunk_id"] for s in sources}
+    sources.extend(s for s in cited_sources(answer, hits) if s["chunk_id"] not in seen)
+
+
+def install(pipeline: RequestPipeline, ctx) -> None:
+    """Adds the RAG stages to ``pipeline`` (after any stages already there) and marks ``rag`` handled."""
+
+    async def pre(turn: ChatTurn) -> None:
+        if turn.rag is None:
+            return
+        from servelm.rag.answer import NO_ANSWER
+        from servelm.rag.schemas import RagOptions
+
+        opts = RagOptions(collection=turn.rag.collection, k=turn.rag.k, filters=turn.rag.filters)
+        try:
+            messages, hits = await ctx.rag.augment(turn.messages, opts)
+        except (LookupError, ValueError) as e:
+            raise rag_error(e, "rag.collection" if isinstance(e, LookupError) else "rag") from None
+        turn.metadata["sources"] = []
+        if not hits:
+            turn.metadata["reply"] = NO_ANSWER
+            return
+        # The client's system message is the deployment's own instruction: keep it, ahead of the RAG rules.
+        own = "\n\n".join(m["content"] for m in turn.messages if m["role"] == "system" and m["content"])
+        if own and messages and messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": f"{own}\n\n{messages[0]['content']}"}
+        turn.messages = messages
+        turn.metadata["rag_hits"] = hits
+
+    async def post(turn: ChatTurn, text: str) -> str:
+        _record(turn, text)
+        return text
+
+    def stream(turn: ChatTurn):
+        return _SourceRecorder(turn)
+
+    pipeline.pre.append(pre)
+    pipeline.post.append(post)
+    pipeline.stream.append(stream)
+    pipeline.features = pipeline.features | {"rag"}
+
+
+async def load(ctx) -> None:
+    """Builds ``ctx.rag`` in a thread when RAG is on (so it loads alongside the engine)."""
+    if ctx.settings.rag:
+        ctx.rag = await asyncio.to_thread(build_service, ctx.settings, ctx.engine)
+        log.info("rag ready", extra={"rag_dir": ctx.settings.rag_dir,
+                                     "rag_store": "pgvector" if ctx.settings.pg_url else "faiss"})

@@ -1,0 +1,189 @@
+"""RAG routes: collections, document upload, and grounded answers with cited sources.
+
+Scopes: changing a collection (create, delete, upload, delete a document) needs ``rag``; reading one
+(list, get, documents, chunks) and asking it (``/v1/rag/query``) needs ``chat`` or ``rag``. ``admin``
+holds both.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from servelm.rag.schemas import CollectionCreate, RagQueryRequest
+from servelm.server import sse
+from servelm.server.auth import Principal, require
+from servelm.server.context import get_context
+from servelm.server.errors import APIError, invalid
+from servelm.server.rag_stage import engine_generate, rag_error
+from servelm.server.serving import until_disconnect
+
+router = APIRouter(tags=["rag"])
+log = logging.getLogger("servelm.server")
+
+WRITE = require("rag")
+READ = require("chat", "rag")
+
+
+def _svc(request: Request):
+    ctx = get_context(request)
+    if ctx.rag is None:
+        raise APIError(404, "RAG is turned off on this server (started with --no-rag).", code="rag_disabled")
+    return ctx.rag
+
+
+async def _call(awaitable, param: str | None = None):
+    try:
+        return await awaitable
+    except (LookupError, ValueError) as e:
+        raise rag_error(e, param) from None
+
+
+@router.post("/v1/collections", summary="Create a collection", status_code=201)
+async def create_collection(body: CollectionCreate, request: Request, principal: Principal = Depends(WRITE)):
+    """Returns the new collection (201); 409 when the name is taken."""
+    return (await _call(_svc(request).create_collection(body), "name")).model_dump()
+
+
+@router.get("/v1/collections", summary="List collections")
+async def list_collections(request: Request, principal: Principal = Depends(READ)):
+    """Returns ``{"object": "list", "data": [collection, ...]}``."""
+    return (await _call(_svc(request).list_collections())).model_dump()
+
+
+@router.get("/v1/collections/{name}", summary="Get a collection (documents and chunk counts)")
+async def get_collection(name: str, request: Request, principal: Principal = Depends(READ)):
+    """Returns the collection; 404 when unknown."""
+    return (await _call(_svc(request).get_collection(name), "name")).model_dump()
+
+
+@router.delete("/v1/collections/{name}", summary="Delete a collection and all its documents")
+async def delete_collection(name: str, request: Request, principal: Principal = Depends(WRITE)):
+    """Returns ``{"name", "object": "collection", "deleted": true}``; 404 when unknown."""
+    return (await _call(_svc(request).delete_collection(name), "name")).model_dump()
+
+
+@router.get("/v1/collections/{name}/documents", summary="List a collection's documents")
+async def list_documents(name: str, request: Request, principal: Principal = Depends(READ)):
+    """Returns ``{"object": "list", "data": [{doc_id, source, content_hash, num_chunks}, ...]}``."""
+    return {"object": "list", "data": await _call(_svc(request).list_documents(name), "name")}
+
+
+@router.delete("/v1/collections/{name}/documents/{doc_id}", summary="Delete one document and its vectors")
+async def delete_document(name: str, doc_id: str, request: Request, principal: Principal = Depends(WRITE)):
+    """Returns ``{"doc_id", "deleted": true}``; 404 for an unknown collection or document."""
+    await _call(_svc(request).delete_document(name, doc_id), "doc_id")
+    return {"object": "document", "doc_id": doc_id, "deleted": True}
+
+
+@router.get("/v1/collections/{name}/chunks/{chunk_id}", summary="Get a chunk (to show a cited passage)")
+async def get_chunk(name: str, chunk_id: int, request: Request, principal: Principal = Depends(READ)):
+    """Returns ``{chunk_id, doc_id, source, page, start, end, text}``; 404 when unknown."""
+    import asyncio
+
+    svc = _svc(request)
+    await _call(svc.get_collection(name), "name")
+    chunks = await asyncio.to_thread(svc.store.get_chunks, name, [chunk_id])
+    if not chunks:
+        raise APIError(404, f"Collection {name!r} has no chunk {chunk_id}.", param="chunk_id", code="chunk_not_found")
+    c = chunks[0]
+    return {"object": "chunk", "chunk_id": c.id, "doc_id": c.doc_id, "source": c.source, "page": c.page,
+            "start": c.start, "end": c.end, "text": c.text}
+
+
+@router.post("/v1/collections/{name}/documents", summary="Upload documents (multipart, field 'file', repeatable)")
+async def upload_documents(name: str, request: Request, principal: Principal = Depends(WRITE)):
+    """Ingests every uploaded file; a bad file gets its own error while the others are ingested.
+
+    Returns 200 with ``{"object": "list", "data": [result, ...], "ingested", "failed"}`` when all went in,
+    207 when some failed (each failed result carries ``error: {message, code, status}``), and when all
+    failed that file's status (400 bad file, 413 over the size limit, 415 unsupported type) with an
+    OpenAI error body plus ``data``. 404 for an unknown collection.
+    """
+    from servelm.server.uploads import check_upload
+
+    svc = _svc(request)
+    await _call(svc.get_collection(name), "name")
+    if "multipart/form-data" not in request.headers.get("content-type", ""):
+        raise APIError(400, "Upload files as multipart/form-data with one or more 'file' fields "
+                            "(curl -F file=@report.pdf).", param="file", code="invalid_content_type")
+    form = await request.form()
+    try:
+        files = [f for _, f in form.multi_items() if isinstance(f, UploadFile)]
+        if not files:
+            raise invalid("No file in the upload; send one or more 'file' fields (curl -F file=@report.pdf).",
+                          "file", "missing_file")
+        results = []
+        for f in files:
+            data = await f.read()
+            filename = f.filename or ""
+            error = check_upload(filename, data, svc.cfg.max_file_bytes)
+            if error is None:
+                try:
+                    r = await svc.add_document(name, filename, data)
+                    results.append(r.model_dump(exclude_none=True))
+                    continue
+                except (LookupError, ValueError) as e:
+                    error = _file_error(e)
+            results.append({"source": filename, "status": "error", "chunks": 0, "error": error})
+    finally:
+        await form.close()
+    failed = [r for r in results if r["status"] == "error"]
+    body = {"object": "list", "data": results, "ingested": len(results) - len(failed), "failed": len(failed)}
+    if not failed:
+        return body
+    if len(failed) < len(results):
+        return JSONResponse(body, status_code=207)
+    statuses = {r["error"]["status"] for r in failed}
+    status = statuses.pop() if len(statuses) == 1 else 400
+    first = failed[0]["error"]
+    more = f" (and {len(failed) - 1} more failed files; see data)" if len(failed) > 1 else ""
+    err = APIError(status, first["message"] + more, param="file", code=first["code"])
+    return JSONResponse(err.body() | {"data": results}, status_code=status)
+
+
+def _file_error(exc: BaseException) -> dict:
+    from servelm.server.uploads import classify
+
+    if isinstance(exc, LookupError):
+        raise rag_error(exc, "name")
+    message = str(exc.args[0]) if exc.args else str(exc)
+    status, code = classify(message)
+    return {"message": message, "code": code, "status": status}
+
+
+@router.post("/v1/rag/query", summary="Answer a question from a collection, with cited sources")
+async def rag_query(req: RagQueryRequest, request: Request, principal: Principal = Depends(READ)):
+    """Returns ``{"answer", "sources": [{source, page, start, end, snippet, score, ...}], "found"}``, or with
+    ``stream: true`` SSE events ``{"delta"}`` then the final response, then ``data: [DONE]``."""
+    ctx = get_context(request)
+    svc = _svc(request)
+    generate = engine_generate(ctx, request, principal, req.max_tokens, req.temperature)
+    if not req.stream:
+        answer = await until_disconnect(request, _call(svc.query(req, generate), "collection"))
+        return answer.model_dump()
+    events = svc.query_stream(req, generate)
+    # The first event comes after retrieval and admission: errors there still get their HTTP status.
+    first = await _call(anext(events), "collection")
+    return sse.EventStream(content=_stream(first, events, request))
+
+
+async def _stream(first, events, request: Request):
+    rid = request.scope.get("servelm", {}).get("request_id")
+    try:
+        yield sse.event(first.model_dump(mode="json"))
+        async for ev in events:
+            yield sse.event(ev.model_dump(mode="json"))
+    except APIError as e:
+        yield sse.error_event(e.body())
+    except (LookupError, ValueError) as e:
+        yield sse.error_event(rag_error(e).body())
+    except Exception:
+        log.exception("rag stream failed", extra={"request_id": rid})
+        yield sse.error_event(APIError(503, "Generation failed inside the engine; retry.", code="engine_error").body())
+    finally:
+        await events.aclose()
+    yield sse.DONE
+
