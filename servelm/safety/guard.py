@@ -202,7 +202,11 @@ class Guard:
 
     def check_messages(self, messages: list[dict], request_id: str | None = None, documents: list[str] | None = None,
                        policy_overrides: dict | None = None, api_key: str | None = None) -> Decision:
-        """Scan a chat request: every non-assistant message and retrieved ``documents``.
+        """Scan a chat request: user and tool turns, and retrieved ``documents``.
+
+        System and developer messages are the authenticated caller's own instructions
+        ("You are a helpful assistant." is in nearly every client): they are not scanned
+        as injections; attacks arrive through user turns, tool results and documents.
 
         Returns the first blocking/review decision, else an allow/redact decision whose
         ``text`` is unused (redacted content is not reassembled into messages here:
@@ -210,7 +214,7 @@ class Guard:
         """
         parts = []
         for m in messages or []:
-            if isinstance(m, dict) and m.get("role") != "assistant":
+            if isinstance(m, dict) and m.get("role") not in ("assistant", "system", "developer"):
                 c = m.get("content")
                 if isinstance(c, list):  # OpenAI content parts: scan the text parts
                     c = "\n".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
