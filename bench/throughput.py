@@ -14,6 +14,7 @@ shared prefix: a request whose prefix is new (miss) vs one after it with the sam
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -80,7 +81,7 @@ def run_hf(m, reqs, device) -> dict:
     return {"requests": len(reqs), "output_tokens": useful, "seconds": dt, "tok_s": useful / dt}
 
 
-def prefix_ttft(engine: LLMEngine, vocab: int, prefix_len: int = 2000, trials: int = 3) -> dict:
+def prefix_ttft(engine: LLMEngine, vocab: int, prefix_len: int = 2000, trials: int = 3, profile: bool = False) -> dict:
     """Median TTFT of a request with a new 2,000-token prefix (miss) and of one reusing it (hit)."""
     g = torch.Generator().manual_seed(1)
 
@@ -99,6 +100,15 @@ def prefix_ttft(engine: LLMEngine, vocab: int, prefix_len: int = 2000, trials: i
         miss.append(m)
         hit.append(h)
     miss, hit = miss[1:], hit[1:]  # the first pair warms up
+    if profile:  # where a hit's and a miss's time goes (tables on stderr)
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with torch_profile(activities=acts) as prof:
+            prefix = torch.randint(100, vocab, (prefix_len,), generator=g).tolist()
+            ttft(prefix + [101] * 16)
+            ttft(prefix + [102] * 16)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
     return {"prefix_tokens": prefix_len, "miss_ms": statistics.median(miss), "hit_ms": statistics.median(hit),
             "speedup": statistics.median(miss) / statistics.median(hit)}
 
@@ -112,6 +122,8 @@ def main() -> None:
     ap.add_argument("--hf-requests", type=int, default=None, help="requests in transformers' padded batch")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile-ttft", action="store_true", help="print a profile of the prefix-cache TTFT runs")
+    ap.add_argument("--ttft-model", default=None, help="model for the prefix-cache TTFT (CUDA default: "
+                    "dummy:llama-3-8b, where a 2,000-token prefill is real work; CPU: the throughput model)")
     ap.add_argument("--sweep", action="store_true", help="also run max_num_seqs 8/32/128 (throughput vs batch)")
     ap.add_argument("--plot", default=None, help="PNG path for throughput vs batch size (needs --sweep, matplotlib)")
     args = ap.parse_args()
@@ -131,21 +143,15 @@ def main() -> None:
            "kv_blocks": engine.kv.num_blocks, "block_size": engine.kv.block_size}
     run_engine(engine, workload(min(n, 16), 32, 64, 8, 16, vocab, seed=9))  # warm-up
     res["servelm"] = run_engine(engine, reqs)
-    res["prefix_cache_ttft"] = prefix_ttft(engine, vocab)
-    if args.profile_ttft:  # where a prefix-cache hit's time goes (table on stderr)
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=acts) as prof:
-            prefix_ttft(engine, vocab, trials=1)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
-        if cuda:
-            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10), file=sys.stderr)
+    ttft_model = args.ttft_model or ("dummy:llama-3-8b" if cuda else model)
+    if ttft_model == model:
+        res["prefix_cache_ttft"] = {"model": engine.model_name, **prefix_ttft(engine, vocab, profile=args.profile_ttft)}
     if args.sweep:
         sweep = {}
-        for bs in (8, 32, 128, args.max_num_seqs):
+        for bs in (8, 32, 128):
             engine.scheduler.config.max_num_seqs = bs  # the captured ladder already covers every smaller size
-            sweep[bs] = run_engine(engine, workload(max(2 * bs, 64), *lens, vocab, seed=100 + bs))["tok_s"]
+            sweep[bs] = run_engine(engine, workload(min(2 * bs, n), *lens, vocab, seed=100 + bs))["tok_s"]
+        sweep[args.max_num_seqs] = res["servelm"]["tok_s"]
         engine.scheduler.config.max_num_seqs = args.max_num_seqs
         res["throughput_vs_batch"] = sweep
         if args.plot:
@@ -180,6 +186,16 @@ def main() -> None:
         r = run_hf(m, reqs[:k], device)
         res["transformers"] = {"version": transformers.__version__, **r}
         res["speedup_vs_transformers"] = res["servelm"]["tok_s"] / r["tok_s"]
+        del m
+    if ttft_model != model:
+        engine = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        engine = LLMEngine(EngineConfig(model=ttft_model, max_num_seqs=8, max_model_len=4096))
+        res["prefix_cache_ttft"] = {"model": engine.model_name,
+                                    **prefix_ttft(engine, min(engine.model_config.vocab_size, 32000),
+                                                  profile=args.profile_ttft)}
     print(json.dumps(res, indent=1))
 
 

@@ -13,7 +13,7 @@ import logging
 import torch
 
 from servelm.engine.attention import BatchLayout
-from servelm.engine.attention.triton_backend import TritonAttentionBackend, num_sms
+from servelm.engine.attention.triton_backend import TritonAttentionBackend
 from servelm.engine.attention.triton_kernels import pick_num_splits
 from servelm.engine.sequence import Sequence
 
@@ -38,7 +38,6 @@ class CUDAGraphRunner:
         self.max_bs = self.sizes[-1]
         self.max_blocks = -(-max_model_len // runner.block_size)
         dev = runner.device
-        cfg = runner.model.config
         # Rows of the staging tensor: token id, position, slot, context length.
         self.staging = torch.zeros(4, self.max_bs, dtype=torch.int64).pin_memory()
         self.meta = torch.zeros(4, self.max_bs, dtype=torch.int64, device=dev)
@@ -47,7 +46,7 @@ class CUDAGraphRunner:
         self.tables = torch.zeros(self.max_bs, self.max_blocks, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        self.splits = {bs: pick_num_splits(bs, cfg.num_kv_heads, max_model_len, num_sms(dev)) for bs in self.sizes}
+        self.num_splits = pick_num_splits(max_model_len)
         self._capture_all()
 
     def _forward(self, bs: int) -> torch.Tensor:
@@ -55,7 +54,7 @@ class CUDAGraphRunner:
                           block_tables=self.tables[:bs], num_prefills=0, num_prefill_tokens=0,
                           context_lens_tensor=self.meta[3, :bs].to(torch.int32))
         r = self.runner
-        ctx = r.backend.make_context(lay, r.kv_caches, r.scale, num_splits=self.splits[bs])
+        ctx = r.backend.make_context(lay, r.kv_caches, r.scale, num_splits=self.num_splits)
         hidden = r.model(self.meta[0, :bs], self.meta[1, :bs], ctx)
         return r.model.compute_logits(hidden)
 

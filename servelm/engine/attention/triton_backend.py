@@ -32,18 +32,8 @@ class TritonAttentionBackend(AttentionBackend):
                 for _ in range(num_layers)]
 
     def make_context(self, layout: BatchLayout, kv_caches, scale, num_splits: int | None = None):
-        """Context for one step. ``num_splits`` fixes the decode split count (CUDA graphs); default: by batch."""
+        """Context for one step. ``num_splits`` fixes the decode grid (CUDA graphs); default: by the longest context."""
         return TritonAttentionContext(layout, kv_caches, scale, num_splits)
-
-
-_NUM_SMS: dict[int, int] = {}
-
-
-def num_sms(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _NUM_SMS:
-        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _NUM_SMS[idx]
 
 
 class TritonAttentionContext(AttentionContext):
@@ -56,7 +46,6 @@ class TritonAttentionContext(AttentionContext):
         dev = lay.block_tables.device
         self.num_prefills = lay.num_prefills
         self.num_decodes = lay.num_seqs - lay.num_prefills
-        kv_heads = kv_caches[0].shape[3]
         if self.num_prefills:
             q_lens = lay.query_lens[:lay.num_prefills]
             starts = [0]
@@ -71,8 +60,7 @@ class TritonAttentionContext(AttentionContext):
             self.decode_tables = lay.block_tables[lay.num_prefills:]
             self.decode_ctx = lay.context_lens_tensor[lay.num_prefills:]
             if num_splits is None:
-                num_splits = pick_num_splits(self.num_decodes, kv_heads, max(lay.context_lens[lay.num_prefills:]),
-                                             num_sms(dev))
+                num_splits = pick_num_splits(max(lay.context_lens[lay.num_prefills:]))
             self.num_splits = num_splits
 
     def attention(self, layer, q, k, v):

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+SPLIT_TOKENS = 256  # context tokens per flash-decoding split
 
 
 @triton.jit
@@ -112,14 +113,15 @@ def prefill_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor,
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_len_ptr, part_o_ptr, part_lse_ptr,
                          stride_qt, stride_qh, stride_table, scale_log2,
                          H: tl.constexpr, KVH: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-                         D: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+                         D: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PART: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(ctx_len_ptr + b)
-    # Each split takes a whole number of BLOCK_N tiles; the split count is fixed (CUDA graphs) but
-    # the split length follows the sequence, so short contexts cost short splits.
-    split_len = tl.cdiv(tl.cdiv(ctx_len, SPLITS), BLOCK_N) * BLOCK_N
+    # Splits are PART tokens long (longer only past PART * SPLITS tokens), so a sequence's partition,
+    # and with it the rounding, does not depend on the grid size: eager and CUDA-graph steps agree.
+    split_len = tl.maximum(PART, tl.cdiv(tl.cdiv(ctx_len, SPLITS), BLOCK_N) * BLOCK_N)
     start = split * split_len
     end = tl.minimum(start + split_len, ctx_len)
     offs_g = tl.arange(0, G_PAD)
@@ -156,21 +158,27 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_len_ptr
 
 
 @triton.jit
-def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, o_ptr, stride_ot, stride_oh,
-                          H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, ctx_len_ptr, o_ptr, stride_ot, stride_oh,
+                          H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PART: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    offs_s = tl.arange(0, S_PAD)
+    ctx_len = tl.load(ctx_len_ptr + b)
+    split_len = tl.maximum(PART, tl.cdiv(tl.cdiv(ctx_len, SPLITS), BLOCK_N) * BLOCK_N)
+    n = tl.cdiv(ctx_len, split_len)  # splits that saw keys; merged in order, whatever the grid size
     offs_d = tl.arange(0, D)
-    s_mask = offs_s < SPLITS
     base = (b * H + h) * SPLITS
-    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
+    m = float("-inf")
+    for s in range(0, n):
+        m = tl.maximum(m, tl.load(part_lse_ptr + base + s))
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)
-    o = tl.load(part_o_ptr + (base + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-    tl.store(o_ptr + b * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+    acc = tl.zeros([D], tl.float32)
+    w_sum = 0.0
+    for s in range(0, n):
+        w = tl.exp2(tl.load(part_lse_ptr + base + s) - m)
+        acc += w * tl.load(part_o_ptr + (base + s) * D + offs_d)
+        w_sum += w
+    tl.store(o_ptr + b * stride_ot + h * stride_oh + offs_d, (acc / tl.maximum(w_sum, 1e-30)).to(o_ptr.dtype.element_ty))
 
 
 def decode_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -184,15 +192,15 @@ def decode_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, 
     group = H // KVH
     part_o = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
+    block_n = 64 if D <= 64 else 32
     _decode_split_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, ctx_lens, part_o, part_lse, q.stride(0), q.stride(1),
         block_tables.stride(0), scale * LOG2E, H=H, KVH=KVH, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)),
-        D=D, BS=BS, SPLITS=num_splits, BLOCK_N=64 if D <= 64 else 32, num_warps=4, num_stages=2)
-    _decode_reduce_kernel[(B, H)](part_o, part_lse, out, out.stride(0), out.stride(1), H=H, D=D, SPLITS=num_splits,
-                                  S_PAD=triton.next_power_of_2(num_splits), num_warps=1 if D <= 64 else 2)
+        D=D, BS=BS, SPLITS=num_splits, BLOCK_N=block_n, PART=SPLIT_TOKENS, num_warps=4, num_stages=2)
+    _decode_reduce_kernel[(B, H)](part_o, part_lse, ctx_lens, out, out.stride(0), out.stride(1), H=H, D=D,
+                                  SPLITS=num_splits, BLOCK_N=block_n, PART=SPLIT_TOKENS, num_warps=1)
 
 
-def pick_num_splits(batch: int, kv_heads: int, max_ctx: int, num_sms: int) -> int:
-    """Splits per sequence: enough programs to fill the GPU twice over, never tiles shorter than 256 tokens."""
-    want = -(-2 * num_sms // max(batch * kv_heads, 1))
-    return int(max(1, min(want, -(-max_ctx // 256), 64)))
+def pick_num_splits(max_ctx: int) -> int:
+    """Grid size along the context: one split per SPLIT_TOKENS of the longest context, at most 64."""
+    return int(max(1, min(-(-max_ctx // SPLIT_TOKENS), 64)))
