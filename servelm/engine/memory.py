@@ -19,6 +19,21 @@ log = logging.getLogger("servelm.engine")
 GRAPH_RESERVE_BYTES = 512 << 20  # CUDA graph pools and the decode scratch they keep alive
 
 
+def profile_layout(lens: list[int], block_size: int, dev: torch.device) -> tuple[BatchLayout, torch.Tensor, int]:
+    """A batch of fresh prompts of ``lens`` tokens over private blocks: (layout, positions, blocks needed)."""
+    per_seq = -(-max(lens) // block_size)
+    blocks = per_seq * len(lens)
+    tables = torch.arange(blocks, dtype=torch.int32, device=dev).view(len(lens), per_seq)
+    slots = torch.cat([tables[i].long().repeat_interleave(block_size)[:n] * block_size
+                       + torch.arange(n, device=dev) % block_size for i, n in enumerate(lens)])
+    positions = torch.cat([torch.arange(n, device=dev) for n in lens])
+    prefills = len(lens) - (1 if len(lens) > 1 and lens[-1] == 1 else 0)  # a 1-token tail is a decode, packed last
+    layout = BatchLayout(slot_mapping=slots, query_lens=lens, context_lens=lens, block_tables=tables,
+                         num_prefills=prefills, num_prefill_tokens=sum(lens[:prefills]),
+                         context_lens_tensor=torch.tensor(lens, dtype=torch.int32, device=dev))
+    return layout, positions, blocks
+
+
 @torch.inference_mode()
 def profile_kv_budget(engine, utilization: float) -> int:
     """Bytes the KV pool may take on the engine's GPU; raises ValueError when none are left.
@@ -35,21 +50,17 @@ def profile_kv_budget(engine, utilization: float) -> int:
     free, total = torch.cuda.mem_get_info(dev)
     outside_torch = (total - free) - torch.cuda.memory_reserved(dev)
 
-    tokens = max(1, min(cfg.max_num_batched_tokens, engine.max_model_len))
-    bs = cfg.block_size
-    blocks = -(-tokens // bs)
-    backend = get_backend(cfg.attention_backend, dev)
+    # The largest step: max_num_batched_tokens prompt tokens, as sequences no longer than the context window.
+    tokens = max(1, cfg.max_num_batched_tokens)
+    lens = [min(engine.max_model_len, tokens - i) for i in range(0, tokens, engine.max_model_len)]
     mc = model.config
-    caches = backend.allocate_kv_cache(mc.num_layers, blocks, bs, mc.num_kv_heads, mc.head_dim, engine.dtype, dev)
-    layout = BatchLayout(
-        slot_mapping=torch.arange(tokens, device=dev),
-        query_lens=[tokens], context_lens=[tokens],
-        block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None, :],
-        num_prefills=1, num_prefill_tokens=tokens,
-        context_lens_tensor=torch.tensor([tokens], dtype=torch.int32, device=dev))
+    backend = get_backend(cfg.attention_backend, dev, engine.dtype, mc.head_dim)
+    layout, positions, blocks = profile_layout(lens, cfg.block_size, dev)
+    caches = backend.allocate_kv_cache(mc.num_layers, blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim,
+                                       engine.dtype, dev)
     ctx = backend.make_context(layout, caches, mc.head_dim ** -0.5)
     ids = torch.randint(0, mc.vocab_size, (tokens,), device=dev)
-    hidden = model(ids, torch.arange(tokens, device=dev), ctx)
+    hidden = model(ids, positions, ctx)
     rows = min(cfg.max_num_seqs, tokens)
     logits = model.compute_logits(hidden[-rows:])
     torch.softmax(logits, -1).argmax(-1)  # the sampler's float copies of the logits

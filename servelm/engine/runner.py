@@ -33,7 +33,7 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.sampler = sampler
-        self.backend = get_backend(attention_backend, device)
+        self.backend = get_backend(attention_backend, device, kv_dtype, cfg.head_dim)
         self.kv_caches = self.backend.allocate_kv_cache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
                                                         cfg.head_dim, kv_dtype, device)
         self.scale = cfg.head_dim ** -0.5
