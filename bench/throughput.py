@@ -81,7 +81,8 @@ def run_hf(m, reqs, device) -> dict:
     return {"requests": len(reqs), "output_tokens": useful, "seconds": dt, "tok_s": useful / dt}
 
 
-def prefix_ttft(engine: LLMEngine, vocab: int, prefix_len: int = 2000, trials: int = 3, profile: bool = False) -> dict:
+def prefix_ttft(engine: LLMEngine, vocab: int, prefix_len: int = 2000, trials: int = 3,
+                profile: bool = False) -> dict:
     """Median TTFT of a request with a new 2,000-token prefix (miss) and of one reusing it (hit)."""
     g = torch.Generator().manual_seed(1)
 
@@ -121,6 +122,9 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--hf-requests", type=int, default=None, help="requests in transformers' padded batch")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--prompt-len", type=int, nargs=2, metavar=("LO", "HI"), help="prompt length range")
+    ap.add_argument("--output-len", type=int, nargs=2, metavar=("LO", "HI"), help="output length range")
+    ap.add_argument("--prefix-tokens", type=int, default=2000, help="shared prefix for the TTFT test")
     ap.add_argument("--profile-ttft", action="store_true", help="print a profile of the prefix-cache TTFT runs")
     ap.add_argument("--ttft-model", default=None, help="model for the prefix-cache TTFT (CUDA default: "
                     "dummy:llama-3-8b, where a 2,000-token prefill is real work; CPU: the throughput model)")
@@ -131,6 +135,10 @@ def main() -> None:
     model = args.model or ("dummy:qwen2-0.5b" if cuda else None)
     n = args.requests or (256 if cuda else 64)
     lens = (100, 1024, 100, 1024) if cuda else (32, 256, 32, 256)
+    if args.prompt_len:
+        lens = (*args.prompt_len, *lens[2:])
+    if args.output_len:
+        lens = (*lens[:2], *args.output_len)
     cfg = EngineConfig(model=model, max_num_seqs=args.max_num_seqs, max_model_len=4096,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        kv_cache_memory_bytes=None if cuda else 2 << 30)
@@ -145,10 +153,11 @@ def main() -> None:
     res["servelm"] = run_engine(engine, reqs)
     ttft_model = args.ttft_model or ("dummy:llama-3-8b" if cuda else model)
     if ttft_model == model:
-        res["prefix_cache_ttft"] = {"model": engine.model_name, **prefix_ttft(engine, vocab, profile=args.profile_ttft)}
+        res["prefix_cache_ttft"] = {"model": engine.model_name,
+                                    **prefix_ttft(engine, vocab, args.prefix_tokens, profile=args.profile_ttft)}
     if args.sweep:
         sweep = {}
-        for bs in (8, 32, 128):
+        for bs in [b for b in (8, 32, 128) if b < args.max_num_seqs]:
             engine.scheduler.config.max_num_seqs = bs  # the captured ladder already covers every smaller size
             sweep[bs] = run_engine(engine, workload(min(2 * bs, n), *lens, vocab, seed=100 + bs))["tok_s"]
         sweep[args.max_num_seqs] = res["servelm"]["tok_s"]
@@ -195,7 +204,7 @@ def main() -> None:
         engine = LLMEngine(EngineConfig(model=ttft_model, max_num_seqs=8, max_model_len=4096))
         res["prefix_cache_ttft"] = {"model": engine.model_name,
                                     **prefix_ttft(engine, min(engine.model_config.vocab_size, 32000),
-                                                  profile=args.profile_ttft)}
+                                                  args.prefix_tokens, profile=args.profile_ttft)}
     print(json.dumps(res, indent=1))
 
 

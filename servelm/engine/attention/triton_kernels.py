@@ -178,7 +178,8 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, ctx_len_ptr, o_ptr, stride_o
         w = tl.exp2(tl.load(part_lse_ptr + base + s) - m)
         acc += w * tl.load(part_o_ptr + (base + s) * D + offs_d)
         w_sum += w
-    tl.store(o_ptr + b * stride_ot + h * stride_oh + offs_d, (acc / tl.maximum(w_sum, 1e-30)).to(o_ptr.dtype.element_ty))
+    out = acc / tl.maximum(w_sum, 1e-30)
+    tl.store(o_ptr + b * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
 def decode_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
