@@ -27,6 +27,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
+    enforce_eager: bool = False  # CUDA: skip capturing CUDA graphs for decode
     seed: int = 0
     served_model_name: str | None = None
     show_progress: bool = False  # a progress bar while weights load (the CLI turns it on)

@@ -85,12 +85,20 @@ class LLMEngine:
         self.max_model_len = self.model_config.max_position_embeddings
         self.model_name = config.served_model_name or _model_name(config.model, loaded.config.name)
         block_size = config.block_size
+        if self.device.type == "cuda" and self.dtype != torch.float32 and config.attention_backend != "torch":
+            from servelm.engine.fused import install_fused_kernels  # noqa: PLC0415 (CUDA only)
+
+            install_fused_kernels(self.model)
         num_blocks = config.num_kv_blocks or self._num_kv_blocks(block_size)
         self.kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk_size), self.kv)
         self.runner = ModelRunner(self.model, num_blocks, block_size, self.device, self.dtype,
                                   Sampler(self.tokenizer.eos_token_ids), config.attention_backend)
+        if self.device.type == "cuda" and not config.enforce_eager and self.runner.backend.name == "triton":
+            from servelm.engine.cuda_graph import CUDAGraphRunner  # noqa: PLC0415 (CUDA only)
+
+            self.runner.cuda_graph = CUDAGraphRunner(self.runner, config.max_num_seqs, self.max_model_len)
         self.output = OutputProcessor(self.tokenizer, self.tokenizer.eos_token_ids, self.max_model_len)
         self.requests: dict[str, _Request] = {}
         self.steps = 0

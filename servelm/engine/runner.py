@@ -33,10 +33,11 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.sampler = sampler
-        self.backend = get_backend(attention_backend, device)
+        self.backend = get_backend(attention_backend, device, kv_dtype, cfg.head_dim)
         self.kv_caches = self.backend.allocate_kv_cache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
                                                         cfg.head_dim, kv_dtype, device)
         self.scale = cfg.head_dim ** -0.5
+        self.cuda_graph = None  # a CUDAGraphRunner for decode steps, set by the engine on CUDA
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -47,6 +48,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> StepResult:
         """Compute the scheduled tokens and sample for sequences that are up to date afterwards."""
+        if self.cuda_graph is not None:
+            logits = self.cuda_graph.run(items)  # None unless an all-decode batch fits a captured size
+            if logits is not None:
+                seqs = [s for s, _ in items]
+                return StepResult(seqs, self.sampler(logits, seqs))
         hidden, sample_rows, samplers = self._forward(items)
         if not samplers:
             return StepResult([], None)

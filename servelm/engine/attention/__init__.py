@@ -7,10 +7,17 @@ from servelm.engine.attention.base import AttentionBackend, AttentionContext, Ba
 from servelm.engine.attention.torch_ref import TorchAttentionBackend
 
 
-def get_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Return the backend called ``name`` (``auto``: Triton on CUDA when available, else torch)."""
+def get_backend(name: str, device: torch.device, dtype: torch.dtype | None = None,
+                head_dim: int | None = None) -> AttentionBackend:
+    """Return the backend called ``name``; raises ValueError for an unknown name.
+
+    ``auto``: Triton on CUDA when it is installed and runs this cache (float16/bfloat16, a
+    power-of-two head_dim >= 16), else the PyTorch reference.
+    """
     if name in ("auto", "torch"):
-        if name == "auto" and device.type == "cuda":
+        triton_ok = (dtype in (None, torch.float16, torch.bfloat16)
+                     and (head_dim is None or (head_dim >= 16 and head_dim & (head_dim - 1) == 0)))
+        if name == "auto" and device.type == "cuda" and triton_ok:
             try:
                 from servelm.engine.attention.triton_backend import TritonAttentionBackend
             except ImportError:

@@ -1,0 +1,79 @@
+"""Attention on CUDA through Triton kernels (``triton_kernels.py``) over the paged KV cache.
+
+Per layer and step: one kernel stores the new K/V into their slots; one kernel runs every
+prefill (chunked or behind a cached prefix) reading keys through the block tables; the
+decodes run as flash-decoding (context split across programs, then merged). The layout is
+the reference backend's, so both read the same cache (tests compare them on it).
+"""
+from __future__ import annotations
+
+import torch
+
+from servelm.engine.attention.base import AttentionBackend, AttentionContext, BatchLayout
+from servelm.engine.attention.triton_kernels import decode_attention, pick_num_splits, prefill_attention, store_kv
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+
+    def allocate_kv_cache(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
+        """One ``[2, num_blocks, block_size, kv_heads, head_dim]`` tensor per layer (zeroed: padded reads stay finite).
+
+        Raises ValueError for a head_dim the kernels do not tile (not a power of two, or under 16)
+        or a float32 cache (the kernels' matrix products take 16-bit inputs).
+        """
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            raise ValueError(f"the Triton attention backend needs a power-of-two head_dim >= 16, got {head_dim}; "
+                             "use attention_backend='torch'")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"the Triton attention backend runs float16 or bfloat16, not {dtype}; "
+                             "set dtype='bfloat16' or attention_backend='torch'")
+        return [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+                for _ in range(num_layers)]
+
+    def make_context(self, layout: BatchLayout, kv_caches, scale, num_splits: int | None = None):
+        """Context for one step. ``num_splits`` fixes the decode grid (CUDA graphs); default: by the longest context."""
+        return TritonAttentionContext(layout, kv_caches, scale, num_splits)
+
+
+class TritonAttentionContext(AttentionContext):
+    def __init__(self, layout: BatchLayout, kv_caches: list[torch.Tensor], scale: float,
+                 num_splits: int | None = None):
+        self.layout = layout
+        self.kv_caches = kv_caches
+        self.scale = scale
+        lay = layout
+        dev = lay.block_tables.device
+        self.num_prefills = lay.num_prefills
+        self.num_decodes = lay.num_seqs - lay.num_prefills
+        if self.num_prefills:
+            q_lens = lay.query_lens[:lay.num_prefills]
+            starts = [0]
+            for n in q_lens[:-1]:
+                starts.append(starts[-1] + n)
+            meta = torch.tensor([starts, q_lens], dtype=torch.int32).to(dev, non_blocking=True)
+            self.q_starts, self.q_lens = meta[0], meta[1]
+            self.max_q_len = max(q_lens)
+            self.prefill_tables = lay.block_tables[:lay.num_prefills]
+            self.prefill_ctx = lay.context_lens_tensor[:lay.num_prefills]
+        if self.num_decodes:
+            self.decode_tables = lay.block_tables[lay.num_prefills:]
+            self.decode_ctx = lay.context_lens_tensor[lay.num_prefills:]
+            if num_splits is None:
+                num_splits = pick_num_splits(max(lay.context_lens[lay.num_prefills:]))
+            self.num_splits = num_splits
+
+    def attention(self, layer, q, k, v):
+        cache = self.kv_caches[layer]
+        k_cache, v_cache = cache[0], cache[1]
+        lay = self.layout
+        store_kv(k, v, k_cache, v_cache, lay.slot_mapping)
+        out = torch.empty_like(q)
+        p = lay.num_prefill_tokens
+        if self.num_prefills:
+            prefill_attention(q[:p], out[:p], k_cache, v_cache, self.prefill_tables, self.q_starts, self.q_lens,
+                              self.prefill_ctx, self.max_q_len, self.scale)
+        if self.num_decodes:
+            decode_attention(q[p:], out[p:], k_cache, v_cache, self.decode_tables, self.decode_ctx,
+                             self.num_splits, self.scale)
+        return out

@@ -1,0 +1,104 @@
+"""CUDA graphs for decode steps: the whole forward pass and LM head replayed as one launch.
+
+Graphs are captured once at a ladder of batch sizes (1, 2, 4, 8, then every 16 up to
+``max_num_seqs``); a decode batch is padded to the next captured size. Inputs live in
+persistent device buffers that each step overwrites with one host-to-device copy of a
+pinned staging tensor; padding rows write no K/V (slot -1) and attend to one token. The
+only host synchronisation per step is the sampler reading the chosen token ids.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from servelm.engine.attention import BatchLayout
+from servelm.engine.attention.triton_backend import TritonAttentionBackend
+from servelm.engine.attention.triton_kernels import pick_num_splits
+from servelm.engine.sequence import Sequence
+
+log = logging.getLogger("servelm.engine")
+
+
+def batch_ladder(max_num_seqs: int) -> list[int]:
+    """Captured batch sizes: 1, 2, 4, 8, 16, 32, 48, ... up to and including ``max_num_seqs``."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 16))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+class CUDAGraphRunner:
+    """Captured decode steps for one :class:`ModelRunner`; ``run`` returns logits or None (run eagerly)."""
+
+    def __init__(self, runner, max_num_seqs: int, max_model_len: int):
+        """Capture every size of the ladder. Raises ValueError unless the runner uses the Triton backend."""
+        if not isinstance(runner.backend, TritonAttentionBackend):
+            raise ValueError("CUDA graphs need the Triton attention backend (attention_backend='auto' or 'triton')")
+        self.runner = runner
+        self.sizes = batch_ladder(max_num_seqs)
+        self.max_bs = self.sizes[-1]
+        self.max_blocks = -(-max_model_len // runner.block_size)
+        dev = runner.device
+        # Rows of the staging tensor: token id, position, slot, context length.
+        self.staging = torch.zeros(4, self.max_bs, dtype=torch.int64).pin_memory()
+        self.meta = torch.zeros(4, self.max_bs, dtype=torch.int64, device=dev)
+        self.table_staging = torch.zeros(self.max_bs, self.max_blocks, dtype=torch.int32).pin_memory()
+        self.staging_np, self.table_staging_np = self.staging.numpy(), self.table_staging.numpy()
+        self.tables = torch.zeros(self.max_bs, self.max_blocks, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.num_splits = pick_num_splits(max_model_len)
+        self._capture_all()
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        lay = BatchLayout(slot_mapping=self.meta[2, :bs], query_lens=[1] * bs, context_lens=[1] * bs,
+                          block_tables=self.tables[:bs], num_prefills=0, num_prefill_tokens=0,
+                          context_lens_tensor=self.meta[3, :bs].to(torch.int32))
+        r = self.runner
+        ctx = r.backend.make_context(lay, r.kv_caches, r.scale, num_splits=self.num_splits)
+        hidden = r.model(self.meta[0, :bs], self.meta[1, :bs], ctx)
+        return r.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        self.meta[2].fill_(-1)  # capture-time runs must not write into the cache
+        self.meta[3].fill_(1)
+        pool = None
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            for _ in range(2):  # compile the Triton kernels and warm cuBLAS outside the capture
+                self._forward(bs)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.logits[bs] = self._forward(bs)
+            pool = g.pool()
+            self.graphs[bs] = g
+        torch.cuda.synchronize()
+        log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+
+    def run(self, items: list[tuple[Sequence, int]]) -> torch.Tensor | None:
+        """Logits [len(items), vocab] for an all-decode batch that fits a captured size; else None."""
+        n = len(items)
+        if n > self.max_bs or any(k != 1 or s.num_computed_tokens + 1 != s.num_tokens for s, k in items):
+            return None
+        bs = next(s for s in self.sizes if s >= n)
+        block_size = self.runner.block_size
+        # The previous step's copies finished before its sampler read the token ids, so the
+        # pinned staging buffers are free to overwrite.
+        st, tab = self.staging_np, self.table_staging_np
+        widest = 0
+        for i, (seq, _) in enumerate(items):
+            pos = seq.num_computed_tokens
+            table = seq.block_table
+            st[0, i] = seq.token_ids[pos]
+            st[1, i] = pos
+            st[2, i] = table[pos // block_size] * block_size + pos % block_size
+            st[3, i] = pos + 1
+            tab[i, :len(table)] = table
+            widest = max(widest, len(table))
+        st[:2, n:bs] = 0
+        st[2, n:bs] = -1  # padding rows: no K/V write, attend to one (stale) token
+        st[3, n:bs] = 1
+        self.meta[:, :bs].copy_(self.staging[:, :bs], non_blocking=True)
+        self.tables[:n, :widest].copy_(self.table_staging[:n, :widest], non_blocking=True)
+        self.graphs[bs].replay()
+        return self.logits[bs][:n]

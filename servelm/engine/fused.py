@@ -1,0 +1,124 @@
+"""Fused Triton kernels for the decoder's small element-wise stages on CUDA.
+
+In eager PyTorch, RMSNorm (float32 upcast, square, mean, rsqrt, two multiplies, casts), rotary
+embedding (gathers, casts, halves, concatenations, four multiplies) and SiLU-and-multiply cost
+about 25 launches per layer; at batch 1 those launches, not the bytes, dominate after the
+matrix products. :func:`install_fused_kernels` swaps each for one kernel on a loaded model's
+modules (instance ``forward`` overrides: ``llama.py`` stays plain PyTorch, and CPU never sees these).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import triton
+import triton.language as tl
+
+from servelm.engine.models.llama import MLP, LlamaForCausalLM, RMSNorm, RotaryEmbedding
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 0) / N + eps)
+    y = (x * rstd).to(out_ptr.dtype.element_ty)  # cast before the weight, as the reference does
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + row * N + offs, (y.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of ``x`` ([T, N], last dim contiguous); returns a new [T, N] tensor."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    n = x2.shape[1]
+    block = triton.next_power_of_2(n)
+    if x2.shape[0] == 0:
+        return out.view(x.shape)
+    _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), eps, N=n, BLOCK=block,
+                                     num_warps=min(16, max(1, block // 256)))
+    return out.view(x.shape)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh,
+                 stride_kt, stride_kh, H: tl.constexpr, KVH: tl.constexpr, H_PAD: tl.constexpr,
+                 D: tl.constexpr):
+    t = tl.program_id(0)
+    half: tl.constexpr = D // 2
+    pos = tl.load(pos_ptr + t)
+    offs_d = tl.arange(0, half)
+    cos = tl.load(cos_ptr + pos * D + offs_d)[None, :]  # cos/sin repeat across the two halves
+    sin = tl.load(sin_ptr + pos * D + offs_d)[None, :]
+    offs_h = tl.arange(0, H_PAD)[:, None]
+    qm = offs_h < H
+    q1 = tl.load(q_ptr + t * stride_qt + offs_h * stride_qh + offs_d[None, :], mask=qm, other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptr + t * stride_qt + offs_h * stride_qh + half + offs_d[None, :], mask=qm, other=0.0).to(
+        tl.float32)
+    qo = q_out_ptr + t * H * D + offs_h * D + offs_d[None, :]
+    tl.store(qo, (q1 * cos - q2 * sin).to(q_out_ptr.dtype.element_ty), mask=qm)
+    tl.store(qo + half, (q2 * cos + q1 * sin).to(q_out_ptr.dtype.element_ty), mask=qm)
+    km = offs_h < KVH
+    k1 = tl.load(k_ptr + t * stride_kt + offs_h * stride_kh + offs_d[None, :], mask=km, other=0.0).to(tl.float32)
+    k2 = tl.load(k_ptr + t * stride_kt + offs_h * stride_kh + half + offs_d[None, :], mask=km, other=0.0).to(
+        tl.float32)
+    ko = k_out_ptr + t * KVH * D + offs_h * D + offs_d[None, :]
+    tl.store(ko, (k1 * cos - k2 * sin).to(k_out_ptr.dtype.element_ty), mask=km)
+    tl.store(ko + half, (k2 * cos + k1 * sin).to(k_out_ptr.dtype.element_ty), mask=km)
+
+
+def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding (rotate-half form) of q [T, H, D] and k [T, KVH, D]; returns new contiguous tensors."""
+    T, H, D = q.shape
+    kvh = k.shape[1]
+    q_out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(T, kvh, D, dtype=k.dtype, device=k.device)
+    if T:
+        _rope_kernel[(T,)](q, k, q_out, k_out, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0),
+                           k.stride(1), H=H, KVH=kvh, H_PAD=triton.next_power_of_2(max(H, kvh)), D=D, num_warps=4)
+    return q_out, k_out
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, N: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + N + offs, mask=mask, other=0.0)
+    s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty)  # silu rounds first, as F.silu(gate) * up does
+    tl.store(out_ptr + row * N + offs, (s.to(tl.float32) * u.to(tl.float32)).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for x = [gate | up] ([T, 2N]); returns [T, N]."""
+    T, two_n = x.shape
+    n = two_n // 2
+    out = torch.empty(T, n, dtype=x.dtype, device=x.device)
+    block = 1024
+    if T:
+        _silu_mul_kernel[(T, triton.cdiv(n, block))](x, out, x.stride(0), N=n, BLOCK=block, num_warps=4)
+    return out
+
+
+def install_fused_kernels(model: LlamaForCausalLM) -> None:
+    """Route the model's RMSNorms, rotary embedding and MLP activation through the kernels above.
+
+    Only for a CUDA model in float16/bfloat16; raises ValueError otherwise.
+    """
+    p = next(model.parameters())
+    if p.device.type != "cuda" or p.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("fused kernels need a float16/bfloat16 model on CUDA")
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.forward = types.MethodType(lambda self, x: rms_norm(x, self.weight, self.eps), m)
+        elif isinstance(m, RotaryEmbedding):
+            m.forward = types.MethodType(lambda self, pos, q, k: rope(pos, q, k, self.cos, self.sin), m)
+        elif isinstance(m, MLP):
+            m.forward = types.MethodType(lambda self, x: self.down_proj(silu_mul(self.gate_up_proj(x))), m)

@@ -1,0 +1,48 @@
+"""CUDA-graph decode gives the same greedy tokens as eager on the SmolLM2 weights (bf16)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("triton")
+
+from servelm.engine import LLM, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from servelm.engine.cuda_graph import batch_ladder  # noqa: E402
+from servelm.engine.models.loader import load_model  # noqa: E402
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three laws of thermodynamics are", "Translate to French: good morning",
+           "List five prime numbers:", "Water boils at", "The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def smol_cuda():
+    return load_model(None, torch.bfloat16, torch.device("cuda"))
+
+
+def generate(loaded, max_num_seqs, eager):
+    cfg = EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=max_num_seqs, enforce_eager=eager,
+                       kv_cache_memory_bytes=1 << 30)
+    llm = LLM.from_engine(LLMEngine(cfg, loaded=loaded))
+    if not eager:
+        assert llm.engine.runner.cuda_graph is not None
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("max_num_seqs", [1, 3, 8])
+def test_graph_decode_matches_eager(smol_cuda, max_num_seqs):
+    eager = generate(smol_cuda, max_num_seqs, eager=True)
+    graph = generate(smol_cuda, max_num_seqs, eager=False)
+    assert all(len(t) == 64 for t in graph)
+    assert graph == eager
+
+
+def test_ladder():
+    assert batch_ladder(1) == [1]
+    assert batch_ladder(3) == [1, 2, 3]
+    assert batch_ladder(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert batch_ladder(40) == [1, 2, 4, 8, 16, 32, 40]
