@@ -130,10 +130,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default=None, help="int8, int4, nf4, nf4-dq (weight-only)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     model = args.model or ("dummy:llama-3-8b" if cuda else None)
     cfg = EngineConfig(model=model, max_num_seqs=4, max_model_len=2048, enforce_eager=args.enforce_eager,
+                       dtype=args.dtype, quantization=args.quantization,
                        gpu_memory_utilization=0.5, kv_cache_memory_bytes=None if cuda else 256 << 20)
     t = time.perf_counter()
     engine = LLMEngine(cfg)
@@ -161,7 +164,10 @@ def main() -> None:
             b.synchronize()
             times.append(a.elapsed_time(b))
         res["servelm"]["graph_replay_ms"] = statistics.median(times[5:])
-    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in engine.model.parameters()}.values())
+    from servelm.engine.quant import model_weight_bytes
+
+    weight_bytes = model_weight_bytes(engine.model)
+    res["quantization"] = args.quantization
     res["weight_bytes"] = weight_bytes
     mc = engine.model_config
     if not args.no_hf:
