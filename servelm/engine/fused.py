@@ -119,6 +119,7 @@ def install_fused_kernels(model: LlamaForCausalLM) -> None:
         if isinstance(m, RMSNorm):
             m.forward = types.MethodType(lambda self, x: rms_norm(x, self.weight, self.eps), m)
         elif isinstance(m, RotaryEmbedding):
-            m.forward = types.MethodType(lambda self, pos, q, k: rope(pos, q, k, self.cos, self.sin), m)
+            # the fused kernel reads the full tables itself; the model's per-step cos/sin lookup is not needed
+            m.forward = types.MethodType(lambda self, pos, q, k, cos_sin=None: rope(pos, q, k, self.cos, self.sin), m)
         elif isinstance(m, MLP):
             m.forward = types.MethodType(lambda self, x: self.down_proj(silu_mul(self.gate_up_proj(x))), m)
