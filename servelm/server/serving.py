@@ -7,6 +7,8 @@ slot is released, and metrics and the access-log fields are recorded.
 """
 from __future__ import annotations
 
+from contextlib import aclosing
+
 import asyncio
 import contextlib
 import time
@@ -82,6 +84,15 @@ class Generation:
                     break
         finally:
             await self.finish()
+
+    async def final(self) -> RequestOutput:
+        """Drains :meth:`outputs` and returns the last one, whose choices hold the full text,
+        token ids and (when requested) logprobs."""
+        last = None
+        async with aclosing(self.outputs()) as outputs:
+            async for out in outputs:
+                last = out
+        return last
 
     async def finish(self) -> None:
         """Closes the engine stream (aborting it if unfinished) and records the request. Idempotent."""

@@ -155,17 +155,9 @@ def _fallback(ctx: ServerContext, rid: str, body: ChatCompletionRequest, r: Fall
 
 async def _collect(gen: Generation, k: int) -> list[tuple]:
     """Returns ``(index, text, finish_reason, logprobs)`` per choice as the engine wrote them."""
-    last = None
-    lps: dict[int, list] = {}
-    async with aclosing(gen.outputs()) as outputs:
-        async for out in outputs:
-            last = out
-            for c in out.outputs:
-                if c.delta_logprobs:
-                    lps.setdefault(c.index, []).extend(c.delta_logprobs)
+    last = await gen.final()
     logprobs_on = gen.params.logprobs is not None
-    return [(c.index, c.text, _finish(c.finish_reason),
-             chat_logprobs(c.logprobs or lps.get(c.index, []), k) if logprobs_on else None)
+    return [(c.index, c.text, _finish(c.finish_reason), chat_logprobs(c.logprobs or [], k) if logprobs_on else None)
             for c in sorted(last.outputs, key=lambda c: c.index)]
 
 

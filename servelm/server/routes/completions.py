@@ -120,19 +120,12 @@ def _fallback(ctx: ServerContext, rid: str, body: CompletionRequest, r: Fallback
 
 
 async def _collect(gen: Generation, body: CompletionRequest, echo: str) -> list[CompletionChoice]:
-    last = None
-    lps: dict[int, list] = {}
-    async with aclosing(gen.outputs()) as outputs:
-        async for out in outputs:
-            last = out
-            for c in out.outputs:
-                if c.delta_logprobs:
-                    lps.setdefault(c.index, []).extend(c.delta_logprobs)
+    last = await gen.final()
     choices = []
     for c in sorted(last.outputs, key=lambda c: c.index):
         lp = None
         if body.logprobs is not None:
-            lp = completion_logprobs(c.logprobs or lps.get(c.index, []), body.logprobs, len(echo))
+            lp = completion_logprobs(c.logprobs or [], body.logprobs, len(echo))
         choices.append(CompletionChoice(index=c.index, text=echo + c.text, logprobs=lp,
                                         finish_reason="stop" if c.finish_reason == "abort" else c.finish_reason))
     return choices
