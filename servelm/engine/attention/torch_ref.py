@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from servelm.engine.attention.base import AttentionBackend, AttentionContext, BatchLayout
 
+DECODE_GROUP = 16  # decodes per padded attention call
+
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
@@ -33,17 +35,28 @@ class TorchAttentionContext(AttentionContext):
         self.block_size = kv_caches[0].shape[2]
         lay = layout
         self.num_decodes = lay.num_seqs - lay.num_prefills
-        self.decode_mask = None
+        # Decodes run in groups of similar context length, each padded only to its own longest
+        # context: gathering and attending over padding is most of the attention cost here.
+        self.decode_groups = []  # (rows in the decode batch or None for all, L, flat block ids, mask or None)
         if self.num_decodes:
             tables = lay.block_tables[lay.num_prefills:].long()  # int32 indexing takes a slow path
             lens = lay.context_lens[lay.num_prefills:]
-            self.max_decode_len = max(lens)
-            n_blocks = -(-self.max_decode_len // self.block_size)
-            self.decode_tables = tables[:, :n_blocks].flatten()
-            if min(lens) != self.max_decode_len:
-                pos = torch.arange(self.max_decode_len, device=tables.device)
-                ctx = lay.context_lens_tensor[lay.num_prefills:]
-                self.decode_mask = (pos[None, :] < ctx[:, None])[:, None, None, :]  # [B, 1, 1, L]
+            ctx = lay.context_lens_tensor[lay.num_prefills:]
+            if self.num_decodes <= DECODE_GROUP:
+                chunks = [None]
+            else:
+                order = sorted(range(self.num_decodes), key=lens.__getitem__)
+                chunks = [order[i:i + DECODE_GROUP] for i in range(0, self.num_decodes, DECODE_GROUP)]
+            for rows in chunks:
+                g_lens = lens if rows is None else [lens[r] for r in rows]
+                idx = None if rows is None else torch.tensor(rows, device=tables.device)
+                g_tables, g_ctx = (tables, ctx) if idx is None else (tables[idx], ctx[idx])
+                L = max(g_lens)
+                mask = None
+                if min(g_lens) != L:
+                    pos = torch.arange(L, device=tables.device)
+                    mask = (pos[None, :] < g_ctx[:, None])[:, None, None, :]  # [B, 1, 1, L]
+                self.decode_groups.append((idx, L, g_tables[:, : -(-L // self.block_size)].flatten(), mask))
         # Per prefill: (query start, query len, context len, block ids, causal mask or None)
         self.prefills = []
         start = 0
@@ -80,12 +93,16 @@ class TorchAttentionContext(AttentionContext):
                                                scale=self.scale, enable_gqa=True)
             out[start:start + ql] = o[0].transpose(0, 1)
         if self.num_decodes:
-            p = lay.num_prefill_tokens
-            B, L = self.num_decodes, self.max_decode_len
-            qd = q[p:].unsqueeze(2)  # [B, H, 1, D]; kd, vd below: [B, KVH, L, D]
-            kd = k_cache.index_select(0, self.decode_tables).view(B, -1, *k.shape[1:])[:, :L].transpose(1, 2)
-            vd = v_cache.index_select(0, self.decode_tables).view(B, -1, *v.shape[1:])[:, :L].transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, scale=self.scale,
-                                               enable_gqa=True)
-            out[p:] = o.squeeze(2)
+            qd_all = q[lay.num_prefill_tokens:]
+            out_d = out[lay.num_prefill_tokens:]
+            for idx, L, blocks, mask in self.decode_groups:
+                qd = (qd_all if idx is None else qd_all.index_select(0, idx)).unsqueeze(2)  # [B, H, 1, D]
+                B = qd.shape[0]
+                kd = k_cache.index_select(0, blocks).view(B, -1, *k.shape[1:])[:, :L].transpose(1, 2)  # [B, KVH, L, D]
+                vd = v_cache.index_select(0, blocks).view(B, -1, *v.shape[1:])[:, :L].transpose(1, 2)
+                o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=self.scale, enable_gqa=True)
+                if idx is None:
+                    out_d.copy_(o.squeeze(2))
+                else:
+                    out_d.index_copy_(0, idx, o.squeeze(2))
         return out
