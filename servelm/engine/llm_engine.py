@@ -140,19 +140,29 @@ class LLMEngine:
         return None, ids
 
     def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
-        """The completion budget in tokens; raises :class:`InvalidRequestError` when it cannot fit."""
+        """The completion budget in tokens; raises :class:`InvalidRequestError` when it cannot fit.
+
+        ``max_tokens=None`` means "as much as fits": up to the context window and the KV pool.
+        """
         limit = self.max_model_len
+        capacity = self.kv.num_blocks * self.kv.block_size  # one sequence can never outgrow the pool
         if num_prompt_tokens >= limit:
             raise InvalidRequestError(
                 f"the prompt is {num_prompt_tokens} tokens, but this model's context window is {limit} tokens; "
                 "shorten the prompt.", "prompt")
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt_tokens
+        if params.max_tokens is None:
+            max_tokens = min(limit, capacity) - num_prompt_tokens
+            if max_tokens < 1:
+                raise InvalidRequestError(
+                    f"the prompt is {num_prompt_tokens} tokens, but the KV cache holds only {capacity}; "
+                    "shorten the prompt.", "prompt")
+            return max_tokens
+        max_tokens = params.max_tokens
         if num_prompt_tokens + max_tokens > limit:
             raise InvalidRequestError(
                 f"this model's context window is {limit} tokens, but {num_prompt_tokens + max_tokens} were requested "
                 f"({num_prompt_tokens} in the prompt, {max_tokens} for the completion); reduce max_tokens or the "
                 "prompt.", "max_tokens")
-        capacity = self.kv.num_blocks * self.kv.block_size
         if num_prompt_tokens + max_tokens > capacity:
             raise InvalidRequestError(
                 f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} prompt + {max_tokens} completion) "
