@@ -36,6 +36,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     ctx.check_model(body.model)
     info = request.scope["servelm"]
     for i, m in enumerate(body.messages):
+        if m.content is None and m.role in ("user", "system", "developer"):
+            raise invalid(f"messages[{i}].content is required for a '{m.role}' message.", f"messages.{i}.content")
         for part in m.content if isinstance(m.content, list) else ():
             if part.type != "text" or part.text is None:
                 raise invalid(f"messages[{i}].content has a '{part.type}' part; this model reads text parts only.",
