@@ -19,12 +19,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over")
 
 
 def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization, device=args.device,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                        kv_cache_memory_bytes=args.kv_cache_memory, **extra)
+                        kv_cache_memory_bytes=args.kv_cache_memory,
+                        tensor_parallel_size=args.tensor_parallel_size, **extra)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False  # CUDA: skip capturing CUDA graphs for decode
+    tensor_parallel_size: int = 1  # processes (GPUs) the model is split over; see engine/parallel.py
     seed: int = 0
     served_model_name: str | None = None
     show_progress: bool = False  # a progress bar while weights load (the CLI turns it on)
@@ -36,6 +37,18 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def check_parallel(self, device: torch.device) -> None:
+        """Raises ValueError for a tensor-parallel size this machine or these settings cannot run."""
+        tp = self.tensor_parallel_size
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
+        if tp == 1:
+            return
+        if self.quantization:
+            raise ValueError("tensor parallelism does not combine with quantization yet; drop one of them")
+        if device.type == "cuda" and tp > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs; this machine has {torch.cuda.device_count()}")
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         """The compute dtype; raises ValueError for an unknown name."""

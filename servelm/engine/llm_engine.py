@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -65,6 +67,7 @@ class LLMEngine:
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
+        config.check_parallel(self.device)
         torch.manual_seed(config.seed)
         if loaded is None:
             loaded = load_model(config.model, self.dtype, self.device, config.max_model_len, config.seed,
@@ -84,42 +87,31 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_source(src, loaded.config.eos_token_ids)
         self.max_model_len = self.model_config.max_position_embeddings
         self.model_name = config.served_model_name or _model_name(config.model, loaded.config.name)
-        block_size = config.block_size
-        if self.device.type == "cuda" and self.dtype != torch.float32 and config.attention_backend != "torch":
-            from servelm.engine.fused import install_fused_kernels  # noqa: PLC0415 (CUDA only)
+        self.tp = None
+        if config.tensor_parallel_size > 1:  # ``loaded`` (rank 0's copy) is sharded in place
+            from servelm.engine.parallel import TensorParallel, check_shardable  # noqa: PLC0415
 
-            install_fused_kernels(self.model)
-        num_blocks = config.num_kv_blocks or self._num_kv_blocks(block_size)
+            check_shardable(self.model_config, config.tensor_parallel_size)
+            self.tp = TensorParallel(config, config.tensor_parallel_size, self.device)
+            weakref.finalize(self, self.tp.close)
+        self.runner, num_blocks = build_runner(config, loaded, self.device, self.dtype,
+                                               Sampler(self.tokenizer.eos_token_ids))
+        self.runner.workers = self.tp
+        block_size = config.block_size
         self.kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk_size), self.kv)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.device, self.dtype,
-                                  Sampler(self.tokenizer.eos_token_ids), config.attention_backend)
-        if self.device.type == "cuda" and not config.enforce_eager and self.runner.backend.name == "triton":
-            from servelm.engine.cuda_graph import CUDAGraphRunner  # noqa: PLC0415 (CUDA only)
-
-            self.runner.cuda_graph = CUDAGraphRunner(self.runner, config.max_num_seqs, self.max_model_len)
         self.output = OutputProcessor(self.tokenizer, self.tokenizer.eos_token_ids, self.max_model_len)
         self.requests: dict[str, _Request] = {}
         self.steps = 0
         self.prompt_tokens_computed = 0
-        log.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d x %d tokens", self.model_name,
-                 self.device, self.dtype, num_blocks, block_size)
+        log.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d x %d tokens tensor_parallel=%d",
+                 self.model_name, self.device, self.dtype, num_blocks, block_size, config.tensor_parallel_size)
 
-    def _num_kv_blocks(self, block_size: int) -> int:
-        per_block = ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
-        if self.config.kv_cache_memory_bytes:
-            budget = self.config.kv_cache_memory_bytes
-        elif self.device.type == "cuda":
-            from servelm.engine.memory import profile_kv_budget
-
-            budget = profile_kv_budget(self, self.config.gpu_memory_utilization)
-        else:
-            budget = CPU_KV_BYTES
-        blocks = budget // per_block
-        if blocks < 1:
-            raise ValueError(f"the KV cache budget ({budget} bytes) holds no {per_block}-byte block")
-        return int(blocks)
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers, if any (also done at garbage collection and exit)."""
+        if self.tp is not None:
+            self.tp.close()
 
     # -- requests ------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -254,6 +246,52 @@ class LLMEngine:
             prefix_cache_hits=kv.prefix_hits, prefix_hit_rate=kv.prefix_hit_rate,
             num_preemptions=self.scheduler.num_preemptions, steps=self.steps,
             prompt_tokens_computed=self.prompt_tokens_computed)
+
+
+def build_runner(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
+                 sampler: Sampler | None) -> tuple[ModelRunner, int]:
+    """The model runner over ``loaded`` (sharded first under tensor parallelism) and its KV pool's block count.
+
+    Every tensor-parallel rank calls this in the same order: the memory profile, the pool size agreed
+    as the minimum over ranks, and the CUDA-graph captures all run collectives.
+    """
+    model = loaded.model
+    world = config.tensor_parallel_size
+    if world > 1:
+        from servelm.engine.parallel import agree_min, shard_model  # noqa: PLC0415
+
+        shard_model(model, torch.distributed.get_rank(), world)
+    if device.type == "cuda" and dtype != torch.float32 and config.attention_backend != "torch":
+        from servelm.engine.fused import install_fused_kernels  # noqa: PLC0415 (CUDA only)
+
+        install_fused_kernels(model)
+    max_model_len = loaded.config.max_position_embeddings
+    num_blocks = config.num_kv_blocks or _num_kv_blocks(config, model, device, dtype, max_model_len)
+    if world > 1:
+        num_blocks = agree_min(num_blocks, device)
+    runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, sampler, config.attention_backend)
+    if device.type == "cuda" and not config.enforce_eager and runner.backend.name == "triton":
+        from servelm.engine.cuda_graph import CUDAGraphRunner  # noqa: PLC0415 (CUDA only)
+
+        runner.cuda_graph = CUDAGraphRunner(runner, config.max_num_seqs, max_model_len)
+    return runner, num_blocks
+
+
+def _num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
+    per_block = ModelRunner.kv_bytes_per_block(model, config.block_size, dtype)
+    if config.kv_cache_memory_bytes:
+        budget = config.kv_cache_memory_bytes
+    elif device.type == "cuda":
+        from servelm.engine.memory import profile_kv_budget
+
+        budget = profile_kv_budget(SimpleNamespace(model=model, config=config, device=device, dtype=dtype,
+                                                   max_model_len=max_model_len), config.gpu_memory_utilization)
+    else:
+        budget = CPU_KV_BYTES
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ValueError(f"the KV cache budget ({budget} bytes) holds no {per_block}-byte block")
+    return int(blocks)
 
 
 def _model_name(model: str | None, config_name: str) -> str:

@@ -13,6 +13,7 @@ import torch
 
 from servelm.engine.attention import BatchLayout, get_backend
 from servelm.engine.models.llama import LlamaForCausalLM
+from servelm.engine.parallel import pack_items
 from servelm.engine.sampling import Sampler, SampleResult
 from servelm.engine.sequence import Sequence
 
@@ -27,7 +28,7 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 kv_dtype: torch.dtype, sampler: Sampler, attention_backend: str = "auto"):
+                 kv_dtype: torch.dtype, sampler: Sampler | None, attention_backend: str = "auto"):
         cfg = model.config
         self.model = model
         self.device = device
@@ -38,6 +39,7 @@ class ModelRunner:
                                                         cfg.head_dim, kv_dtype, device)
         self.scale = cfg.head_dim ** -0.5
         self.cuda_graph = None  # a CUDAGraphRunner for decode steps, set by the engine on CUDA
+        self.workers = None  # rank 0 under tensor parallelism: the TensorParallel handle on the other ranks
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -47,22 +49,35 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> StepResult:
-        """Compute the scheduled tokens and sample for sequences that are up to date afterwards."""
+        """Compute the scheduled tokens and sample for sequences that are up to date afterwards.
+
+        Without a sampler (a tensor-parallel worker) nothing is sampled and the result is empty.
+        """
+        if self.workers is not None:  # tensor parallel: the other ranks run this same step
+            self.workers.call("run", pack_items(items))
+        logits, samplers = self._logits(items)
+        if not samplers or self.sampler is None:
+            return StepResult([], None)
+        return StepResult(samplers, self.sampler(logits, samplers))
+
+    def _logits(self, items: list[tuple[Sequence, int]]):
+        """(logits of the rows to sample, their sequences); (None, []) when no sequence samples."""
         if self.cuda_graph is not None:
             logits = self.cuda_graph.run(items)  # None unless an all-decode batch fits a captured size
             if logits is not None:
-                seqs = [s for s, _ in items]
-                return StepResult(seqs, self.sampler(logits, seqs))
+                return logits, [s for s, _ in items]
         hidden, sample_rows, samplers = self._forward(items)
         if not samplers:
-            return StepResult([], None)
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        return StepResult(samplers, self.sampler(logits, samplers))
+            return None, []
+        return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)]), samplers
 
     @torch.inference_mode()
     def all_logits(self, seq: Sequence) -> torch.Tensor:
         """Logits at every position of ``seq``'s uncomputed tokens (scoring, perplexity, tests)."""
-        hidden, _, _ = self._forward([(seq, seq.num_tokens - seq.num_computed_tokens)])
+        n = seq.num_tokens - seq.num_computed_tokens
+        if self.workers is not None:
+            self.workers.call("all_logits", pack_items([(seq, n)]))
+        hidden, _, _ = self._forward([(seq, n)])
         return self.model.compute_logits(hidden)
 
     def _forward(self, items: list[tuple[Sequence, int]]):

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, default=_S, help="Context window to serve (tokens).")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=_S, help="Memory for the KV cache.")
     p.add_argument("--dtype", default=_S)
+    p.add_argument("--tensor-parallel-size", type=int, default=_S, help="GPUs to split the model over (default 1).")
+    p.add_argument("--enforce-eager", action="store_true", default=_S, help="CUDA: no CUDA graphs (a baseline).")
     p.add_argument("--quantization", default=_S)
     p.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=_S,
                    help="Seconds before a request is stopped (default 600).")
@@ -90,7 +92,8 @@ def _settings(args: argparse.Namespace, fields: tuple[str, ...]):
 
 _SERVE_FIELDS = ("model", "served_model_name", "host", "port", "no_auth", "redis_url", "data_dir", "log_prompts",
                  "log_level", "max_num_seqs", "max_queue", "max_model_len", "kv_cache_memory_bytes", "dtype",
-                 "quantization", "request_timeout_s", "shutdown_timeout_s", "max_body_bytes", "embedding_model",
+                 "quantization", "tensor_parallel_size", "enforce_eager", "request_timeout_s", "shutdown_timeout_s",
+                 "max_body_bytes", "embedding_model",
                  "rag", "rag_data_dir", "pg_url", "rag_max_file_bytes",
                  "policy", "no_guard", "default_strategy", "fallback", "fallback_message", "enable_fault_injection")
 
@@ -109,7 +112,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     setup_logging(settings.log_level)
     engine_kwargs = {f: getattr(settings, f) for f in ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes",
-                                                        "enable_prefix_caching", "dtype", "quantization")
+                                                        "enable_prefix_caching", "dtype", "quantization",
+                                                        "tensor_parallel_size", "enforce_eager")
                      if getattr(settings, f) is not None}
     engine = AsyncEngine(EngineConfig(model=settings.model, **engine_kwargs))
     from servelm.prompts import UnknownStrategyError

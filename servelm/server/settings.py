@@ -39,6 +39,8 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16)
     kv_cache_memory_bytes: int | None = Field(None, ge=1)
     enable_prefix_caching: bool = True
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is split over (one process each).")
+    enforce_eager: bool = False
     embedding_model: str | None = Field(default_factory=default_embedding_model)
     embedding_model_name: str = "all-MiniLM-L6-v2"
 
