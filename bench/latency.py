@@ -132,11 +132,12 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default=None, help="int8, int4, nf4, nf4-dq (weight-only)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     model = args.model or ("dummy:llama-3-8b" if cuda else None)
     cfg = EngineConfig(model=model, max_num_seqs=4, max_model_len=2048, enforce_eager=args.enforce_eager,
-                       dtype=args.dtype, quantization=args.quantization,
+                       dtype=args.dtype, quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
                        gpu_memory_utilization=0.5, kv_cache_memory_bytes=None if cuda else 256 << 20)
     t = time.perf_counter()
     engine = LLMEngine(cfg)
@@ -147,13 +148,14 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": engine.model_name,
            "dtype": str(dtype).removeprefix("torch."), "new_tokens": args.new_tokens,
            "prompt_tokens": args.prompt_tokens, "engine_start_s": round(load_s, 1),
-           "cuda_graphs": engine.runner.cuda_graph is not None, "torch": torch.__version__}
+           "cuda_graphs": engine.runner.cuda_graph is not None, "torch": torch.__version__,
+           "tensor_parallel_size": args.tensor_parallel_size}
     servelm_decode(engine, prompt, 8)  # warm-up
     runs = [servelm_decode(engine, prompt, args.new_tokens) for _ in range(args.repeats)]
     res["servelm"] = {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
                       "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
                       "ms_per_token": 1e3 / statistics.median(r["decode_tok_s"] for r in runs)}
-    if engine.runner.cuda_graph is not None:  # GPU time of one batch-1 decode step, without the host's share
+    if engine.runner.cuda_graph is not None and args.tensor_parallel_size == 1:  # GPU time of one decode step
         g = engine.runner.cuda_graph.graphs[1]
         times = []
         for _ in range(30):
@@ -168,7 +170,8 @@ def main() -> None:
 
     weight_bytes = model_weight_bytes(engine.model)
     res["quantization"] = args.quantization
-    res["weight_bytes"] = weight_bytes
+    res["weight_bytes"] = weight_bytes  # this rank's: under tensor parallelism each GPU reads its share
+    engine.shutdown()
     mc = engine.model_config
     if not args.no_hf:
         dummy = bool(model) and model.startswith("dummy:")

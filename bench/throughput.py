@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--profile-ttft", action="store_true", help="print a profile of the prefix-cache TTFT runs")
     ap.add_argument("--ttft-model", default=None, help="model for the prefix-cache TTFT (CUDA default: "
                     "dummy:llama-3-8b, where a 2,000-token prefill is real work; CPU: the throughput model)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over")
     ap.add_argument("--sweep", action="store_true", help="also run max_num_seqs 8/32/128 (throughput vs batch)")
     ap.add_argument("--plot", default=None, help="PNG path for throughput vs batch size (needs --sweep, matplotlib)")
     args = ap.parse_args()
@@ -141,14 +142,15 @@ def main() -> None:
         lens = (*lens[:2], *args.output_len)
     cfg = EngineConfig(model=model, max_num_seqs=args.max_num_seqs, max_model_len=4096,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       kv_cache_memory_bytes=None if cuda else 2 << 30)
+                       kv_cache_memory_bytes=None if cuda else 2 << 30, tensor_parallel_size=args.tensor_parallel_size)
     engine = LLMEngine(cfg)
     vocab = min(engine.model_config.vocab_size, 32000)
     reqs = workload(n, *lens, vocab)
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": engine.model_name,
            "dtype": str(engine.dtype).removeprefix("torch."), "torch": torch.__version__,
            "workload": {"requests": n, "prompt_len": lens[:2], "output_len": lens[2:], "ignore_eos": True},
-           "kv_blocks": engine.kv.num_blocks, "block_size": engine.kv.block_size}
+           "kv_blocks": engine.kv.num_blocks, "block_size": engine.kv.block_size,
+           "tensor_parallel_size": args.tensor_parallel_size}
     run_engine(engine, workload(min(n, 16), 32, 64, 8, 16, vocab, seed=9))  # warm-up
     res["servelm"] = run_engine(engine, reqs)
     ttft_model = args.ttft_model or ("dummy:llama-3-8b" if cuda else model)
@@ -186,7 +188,8 @@ def main() -> None:
 
         dummy = bool(model) and model.startswith("dummy:")
         src, mc, device, dtype = engine.model, engine.model_config, engine.device, engine.dtype
-        del engine
+        engine.shutdown()
+        engine = None
         if cuda:
             torch.cuda.empty_cache()
         m = hf_model(src, mc, dtype, device, copy_weights=not dummy)
@@ -197,11 +200,14 @@ def main() -> None:
         res["speedup_vs_transformers"] = res["servelm"]["tok_s"] / r["tok_s"]
         del m
     if ttft_model != model:
+        if engine is not None:
+            engine.shutdown()
         engine = None
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        engine = LLMEngine(EngineConfig(model=ttft_model, max_num_seqs=8, max_model_len=4096))
+        engine = LLMEngine(EngineConfig(model=ttft_model, max_num_seqs=8, max_model_len=4096,
+                                        tensor_parallel_size=args.tensor_parallel_size))
         res["prefix_cache_ttft"] = {"model": engine.model_name,
                                     **prefix_ttft(engine, min(engine.model_config.vocab_size, 32000),
                                                   args.prefix_tokens, profile=args.profile_ttft)}

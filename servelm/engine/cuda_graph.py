@@ -1,5 +1,9 @@
 """CUDA graphs for decode steps: the whole forward pass and LM head replayed as one launch.
 
+Steps made of decodes and short prefills (each prefill token a decode row, see
+``attention.base.SHORT_PREFILL``) replay them too: the new tokens behind a prefix-cache hit cost
+one graph replay instead of ~400 eager launches.
+
 Graphs are captured once at a ladder of batch sizes (1, 2, 4, 8, then every 16 up to
 ``max_num_seqs``); a decode batch is padded to the next captured size. Inputs live in
 persistent device buffers that each step overwrites with one host-to-device copy of a
@@ -13,6 +17,7 @@ import logging
 import torch
 
 from servelm.engine.attention import BatchLayout
+from servelm.engine.attention.base import SHORT_PREFILL
 from servelm.engine.attention.triton_backend import TritonAttentionBackend
 from servelm.engine.attention.triton_kernels import pick_num_splits
 from servelm.engine.sequence import Sequence
@@ -75,30 +80,44 @@ class CUDAGraphRunner:
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
-    def run(self, items: list[tuple[Sequence, int]]) -> torch.Tensor | None:
-        """Logits [len(items), vocab] for an all-decode batch that fits a captured size; else None."""
-        n = len(items)
-        if n > self.max_bs or any(k != 1 or s.num_computed_tokens + 1 != s.num_tokens for s, k in items):
+    def run(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]] | None:
+        """(logits of the sampling rows, their sequences) for a step that fits a captured size; else None.
+
+        Every scheduled token is one row: a decode is one row, a short prefill (see
+        ``attention.base.SHORT_PREFILL``; e.g. the new tokens behind a prefix-cache hit) one row per token.
+        """
+        rows = sum(n for _, n in items)
+        if rows > self.max_bs or any(n > SHORT_PREFILL for _, n in items):
             return None
-        bs = next(s for s in self.sizes if s >= n)
+        bs = next(s for s in self.sizes if s >= rows)
         block_size = self.runner.block_size
         # The previous step's copies finished before its sampler read the token ids, so the
         # pinned staging buffers are free to overwrite.
         st, tab = self.staging_np, self.table_staging_np
-        widest = 0
-        for i, (seq, _) in enumerate(items):
-            pos = seq.num_computed_tokens
+        i = widest = 0
+        sample_rows, samplers = [], []
+        for seq, n in items:
+            start = seq.num_computed_tokens
             table = seq.block_table
-            st[0, i] = seq.token_ids[pos]
-            st[1, i] = pos
-            st[2, i] = table[pos // block_size] * block_size + pos % block_size
-            st[3, i] = pos + 1
-            tab[i, :len(table)] = table
+            ids = seq.token_ids[start:start + n]
+            for pos in range(start, start + n):
+                st[0, i] = ids[pos - start]
+                st[1, i] = pos
+                st[2, i] = table[pos // block_size] * block_size + pos % block_size
+                st[3, i] = pos + 1
+                tab[i, :len(table)] = table
+                i += 1
             widest = max(widest, len(table))
-        st[:2, n:bs] = 0
-        st[2, n:bs] = -1  # padding rows: no K/V write, attend to one (stale) token
-        st[3, n:bs] = 1
+            if start + n == seq.num_tokens:
+                sample_rows.append(i - 1)
+                samplers.append(seq)
+        st[:2, rows:bs] = 0
+        st[2, rows:bs] = -1  # padding rows: no K/V write, attend to one (stale) token
+        st[3, rows:bs] = 1
         self.meta[:, :bs].copy_(self.staging[:, :bs], non_blocking=True)
-        self.tables[:n, :widest].copy_(self.table_staging[:n, :widest], non_blocking=True)
+        self.tables[:rows, :widest].copy_(self.table_staging[:rows, :widest], non_blocking=True)
         self.graphs[bs].replay()
-        return self.logits[bs][:n]
+        logits = self.logits[bs]
+        if len(sample_rows) == rows:  # all decodes: the rows are 0..rows-1
+            return logits[:rows], samplers
+        return logits[torch.tensor(sample_rows, device=logits.device)], samplers

@@ -63,9 +63,9 @@ class ModelRunner:
     def _logits(self, items: list[tuple[Sequence, int]]):
         """(logits of the rows to sample, their sequences); (None, []) when no sequence samples."""
         if self.cuda_graph is not None:
-            logits = self.cuda_graph.run(items)  # None unless an all-decode batch fits a captured size
-            if logits is not None:
-                return logits, [s for s, _ in items]
+            out = self.cuda_graph.run(items)  # None unless the step's rows fit a captured size
+            if out is not None:
+                return out
         hidden, sample_rows, samplers = self._forward(items)
         if not samplers:
             return None, []

@@ -36,6 +36,26 @@ class BatchLayout:
         return len(self.query_lens)
 
 
+SHORT_PREFILL = 32  # new tokens per sequence up to which a prefill runs as decode rows
+
+
+def short_prefill_rows(layout: BatchLayout) -> bool:
+    """True when every prefill of ``layout`` is short enough to run as decode rows."""
+    return all(n <= SHORT_PREFILL for n in layout.query_lens[:layout.num_prefills])
+
+
+def as_decode_rows(layout: BatchLayout) -> BatchLayout:
+    """The same step with every token as its own decode row (its own causal context, its sequence's table)."""
+    q_lens = layout.query_lens
+    ctx = [c - n + 1 + j for n, c in zip(q_lens, layout.context_lens) for j in range(n)]
+    dev = layout.block_tables.device
+    repeats = torch.tensor(q_lens, device=dev)
+    tables = torch.repeat_interleave(layout.block_tables, repeats, dim=0, output_size=len(ctx))
+    return BatchLayout(slot_mapping=layout.slot_mapping, query_lens=[1] * len(ctx), context_lens=ctx,
+                       block_tables=tables, num_prefills=0, num_prefill_tokens=0,
+                       context_lens_tensor=torch.tensor(ctx, dtype=torch.int32).to(dev, non_blocking=True))
+
+
 class AttentionContext(ABC):
     """Per-step attention state handed to the model's forward pass."""
 

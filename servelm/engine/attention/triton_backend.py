@@ -4,14 +4,20 @@ Per layer and step: one kernel stores the new K/V into their slots; one kernel r
 prefill (chunked or behind a cached prefix) reading keys through the block tables; the
 decodes run as flash-decoding (context split across programs, then merged). The layout is
 the reference backend's, so both read the same cache (tests compare them on it).
+
+Short prefills (at most ``SHORT_PREFILL`` new tokens each, e.g. a prompt whose long prefix came from
+the prefix cache) run as decode rows instead: token ``j`` of a sequence is a query over its first
+``prefix + j + 1`` tokens, which is what causal prefill computes. A step made only of such rows is
+what the decode CUDA graphs replay (``cuda_graph.py``), so eager and graph steps use the same kernel
+for them.
 """
 from __future__ import annotations
 
 import torch
 
-from servelm.engine.attention.base import AttentionBackend, AttentionContext, BatchLayout
+from servelm.engine.attention.base import (AttentionBackend, AttentionContext, BatchLayout, as_decode_rows,
+                                           short_prefill_rows)
 from servelm.engine.attention.triton_kernels import decode_attention, pick_num_splits, prefill_attention, store_kv
-
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
@@ -39,6 +45,8 @@ class TritonAttentionBackend(AttentionBackend):
 class TritonAttentionContext(AttentionContext):
     def __init__(self, layout: BatchLayout, kv_caches: list[torch.Tensor], scale: float,
                  num_splits: int | None = None):
+        if layout.num_prefills and short_prefill_rows(layout):
+            layout = as_decode_rows(layout)
         self.layout = layout
         self.kv_caches = kv_caches
         self.scale = scale
