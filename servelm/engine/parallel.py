@@ -203,6 +203,10 @@ def _recv(shm, ready, free):
 
 def init_group(rank: int, world: int, port: int, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # All ranks share one host: bootstrap over loopback. By default gloo binds to the address the
+    # hostname resolves to, which in some VMs is unreachable (init then hangs).
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -280,8 +284,10 @@ def _worker_main(config, rank: int, world: int, port: int, shm_name: str, ready,
         if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
         init_group(rank, world, port, device)
+        log.info("tensor-parallel worker %d/%d up on %s", rank, world, device)
         loaded = load_model(config.model, dtype, device, config.max_model_len, config.seed)
-        runner, _ = build_runner(config, loaded, device, dtype, sampler=None)
+        runner, num_blocks = build_runner(config, loaded, device, dtype, sampler=None)
+        log.info("tensor-parallel worker %d ready: %d KV blocks", rank, num_blocks)
         while True:
             method, args = _recv(shm, ready, free)
             if method == "exit":
