@@ -12,6 +12,7 @@ whose means are about 200 and 180 tokens (medians ``--input-len``/``--output-len
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -47,6 +48,12 @@ def start_server(model: str, port: int, extra: str, max_num_seqs: int, log_path:
     raise RuntimeError("server did not become ready in 10 minutes")
 
 
+def quiet(argv: list[str]) -> None:
+    """Run bench/serve.py; its per-run JSON goes to stderr (stdout carries only the sweep's report)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        serve.main(argv)
+
+
 def sweep(args, extra: str, port: int, out_dir: str) -> dict:
     proc = start_server(args.model, port, extra, args.max_num_seqs, os.path.join(out_dir, f"server_{port}.log"))
     base = ["--base-url", f"http://127.0.0.1:{port}", "--dataset", "sharegpt", "--input-len", str(args.input_len),
@@ -54,11 +61,11 @@ def sweep(args, extra: str, port: int, out_dir: str) -> dict:
     results = {}
     try:
         warm = os.path.join(out_dir, "warm.json")
-        serve.main(base + ["--num-prompts", "16", "--request-rate", "inf", "--out", warm])
+        quiet(base + ["--num-prompts", "16", "--request-rate", "inf", "--out", warm])
         for rate in args.rates:
             n = args.num_prompts or int(min(400, max(64, (rate if rate != float("inf") else 16) * args.seconds)))
             path = os.path.join(out_dir, f"rate_{rate}_{port}.json")
-            serve.main(base + ["--num-prompts", str(n), "--request-rate", str(rate), "--seed", "1", "--out", path])
+            quiet(base + ["--num-prompts", str(n), "--request-rate", str(rate), "--seed", "1", "--out", path])
             with open(path) as f:
                 r = json.load(f)
             results[str(rate)] = {k: r[k] for k in ("completed", "failed", "duration_s", "request_throughput_rps",
