@@ -61,3 +61,15 @@ def test_tp_size_must_divide_the_heads():
 def test_tp_with_quantization_is_refused_before_loading():
     with pytest.raises(ValueError, match="tensor parallelism does not combine with quantization"):
         LLMEngine(EngineConfig(model=MODEL, device="cpu", tensor_parallel_size=2, quantization="int8"))
+
+
+def test_dead_worker_is_an_error_not_a_hang():
+    engine = LLMEngine(EngineConfig(model=MODEL, device="cpu", tensor_parallel_size=2, kv_cache_memory_bytes=64 << 20))
+    try:
+        worker = engine.tp.procs[0]
+        worker.kill()
+        worker.join()
+        with pytest.raises(RuntimeError):
+            engine.prompt_logits(PROMPTS[1])
+    finally:
+        engine.shutdown()

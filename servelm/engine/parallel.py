@@ -173,12 +173,15 @@ class StepChannel:
         for e in self.free:
             e.set()
 
-    def send(self, method: str, *args) -> None:
+    def send(self, method: str, args: tuple, alive) -> None:
+        """Write one message once every worker has read the last; raises RuntimeError if ``alive()`` turns False."""
         data = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         if len(data) + 4 > SHM_BYTES:
             raise ValueError(f"a tensor-parallel step message of {len(data)} bytes exceeds {SHM_BYTES}")
         for e in self.free:
-            e.wait()
+            while not e.wait(5.0):
+                if not alive():
+                    raise RuntimeError("a tensor-parallel worker process died; see its traceback above")
             e.clear()
         self.shm.buf[:4] = struct.pack("<I", len(data))
         self.shm.buf[4:4 + len(data)] = data
@@ -251,7 +254,10 @@ class TensorParallel:
         self.closed = False
 
     def call(self, method: str, *args) -> None:
-        self.channel.send(method, *args)
+        self.channel.send(method, args, self.alive)
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
 
     def close(self) -> None:
         """Stop the workers and leave the process group (idempotent)."""
@@ -259,8 +265,8 @@ class TensorParallel:
             return
         self.closed = True
         try:
-            self.channel.send("exit")
-        except Exception:  # noqa: BLE001 (best effort at shutdown)
+            self.channel.send("exit", (), self.alive)
+        except RuntimeError:  # a worker is gone already; join/terminate the rest below
             pass
         for p in self.procs:
             p.join(timeout=30)
