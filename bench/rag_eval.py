@@ -260,7 +260,8 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=100_000)
     ap.add_argument("--workdir", default="")
     ap.add_argument("--skip-quality", action="store_true", help="only the latency run (no pipelines compared)")
-    ap.add_argument("--ann-threshold", type=int, default=0, help="latency run: FAISS IVF from this many chunks (0: exact)")
+    ap.add_argument("--ann-threshold", type=int, default=0,
+                    help="latency run: FAISS IVF from this many chunks (0: exact)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the embedder (see docs/rag.md)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

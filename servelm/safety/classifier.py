@@ -49,7 +49,8 @@ CUES = {
                                  r"programming|restrictions?|polic(?:y|ies)|training)\b", re.IGNORECASE),
     "rules_removed": re.compile(r"\b(?:no|without|free\s+(?:of|from)|not\s+bound\s+by|break(?:s|ing)?|ignores?)\s+"
                                 r"(?:any\s+|the\s+|all\s+)?(?:rules|restrictions|limits|limitations|filters?|"
-                                r"censorship|guidelines|ethics|morals|content\s+polic(?:y|ies)|safety)\b", re.IGNORECASE),
+                                r"censorship|guidelines|ethics|morals|content\s+polic(?:y|ies)|safety)\b",
+                                re.IGNORECASE),
     "reveal_prompt": re.compile(r"\b(?:system\s+prompt|initial\s+instructions|hidden\s+instructions|"
                                 r"instructions\s+(?:above|you\s+were\s+given))\b", re.IGNORECASE),
 }

@@ -84,7 +84,7 @@ class Guarding:
         req = PromptRequest(question=convo[last]["content"], system=system or DEFAULT_SYSTEM,
                             history=convo[:last], examples=examples)
         turn.metadata["strategy"] = strategy
-        if turn.rag is not None:  # the RAG stage renders it with the retrieved context (system → examples → context → question)
+        if turn.rag is not None:  # the RAG stage renders it around the retrieved context (servelm.server.rag_stage)
             turn.metadata["prompt_request"] = req
             return
         turn.messages = strategy.messages(req)
