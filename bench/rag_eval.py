@@ -19,6 +19,7 @@ re-rank, generation excluded) over ``--scale`` synthetic chunks (random corpus w
 unit vectors: embedding 100k real chunks takes hours on 2 cores).
 
     HF_HUB_OFFLINE=1 python3 bench/rag_eval.py [--articles 12] [--scale 100000]
+    HF_HUB_OFFLINE=1 python3 bench/rag_eval.py --skip-quality [--ann-threshold 50000]   # latency only
 """
 from __future__ import annotations
 
@@ -184,9 +185,11 @@ def _cfg_dict(cfg) -> dict:
     return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
 
 
-def latency_at_scale(n: int, questions, emb: Embedder, workdir: str, vocab: list[str], n_queries: int = 300) -> dict:
-    """Return query latency p50/p99 (ms) of the default pipeline over ``n`` synthetic chunks."""
-    store = FaissStore(os.path.join(workdir, "scale"))
+def latency_at_scale(n: int, questions, emb: Embedder, workdir: str, vocab: list[str], n_queries: int = 300,
+                     ann_threshold: int = 0) -> dict:
+    """Return query latency p50/p99 (ms, wall and this process's CPU time) of the default pipeline over
+    ``n`` synthetic chunks, and the p50 of each stage. ``ann_threshold`` > 0 searches with FAISS IVF."""
+    store = FaissStore(os.path.join(workdir, "scale"), ann_threshold=ann_threshold)
     store.create_collection("scale", emb.dim, emb.name)
     rng = np.random.default_rng(0)
     t0 = time.time()
@@ -208,15 +211,45 @@ def latency_at_scale(n: int, questions, emb: Embedder, workdir: str, vocab: list
     t0 = time.time()
     r.retrieve("scale", questions[0]["query"], k=5)  # first query builds the BM25 index
     bm25_build_s = time.time() - t0
-    lat = []
-    for q in (questions * (n_queries // len(questions) + 1))[:n_queries]:
-        t0 = time.perf_counter()
+    lat, cpu = [], []
+    queries = (questions * (n_queries // len(questions) + 1))[:n_queries]
+    for q in queries:
+        t0, c0 = time.perf_counter(), time.process_time()
         r.retrieve("scale", q["query"], k=5)
         lat.append((time.perf_counter() - t0) * 1000)
+        cpu.append((time.process_time() - c0) * 1000)
+    stages = stage_times(r, store, queries[:100])
     store.close()
-    return {"chunks": n, "store_build_s": round(build_s, 1), "bm25_build_s": round(bm25_build_s, 2),
-            "queries": len(lat), "p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2)}
+    p = lambda xs, q: round(float(np.percentile(xs, q)), 2)  # noqa: E731
+    return {"chunks": n, "index": "ivf" if ann_threshold else "exact", "store_build_s": round(build_s, 1),
+            "bm25_build_s": round(bm25_build_s, 2), "queries": len(lat), "p50_ms": p(lat, 50), "p99_ms": p(lat, 99),
+            "cpu_p50_ms": p(cpu, 50), "cpu_p99_ms": p(cpu, 99), "stage_p50_ms": stages}
+
+
+def stage_times(r: Retriever, store, queries) -> dict:
+    """Return the wall-time p50 (ms) of each stage of the retrieval pipeline, run one by one."""
+    from servelm.rag.reranker import Hit, annotate
+    from servelm.rag.retriever import rrf
+
+    t = {s: [] for s in ("embed_query", "faiss", "bm25", "rrf", "fetch_chunks", "rerank")}
+    for q in queries:
+        marks = [time.perf_counter()]
+        qv = r.embedder.embed_query(q["query"])
+        marks.append(time.perf_counter())
+        dense = [i for i, _ in store.search("scale", qv, r.cfg.fetch_k)]
+        marks.append(time.perf_counter())
+        lexical = [i for i, _ in r.bm25("scale").search(q["query"], r.cfg.fetch_k)]
+        marks.append(time.perf_counter())
+        fused = rrf([dense, lexical], r.cfg.rrf_k)[:r.cfg.fetch_k]
+        marks.append(time.perf_counter())
+        hits = [Hit(c) for c in store.get_chunks("scale", [i for i, _ in fused], vectors=True)]
+        marks.append(time.perf_counter())
+        annotate(qv, hits)
+        r.reranker.rerank(q["query"], qv, hits)
+        marks.append(time.perf_counter())
+        for s, a, b in zip(t, marks, marks[1:]):
+            t[s].append((b - a) * 1000)
+    return {s: round(float(np.median(v)), 2) for s, v in t.items()}
 
 
 def main() -> None:
@@ -226,6 +259,9 @@ def main() -> None:
     ap.add_argument("--terms", type=int, default=6)
     ap.add_argument("--scale", type=int, default=100_000)
     ap.add_argument("--workdir", default="")
+    ap.add_argument("--skip-quality", action="store_true", help="only the latency run (no pipelines compared)")
+    ap.add_argument("--ann-threshold", type=int, default=0,
+                    help="latency run: FAISS IVF from this many chunks (0: exact)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the embedder (see docs/rag.md)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -239,14 +275,16 @@ def main() -> None:
            "corpus": {"articles": len(articles), "chars": sum(len(t) for _, t in articles), "questions": len(questions),
                       "example_questions": [q["query"] for q in questions[:3]]},
            "pipelines": {}}
-    res["pipelines"]["langchain-1000"] = langchain_pipeline(articles, questions, emb, 1000, 200)
-    res["pipelines"]["langchain-2000"] = langchain_pipeline(articles, questions, emb, 2000, 200)
-    res["pipelines"].update(servelm_pipelines(articles, questions, emb, workdir))
-    best_lc = max(res["pipelines"][p]["recall@5"] for p in ("langchain-1000", "langchain-2000"))
-    res["recall@5_gain_points_vs_best_langchain"] = round(100 * (res["pipelines"]["servelm-hybrid+rerank (default)"]["recall@5"] - best_lc), 1)
+    if not args.skip_quality:
+        res["pipelines"]["langchain-1000"] = langchain_pipeline(articles, questions, emb, 1000, 200)
+        res["pipelines"]["langchain-2000"] = langchain_pipeline(articles, questions, emb, 2000, 200)
+        res["pipelines"].update(servelm_pipelines(articles, questions, emb, workdir))
+        best_lc = max(res["pipelines"][p]["recall@5"] for p in ("langchain-1000", "langchain-2000"))
+        default = res["pipelines"]["servelm-hybrid+rerank (default)"]["recall@5"]
+        res["recall@5_gain_points_vs_best_langchain"] = round(100 * (default - best_lc), 1)
     if args.scale:
         vocab = sorted({w.lower() for _, t in articles for w in _WORD.findall(t)})
-        res["latency"] = latency_at_scale(args.scale, questions, emb, workdir, vocab)
+        res["latency"] = latency_at_scale(args.scale, questions, emb, workdir, vocab, ann_threshold=args.ann_threshold)
     for p in res["pipelines"].values():
         for k, v in p.items():
             if isinstance(v, float):

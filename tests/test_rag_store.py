@@ -14,7 +14,7 @@ from tests.rag_support import pg_uri
 DIM = 8
 
 
-@pytest.fixture(params=["faiss", "pgvector"])
+@pytest.fixture(params=["faiss", "faiss-ivf", "pgvector"])
 def make_store(request, tmp_path):
     """Return a factory that opens the store (again, for restart tests) on the same data."""
     opened = []
@@ -22,6 +22,8 @@ def make_store(request, tmp_path):
     def make():
         if request.param == "faiss":
             s = FaissStore(str(tmp_path / "data"))
+        elif request.param == "faiss-ivf":  # the approximate index from the first vector on
+            s = FaissStore(str(tmp_path / "data"), ann_threshold=1)
         else:
             s = PgVectorStore(pg_uri())
         opened.append(s)
@@ -130,3 +132,27 @@ def test_persistence_across_restart(make_store):
     assert s2.search("c", vec(1), 5) == pytest.approx(before)
     add(s2, "c", "d", 1, first=6)
     assert s2.get_chunks("c", [s2.search("c", vec(6), 1)[0][0]])[0].doc_id == "d"
+
+
+def test_faiss_switches_to_ivf_past_the_threshold_and_still_finds_each_chunk(tmp_path):
+    import faiss
+
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((3000, 64)).astype(np.float32)
+    big /= np.linalg.norm(big, axis=1, keepdims=True)
+    s = FaissStore(str(tmp_path / "data"), ann_threshold=2000, nprobe=4)
+    s.create_collection("c", 64, "m")
+    for d in range(3):  # grows past 2,000 chunks through ordinary ingest
+        recs = [ChunkRecord(f"d{d}", f"d{d}.txt", f"t{i}", 0, 1, vector=big[d * 1000 + i]) for i in range(1000)]
+        s.replace_document("c", DocumentRecord(f"d{d}", f"d{d}.txt", f"h{d}"), recs)
+    ids = {i: c.id for i, c in enumerate(s.get_chunks("c", list(range(1, 3001))))}
+    assert isinstance(s._get_index("c"), faiss.IndexIVF)
+    for i in (0, 1500, 2999):  # a chunk's own vector finds it first (its list is always probed)
+        assert s.search("c", big[i], 5)[0][0] == ids[i]
+    assert {cid for cid, _ in s.search("c", big[5], 10, where={"doc_id": "d2"})} <= {ids[i] for i in range(2000, 3000)}
+    s.delete_document("c", "d0")
+    assert s.search("c", big[0], 5)[0][0] != ids[0]
+    s.close()
+    s2 = FaissStore(str(tmp_path / "data"), ann_threshold=2000, nprobe=4)
+    assert s2.search("c", big[2999], 1)[0][0] == ids[2999]
+    s2.close()

@@ -148,6 +148,57 @@ def test_pii_split_across_tokens_never_leaves_the_server_when_streamed(env):
     assert "EMAIL_ADDRESS" in raw and "john" not in raw
 
 
+# ------------------------------------------------------------------ RAG answers pass the same guard
+KEEPER = ("The Fenwick lighthouse keeper answers letters. The keeper's e-mail address is "
+          f"{EMAIL}. Write to {EMAIL} for visits.")
+ASK_KEEPER = "What is the e-mail address of the lighthouse keeper?"
+
+
+@pytest.fixture(scope="module")
+def kb(env):
+    assert call(env, "POST", "/v1/collections", "root", {"name": "guarded"}).status_code == 201
+    r = httpx.post(env.url + "/v1/collections/guarded/documents", files=[("file", ("keeper.md", KEEPER.encode()))],
+                   headers={"Authorization": f"Bearer {env.keys['root']}"}, timeout=120)
+    assert r.status_code == 200, r.text
+    return "guarded"
+
+
+def rag_query(env, key: str, query: str, stream: bool = False) -> tuple[int, dict]:
+    """Returns the status and the final answer object (the last event of a stream)."""
+    body = {"collection": "guarded", "query": query, "max_tokens": 24, "temperature": 0, "stream": stream}
+    if not stream:
+        r = call(env, "POST", "/v1/rag/query", key, body)
+        return r.status_code, r.json()
+    with httpx.stream("POST", env.url + "/v1/rag/query", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {env.keys[key]}"}) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, r.json()
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert all("delta" in e for e in events[:-1])
+    return 200, {**events[-1], "deltas": [e["delta"] for e in events[:-1]]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_rag_query_passes_the_input_guard(env, kb, stream):
+    status, body = rag_query(env, "alice", INJECTION, stream)
+    assert status == 400 and body["error"]["code"] == "content_filter" and body["error"]["param"] == "query"
+    status, body = rag_query(env, "reviewed", INJECTION, stream)  # held for review: nothing generated
+    assert status == 200 and body["finish_reason"] == "content_filter" and body["servelm"]["review_id"]
+    assert body["sources"] == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_rag_answer_passes_the_output_guard(env, kb, stream):
+    status, raw = rag_query(env, "pii-off", ASK_KEEPER, stream)
+    assert status == 200 and EMAIL in raw["answer"]  # the model does copy the address from the document
+    status, body = rag_query(env, "alice", ASK_KEEPER, stream)
+    assert status == 200 and "<EMAIL_ADDRESS>" in body["answer"] and "john" not in body["answer"]
+    assert body["found"] is True and body["sources"] and "finish_reason" not in body
+    for d in body.get("deltas", []):  # streamed: not even a fragment leaves the server
+        assert "john" not in d and "example" not in d and "@" not in d, body["deltas"]
+
+
 # ------------------------------------------------------------------ human review through the API
 def test_review_hold_fetch_approve_reject_and_audit(env):
     held = chat(env, "reviewed", [{"role": "user", "content": INJECTION}]).json()

@@ -48,8 +48,9 @@ def keys(srv):
             "embed": create_key(srv.data_dir, "embedder", "embeddings")}
 
 
-def call(srv, method, path, key, **kw):
-    return httpx.request(method, srv.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=120, **kw)
+def call(srv, method, path, key, headers=None, **kw):
+    return httpx.request(method, srv.url + path, headers={"Authorization": f"Bearer {key}", **(headers or {})},
+                         timeout=120, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,33 @@ def test_chat_completion_with_rag_returns_sources_and_fences_context(srv, keys, 
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text and not chunks[-1].choices
     _check_sources(srv, keys["chat"], chunks[-1].model_extra["sources"])
+
+
+def test_chat_rag_with_a_strategy_keeps_the_strategys_framing_and_the_numbered_context(srv, keys, kb):
+    from servelm.prompts.strategies import ChainOfThought, GROUNDING_INSTRUCTION
+
+    system, example = "You are terse.", {"input": "When was the bridge opened?", "output": "In 1901 [1]."}
+    for rid, strategy, extra in (("rag-few-shot", "few_shot", {"examples": [example]}),
+                                 ("rag-cot", "chain_of_thought", {})):
+        r = call(srv, "POST", "/v1/chat/completions", keys["chat"], headers={"x-request-id": rid},
+                 json={"messages": [{"role": "system", "content": system}, {"role": "user", "content": ASK}],
+                       "max_tokens": 8, "strategy": strategy, "rag": {"collection": "kb", "k": 2}, **extra})
+        assert r.status_code == 200, r.text
+        _check_sources(srv, keys["chat"], r.json()["sources"])
+        prompt = next(x for x in srv.log_records() if x.get("request_id") == rid and "prompt" in x)["prompt"]
+        # system: the client's own text, the grounding rule and the strategy's instructions; no documents
+        assert system in prompt[0]["content"] and GROUNDING_INSTRUCTION in prompt[0]["content"]
+        assert "<document index=" not in prompt[0]["content"] and "1873" not in prompt[0]["content"]
+        if strategy == "chain_of_thought":
+            assert ChainOfThought.instructions in prompt[0]["content"]
+            assert [m["role"] for m in prompt] == ["system", "user"]
+        else:  # the example turns come between the system message and the question
+            assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user"]
+            assert example["input"] in prompt[1]["content"] and prompt[2]["content"] == example["output"]
+        last = prompt[-1]["content"]  # numbered context, then the question, fenced
+        assert '<document index="1"' in last and "1873" in last
+        assert last.index("<context>") < last.index("<question>") and ASK in last[last.index("<question>"):]
+        assert last.count("<question>") == 1
 
 
 def test_chat_rag_with_unknown_collection_is_404(srv, keys, kb):

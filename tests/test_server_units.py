@@ -141,3 +141,16 @@ def test_body_limit_applies_to_chunked_bodies_too():
     r = client.post("/echo", content=chunks, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert "x-request-id" in r.headers
+
+
+def test_ingest_and_server_keep_collections_in_one_place(tmp_path, monkeypatch):
+    from servelm.rag import cli as ingest_cli
+    from servelm.rag.config import RagConfig
+
+    monkeypatch.setenv("SERVELM_DATA_DIR", str(tmp_path / "default"))
+    assert ServerSettings().rag_dir == str(tmp_path / "default" / "rag") == RagConfig().resolved().data_dir
+    doc = tmp_path / "note.md"
+    doc.write_text("# Note\n\nThe lighthouse was built in 1873.\n")
+    assert ingest_cli.main([str(doc), "--collection", "kb", "--data-dir", str(tmp_path / "d"), "--no-progress"]) == 0
+    served = ServerSettings(data_dir=str(tmp_path / "d")).rag_dir  # what `servelm serve --data-dir d` opens
+    assert (tmp_path / "d" / "rag" / "store.sqlite").exists() and served == str(tmp_path / "d" / "rag")

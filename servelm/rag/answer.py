@@ -12,32 +12,37 @@ SYSTEM = ("You answer questions using only the numbered documents provided. Afte
           "document it comes from as [n], where n is the document's index. If the documents do not "
           "contain the answer, say that they do not.")
 NO_ANSWER = "The documents do not contain an answer to this question."
+Render = Callable[[list[ContextChunk]], list[dict]]
 _CITE_RE = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 
 
 def build_messages(question: str, hits: list[Hit], count_tokens: Callable[[list[dict]], int],
                    context_window: int, reserve: int, history: list[dict] | None = None,
-                   system: str = SYSTEM) -> tuple[list[dict], list[Hit]]:
+                   system: str = SYSTEM, render: Render | None = None) -> tuple[list[dict], list[Hit]]:
     """Return ``(messages, used_hits)``: the best hits that fit in ``context_window - reserve``.
 
     ``count_tokens(messages)`` counts the rendered prompt in the answering model's tokens.
+    ``render(context)`` builds the messages around the numbered chunks; by default the layered prompt
+    (``system`` → context → ``question``, after ``history``); a prompt strategy passes its own, so its
+    instructions and examples stay (system → examples → context → question).
     Hits are tried best first; one that does not fit is skipped so a smaller one may.
     Raises ValueError if even the question alone does not fit.
     """
+    if render is None:
+        def render(context: list[ContextChunk]) -> list[dict]:
+            return LayeredPrompt(system=system, question=question, history=list(history or []),
+                                 context=context).to_messages()
     budget = context_window - reserve
-    prompt = LayeredPrompt(system=system, question=question, history=list(history or []))
-    if count_tokens(prompt.to_messages()) > budget:
+    if count_tokens(render([])) > budget:
         raise ValueError(f"the question alone does not fit the context window ({context_window} tokens, "
                          f"{reserve} kept for the answer); shorten it")
+    context: list[ContextChunk] = []
     used: list[Hit] = []
     for h in hits:
-        trial = prompt.context + [ContextChunk(len(used) + 1, h.chunk.text, h.chunk.source, h.chunk.page)]
-        prompt.context = trial
-        if count_tokens(prompt.to_messages()) <= budget:
-            used.append(h)
-        else:
-            prompt.context = trial[:-1]
-    return prompt.to_messages(), used
+        trial = context + [ContextChunk(len(used) + 1, h.chunk.text, h.chunk.source, h.chunk.page)]
+        if count_tokens(render(trial)) <= budget:
+            context, used = trial, used + [h]
+    return render(context), used
 
 
 def source_of(n: int, h: Hit) -> dict:

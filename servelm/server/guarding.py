@@ -33,7 +33,7 @@ class Guarding:
 
     def pipeline(self) -> RequestPipeline:
         """Returns the chat route's stages: input guard and strategy before, answer guard after."""
-        return RequestPipeline(pre=[self._check_input, self._apply_strategy, self._add_canary],
+        return RequestPipeline(pre=[self._check_input, self._apply_strategy], finish=[self._add_canary],
                                post=[self._finish_answer],
                                stream=[lambda turn: ChoiceStream(self, turn)], features=frozenset({"strategy"}))
 
@@ -52,8 +52,8 @@ class Guarding:
                     m["content"] = (await self.guard.acheck_input(m["content"], request_id=turn.request_id,
                                                                   api_key=turn.key_name)).text
 
-    async def check_prompt(self, text: str, request_id: str, key_name: str) -> Answer | None:
-        """Scans a raw prompt (completions); returns a held Answer for review, None to go on.
+    async def check_prompt(self, text: str, request_id: str, key_name: str, param: str = "prompt") -> Answer | None:
+        """Scans a raw prompt (completions, RAG queries); returns a held Answer for review, None to go on.
 
         Raises APIError(400, code "content_filter") when the policy blocks it.
         """
@@ -61,7 +61,7 @@ class Guarding:
             return None
         d = await self.guard.acheck_input(text, request_id=request_id, api_key=key_name)
         if d.action == "block":
-            raise content_filtered(d.message, "prompt")
+            raise content_filtered(d.message, param)
         return held_answer(d) if d.action == "review" else None
 
     # -- prompt strategy --------------------------------------------------------------------------
@@ -83,8 +83,11 @@ class Guarding:
         # document text stays fenced in user turns (servelm.prompts.layered).
         req = PromptRequest(question=convo[last]["content"], system=system or DEFAULT_SYSTEM,
                             history=convo[:last], examples=examples)
-        turn.messages = strategy.messages(req)
         turn.metadata["strategy"] = strategy
+        if turn.rag is not None:  # the RAG stage renders it around the retrieved context (servelm.server.rag_stage)
+            turn.metadata["prompt_request"] = req
+            return
+        turn.messages = strategy.messages(req)
 
     async def _add_canary(self, turn: ChatTurn) -> None:
         # With a canary in the policy, the system message carries it, so a leak of the system prompt

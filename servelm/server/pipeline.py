@@ -69,6 +69,8 @@ class RequestPipeline:
     (``"strategy"``, ``"rag"``); a request using one no stage handles gets a 400 instead of being ignored."""
 
     pre: list[PreStage] = field(default_factory=list)
+    # Pre-stages that must see the finished prompt (e.g. a canary added to the system message): after ``pre``.
+    finish: list[PreStage] = field(default_factory=list)
     post: list[PostStage] = field(default_factory=list)
     stream: list[StreamStageFactory] = field(default_factory=list)
     features: frozenset[str] = frozenset()
@@ -81,7 +83,7 @@ class RequestPipeline:
         if turn.strategy is not None and "strategy" not in self.features:
             raise invalid("This server has no prompt strategies configured; remove 'strategy'.", "strategy",
                           "unsupported_parameter")
-        for stage in self.pre:
+        for stage in self.pre + self.finish:
             if turn.held is not None:  # a held request is not rewritten further
                 return
             await stage(turn)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import aclosing
+from dataclasses import replace
 
 from fastapi import Request
 
@@ -108,7 +109,10 @@ def _record(turn: ChatTurn, answer: str) -> None:
 
 
 def install(pipeline: RequestPipeline, ctx) -> None:
-    """Adds the RAG stages to ``pipeline`` (after any stages already there) and marks ``rag`` handled."""
+    """Adds the RAG stages to ``pipeline`` (after any stages already there) and marks ``rag`` handled.
+
+    A prompt strategy stage before it leaves ``metadata["prompt_request"]`` (and ``"strategy"``) for a
+    ``rag`` request instead of rendering: the RAG pre-stage renders it with the retrieved context."""
 
     async def pre(turn: ChatTurn) -> None:
         if turn.rag is None:
@@ -117,8 +121,11 @@ def install(pipeline: RequestPipeline, ctx) -> None:
         from servelm.rag.schemas import RagOptions
 
         opts = RagOptions(collection=turn.rag.collection, k=turn.rag.k, filters=turn.rag.filters)
+        # With a prompt strategy, the strategy renders the prompt around the numbered context.
+        req, strategy = turn.metadata.get("prompt_request"), turn.metadata.get("strategy")
+        render = (lambda context: strategy.messages(replace(req, context=context))) if req is not None else None
         try:
-            messages, hits = await ctx.rag.augment(turn.messages, opts)
+            messages, hits = await ctx.rag.augment(turn.messages, opts, render)
         except (LookupError, ValueError) as e:
             raise rag_error(e, "rag.collection" if isinstance(e, LookupError) else "rag") from None
         turn.metadata["sources"] = []
@@ -127,7 +134,7 @@ def install(pipeline: RequestPipeline, ctx) -> None:
             return
         # The client's system message is the deployment's own instruction: keep it, ahead of the RAG rules.
         own = "\n\n".join(m["content"] for m in turn.messages if m["role"] == "system" and m["content"])
-        if own and messages and messages[0]["role"] == "system":
+        if own and render is None and messages and messages[0]["role"] == "system":
             messages[0] = {"role": "system", "content": f"{own}\n\n{messages[0]['content']}"}
         turn.messages = messages
         turn.metadata["rag_hits"] = hits

@@ -112,29 +112,39 @@ class ChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class _Choice(BaseModel):
+    """What every response choice carries (chat, chat chunk, completion)."""
+
+    index: int
+    finish_reason: str | None = None
+    servelm: dict | None = None  # per choice: review_id or content_filter details
+
+
+class _Response(BaseModel):
+    """What every generation response and stream chunk carries."""
+
+    id: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    servelm: dict | None = None  # servelm annotations: review_id, fallback, content_filter
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None  # chain_of_thought with include_reasoning (vLLM's field name)
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-    servelm: dict | None = None  # per choice: review_id or content_filter details
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
     usage: Usage
     sources: list[dict] | None = Field(None, description="With 'rag': the cited chunks (servelm extension).")
-    servelm: dict | None = None  # servelm annotations: review_id, fallback, content_filter
 
 
 class DeltaMessage(BaseModel):
@@ -142,23 +152,16 @@ class DeltaMessage(BaseModel):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int
+class ChatChunkChoice(_Choice):
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-    servelm: dict | None = None  # per choice: review_id or content_filter details
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     sources: list[dict] | None = None  # with 'rag': sent once, in a chunk with no choices after the answer
-    servelm: dict | None = None  # servelm annotations: review_id, fallback, content_filter
 
 
 # ---------------------------------------------------------------- completions
@@ -177,22 +180,15 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(_Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    servelm: dict | None = None  # per choice: review_id or content_filter details
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_Response):
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    servelm: dict | None = None  # servelm annotations: review_id, fallback, content_filter
 
 
 # ---------------------------------------------------------------- embeddings

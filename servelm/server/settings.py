@@ -6,13 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
+from servelm.paths import default_data_dir, default_rag_dir
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
-
-
-def default_data_dir() -> str:
-    """Returns ``$XDG_DATA_HOME/servelm`` (``~/.local/share/servelm``), where the key store lives."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "servelm")
 
 
 def default_embedding_model() -> str | None:
@@ -91,7 +86,7 @@ class ServerSettings(BaseSettings):
     @property
     def rag_dir(self) -> str:
         """Returns the RAG data directory (FAISS indexes, metadata, embedding cache)."""
-        return self.rag_data_dir or os.path.join(self.data_dir, "rag")
+        return self.rag_data_dir or default_rag_dir(self.data_dir)
 
     @property
     def reviews_db(self) -> str:

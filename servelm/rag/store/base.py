@@ -79,6 +79,13 @@ def unpack_f16(b, dim: int) -> np.ndarray | None:
     return None if b is None else np.frombuffer(bytes(b), dtype=np.float16).reshape(-1, dim).astype(np.float32)
 
 
+def check_vectors(chunks: list[ChunkRecord], dim: int) -> None:
+    """Raise ValueError unless every chunk has a ``(dim,)`` vector (checked before a store writes)."""
+    for c in chunks:
+        if c.vector is None or c.vector.shape != (dim,):
+            raise ValueError(f"chunk vector must have shape ({dim},)")
+
+
 class VectorStore(ABC):
     """Collections of documents and their chunk vectors."""
 

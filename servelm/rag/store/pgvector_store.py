@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from servelm.rag.store.base import (ChunkRecord, CollectionInfo, Conflict, DocumentRecord, NotFound,
-                                    VectorStore, check_name, pack_f16, unpack_f16)
+                                    VectorStore, check_name, check_vectors, pack_f16, unpack_f16)
 from servelm.rag.store.faiss_store import where_sql
 
 _SCHEMA = """
@@ -120,10 +120,7 @@ class PgVectorStore(VectorStore):
 
     def replace_document(self, name, doc, chunks):
         with self.lock:
-            dim = self._need(name)[0]
-            for c in chunks:
-                if c.vector is None or c.vector.shape != (dim,):
-                    raise ValueError(f"chunk vector must have shape ({dim},)")
+            check_vectors(chunks, self._need(name)[0])
             with self.conn.transaction():
                 self._q("DELETE FROM rag_chunks WHERE collection=%s AND doc_id=%s", (name, doc.doc_id))
                 self._q("INSERT INTO rag_documents VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (collection, doc_id) DO UPDATE "

@@ -1,10 +1,8 @@
 """POST /v1/chat/completions: OpenAI chat, streaming and not, with the request pipeline around it."""
 from __future__ import annotations
 
-import logging
 import time
 import uuid
-from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -12,7 +10,7 @@ from fastapi.responses import JSONResponse
 from servelm.server import sse
 from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
-from servelm.server.errors import APIError, invalid
+from servelm.server.errors import invalid
 from servelm.server.logprobs import chat_logprobs
 from servelm.server.pipeline import ChatTurn, run_stream_stages
 from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
@@ -20,9 +18,9 @@ from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoic
 from servelm.safety import FallbackResult
 from servelm.server.guarding import call_engine, fallback_headers
 from servelm.server.serving import Generation, sampling_params, start, until_disconnect
+from servelm.server.streaming import stream_events
 
 router = APIRouter(tags=["openai"])
-log = logging.getLogger("servelm.server")
 
 _ROLE = {"developer": "system"}  # chat templates know system/user/assistant/tool
 
@@ -167,59 +165,37 @@ def _finish(reason: str | None) -> str | None:
     return "stop" if reason == "abort" else reason
 
 
-async def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompletionRequest, rid: str,
-                  k: int, include_usage: bool):
+def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompletionRequest, rid: str,
+            k: int, include_usage: bool):
     created = int(time.time())
     model = ctx.model_name
 
-    def chunk(choices, usage=None) -> bytes:
-        return sse.event(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
+    def chunk(choices, usage=None, **extra) -> bytes:
+        return sse.event(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage,
+                                             **extra))
 
     stages = {i: ctx.pipeline.stream_stages(turn) for i in range(body.n)}
-    done: set[int] = set()
-    try:
-        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(body.n)])
-        async with aclosing(gen.outputs()) as outputs:
-            async for out in outputs:
-                choices = []
-                for c in out.outputs:
-                    if c.index in done or (not c.delta_text and not c.finished and not c.delta_logprobs):
-                        continue
-                    if c.finished:
-                        done.add(c.index)
-                    delta = c.delta_text
-                    reason, note = _finish(c.finish_reason), None
-                    if stages[c.index]:
-                        delta = await run_stream_stages(stages[c.index], delta, c.finished)
-                        stopped = next((s for s in stages[c.index] if getattr(s, "finish_reason", None)), None)
-                        if stopped is not None:  # a guard ended this choice: nothing more of it is sent
-                            done.add(c.index)
-                            reason, note = stopped.finish_reason, getattr(stopped, "servelm", None)
-                    # a stage that holds or rewrites text would have its tokens given away by logprobs
-                    lp = (chat_logprobs(c.delta_logprobs or [], k) if body.logprobs and c.delta_logprobs
-                          and all(getattr(s, "passthrough", False) for s in stages[c.index]) else None)
-                    if not delta and lp is None and reason is None and c.index not in done:
-                        continue  # a guard is holding this text back: no empty chunk
-                    choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta), logprobs=lp,
-                                                   finish_reason=reason, servelm=note))
-                if choices:
-                    yield chunk(choices)
-                if len(done) == body.n:
-                    break  # every choice ended (possibly filtered early): closing the stream aborts the rest
-        if turn.metadata.get("sources") is not None:  # with 'rag': the cited chunks, once, after the answer
-            yield sse.event(ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
-                                                sources=turn.metadata["sources"]))
-        if include_usage:
-            yield chunk([], Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                                  total_tokens=gen.prompt_tokens + gen.completion_tokens))
-    except APIError as e:  # headers are gone; tell the client in the stream (the SDK raises on it)
-        gen.info["error"] = e.code
-        yield sse.error_event(e.body())
-    except Exception as e:  # e.g. the engine died mid-stream: end the stream with an error, not a cut
-        log.exception("stream failed", extra={"request_id": gen.request_id})
-        gen.info["error"] = type(e).__name__
-        yield sse.error_event(APIError(503, "Generation failed inside the engine; retry.",
-                                       code="engine_error").body())
-    finally:
-        await gen.finish()  # also when the client left before the first token
-    yield sse.DONE
+
+    async def step(c):
+        delta, ended = c.delta_text, False
+        reason, note = _finish(c.finish_reason), None
+        if stages[c.index]:
+            delta = await run_stream_stages(stages[c.index], delta, c.finished)
+            stopped = next((s for s in stages[c.index] if getattr(s, "finish_reason", None)), None)
+            if stopped is not None:  # a guard ended this choice: nothing more of it is sent
+                ended, reason, note = True, stopped.finish_reason, getattr(stopped, "servelm", None)
+        # a stage that holds or rewrites text would have its tokens given away by logprobs
+        lp = (chat_logprobs(c.delta_logprobs or [], k) if body.logprobs and c.delta_logprobs
+              and all(getattr(s, "passthrough", False) for s in stages[c.index]) else None)
+        if not delta and lp is None and reason is None:
+            return None, ended  # a guard is holding this text back: no empty chunk
+        return ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta), logprobs=lp,
+                               finish_reason=reason, servelm=note), ended
+
+    def sources() -> list[bytes]:  # with 'rag': the cited chunks, once, after the answer
+        found = turn.metadata.get("sources")
+        return [chunk([], sources=found)] if found is not None else []
+
+    head = [chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                   for i in range(body.n)])]
+    return stream_events(gen, body.n, step, chunk, include_usage, head, sources)

@@ -1,10 +1,8 @@
 """POST /v1/completions: OpenAI (legacy) text completions, streaming and not."""
 from __future__ import annotations
 
-import logging
 import time
 import uuid
-from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -12,16 +10,16 @@ from fastapi.responses import JSONResponse
 from servelm.server import sse
 from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
-from servelm.server.errors import APIError, invalid
+from servelm.server.errors import invalid
 from servelm.server.logprobs import completion_logprobs
 from servelm.server.schemas import Completion, CompletionChoice, CompletionRequest, Usage
 from servelm.safety import FallbackResult
 from servelm.server.guarding import call_engine, fallback_headers
 from servelm.server.pipeline import run_stream_stages
 from servelm.server.serving import Generation, check_context, sampling_params, start, until_disconnect
+from servelm.server.streaming import stream_events
 
 router = APIRouter(tags=["openai"])
-log = logging.getLogger("servelm.server")
 
 
 def _prompt(ctx: ServerContext, body: CompletionRequest) -> tuple[list[int], str]:
@@ -131,58 +129,31 @@ async def _collect(gen: Generation, body: CompletionRequest, echo: str) -> list[
     return choices
 
 
-async def _stream(ctx: ServerContext, gen: Generation, body: CompletionRequest, rid: str, echo: str,
-                  include_usage: bool, scanners: dict):
+def _stream(ctx: ServerContext, gen: Generation, body: CompletionRequest, rid: str, echo: str,
+            include_usage: bool, scanners: dict):
     created = int(time.time())
 
     def chunk(choices, usage=None) -> bytes:
         return sse.event(Completion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage))
 
-    done: set[int] = set()
     offsets = {i: len(echo) for i in range(body.n)}
-    try:
-        if echo:
-            yield chunk([CompletionChoice(index=i, text=echo) for i in range(body.n)])
-        async with aclosing(gen.outputs()) as outputs:
-            async for out in outputs:
-                choices = []
-                for c in out.outputs:
-                    if c.index in done or (not c.delta_text and not c.finished and not c.delta_logprobs):
-                        continue
-                    if c.finished:
-                        done.add(c.index)
-                    lp = None
-                    text, note = c.delta_text, None
-                    reason = "stop" if c.finish_reason == "abort" else c.finish_reason
-                    scanner = scanners.get(c.index)
-                    if scanner is not None:
-                        text = await run_stream_stages([scanner], text, c.finished)
-                        if scanner.finish_reason:  # a guard ended this choice
-                            done.add(c.index)
-                            reason, note = scanner.finish_reason, scanner.servelm
-                    elif body.logprobs is not None and c.delta_logprobs:
-                        # logprobs only unguarded: a guard holds text back, so token offsets would not match
-                        lp = completion_logprobs(c.delta_logprobs, body.logprobs, offsets[c.index])
-                    offsets[c.index] += len(text)
-                    if not text and lp is None and reason is None and c.index not in done:
-                        continue  # a guard is holding this text back: no empty chunk
-                    choices.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason,
-                                                    servelm=note))
-                if choices:
-                    yield chunk(choices)
-                if len(done) == body.n:
-                    break
-        if include_usage:
-            yield chunk([], Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                                  total_tokens=gen.prompt_tokens + gen.completion_tokens))
-    except APIError as e:
-        gen.info["error"] = e.code
-        yield sse.error_event(e.body())
-    except Exception as e:  # e.g. the engine died mid-stream: end the stream with an error, not a cut
-        log.exception("stream failed", extra={"request_id": gen.request_id})
-        gen.info["error"] = type(e).__name__
-        yield sse.error_event(APIError(503, "Generation failed inside the engine; retry.",
-                                       code="engine_error").body())
-    finally:
-        await gen.finish()
-    yield sse.DONE
+
+    async def step(c):
+        lp, ended = None, False
+        text, note = c.delta_text, None
+        reason = "stop" if c.finish_reason == "abort" else c.finish_reason
+        scanner = scanners.get(c.index)
+        if scanner is not None:
+            text = await run_stream_stages([scanner], text, c.finished)
+            if scanner.finish_reason:  # a guard ended this choice
+                ended, reason, note = True, scanner.finish_reason, scanner.servelm
+        elif body.logprobs is not None and c.delta_logprobs:
+            # logprobs only unguarded: a guard holds text back, so token offsets would not match
+            lp = completion_logprobs(c.delta_logprobs, body.logprobs, offsets[c.index])
+        offsets[c.index] += len(text)
+        if not text and lp is None and reason is None:
+            return None, ended  # a guard is holding this text back: no empty chunk
+        return CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason, servelm=note), ended
+
+    head = [chunk([CompletionChoice(index=i, text=echo) for i in range(body.n)])] if echo else []
+    return stream_events(gen, body.n, step, chunk, include_usage, head)

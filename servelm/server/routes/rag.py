@@ -7,12 +7,13 @@ holds both.
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from servelm.rag.schemas import CollectionCreate, RagQueryRequest
+from servelm.rag.schemas import CollectionCreate, RagQueryRequest, RagQueryResponse
 from servelm.server import sse
 from servelm.server.auth import Principal, require
 from servelm.server.context import get_context
@@ -157,25 +158,78 @@ def _file_error(exc: BaseException) -> dict:
 @router.post("/v1/rag/query", summary="Answer a question from a collection, with cited sources")
 async def rag_query(req: RagQueryRequest, request: Request, principal: Principal = Depends(READ)):
     """Returns ``{"answer", "sources": [{source, page, start, end, snippet, score, ...}], "found"}``, or with
-    ``stream: true`` SSE events ``{"delta"}`` then the final response, then ``data: [DONE]``."""
+    ``stream: true`` SSE events ``{"delta"}`` then the final response, then ``data: [DONE]``.
+
+    Guarded as chat is: the query passes the input guard (400 ``content_filter``, or held for review), and
+    the answer the output guard (redacted, or ``finish_reason: "content_filter"``; streamed answers are
+    scanned before a token leaves)."""
     ctx = get_context(request)
     svc = _svc(request)
+    g, rid = ctx.guarding, request.scope["servelm"]["request_id"]
+    held = await g.check_prompt(req.query, rid, principal.name, param="query")
+    if held is not None:  # held for human review: nothing is retrieved or generated
+        out = RagQueryResponse(answer=held.text, sources=[], found=False, finish_reason="content_filter",
+                               servelm=held.servelm)
+        headers = {"x-servelm-review-id": held.servelm["review_id"]}
+        return _single(out, headers) if req.stream else JSONResponse(_body(out), headers=headers)
     generate = engine_generate(ctx, request, principal, req.max_tokens, req.temperature)
     if not req.stream:
         answer = await until_disconnect(request, _call(svc.query(req, generate), "collection"))
-        return answer.model_dump()
-    events = svc.query_stream(req, generate)
+        if answer.found:
+            a = await g.scan_output(answer.answer, rid, principal.name, req.query)
+            _guarded(answer, a.text, a.finish_reason, a.servelm)
+        return _body(answer)
+    stage = g.stream_scanner(rid, principal.name, req.query)
+    events = svc.query_stream(req, _scanned(generate, stage))
     # The first event comes after retrieval and admission: errors there still get their HTTP status.
     first = await _call(anext(events), "collection")
-    return sse.EventStream(content=_stream(first, events, request))
+    return sse.EventStream(content=_stream(first, events, request, stage))
 
 
-async def _stream(first, events, request: Request):
+def _body(m) -> dict:
+    """Returns a RAG response or event as JSON, without the guard's fields when it said nothing."""
+    body = m.model_dump(mode="json")
+    return {k: v for k, v in body.items() if v is not None or k not in ("finish_reason", "servelm")}
+
+
+def _guarded(answer: RagQueryResponse, text: str, finish_reason: str | None, note: dict | None) -> None:
+    """Puts the guard's verdict on ``answer``; a stopped answer lists no sources."""
+    answer.answer, answer.finish_reason, answer.servelm = text, finish_reason, note or None
+    if finish_reason == "content_filter":
+        answer.sources = []
+
+
+def _scanned(generate, stage):
+    """Returns ``generate`` with its deltas passed through the output guard's stream stage."""
+    async def scanned(messages):
+        async with aclosing(generate(messages)) as deltas:
+            async for d in deltas:
+                if out := await stage.feed(d):
+                    yield out
+                if stage.finish_reason:
+                    return  # the guard ended the answer: closing the stream aborts the generation
+        if tail := await stage.end():
+            yield tail
+
+    return scanned
+
+
+def _single(out: RagQueryResponse, headers: dict):
+    async def events():
+        yield sse.event(_body(out))
+        yield sse.DONE
+
+    return sse.EventStream(headers=headers, content=events())
+
+
+async def _stream(first, events, request: Request, stage):
     rid = request.scope.get("servelm", {}).get("request_id")
     try:
-        yield sse.event(first.model_dump(mode="json"))
+        yield sse.event(_body(first))
         async for ev in events:
-            yield sse.event(ev.model_dump(mode="json"))
+            if isinstance(ev, RagQueryResponse) and ev.found:
+                _guarded(ev, ev.answer, stage.finish_reason, stage.servelm)
+            yield sse.event(_body(ev))
     except APIError as e:
         yield sse.error_event(e.body())
     except (LookupError, ValueError) as e:
