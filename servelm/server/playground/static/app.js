@@ -390,29 +390,28 @@ const metrics = (() => {
       if (!r.ok) throw new ServerError(r.status, null, r.headers);
       const cur = parseProm(await r.text());
       const now = Date.now() / 1000;
-      if (prev) {
-        const dt = now - prev.__t;
-        const point = {
-          throughput: (cur["servelm:generation_tokens_total"] - prev["servelm:generation_tokens_total"]) / dt,
-          ttft: meanOver(cur, "servelm:time_to_first_token_seconds"),
-          itl: meanOver(cur, "servelm:inter_token_latency_seconds"),
-          kv: 100 * (cur["servelm:kv_cache_usage_perc"] || 0),
-          queue: (cur["servelm:num_requests_waiting"] || 0),
-        };
-        series.t.push(now);
-        for (const [id, , unit] of CHARTS) {
-          series[id].push(point[id]);
-          const node = $(`#m-${id}`);
-          node.dataset.points = String(series[id].length);
-          if (point[id] != null) {
-            node.dataset.last = String(point[id]);
-            $(`#m-${id}-value`).textContent = `${point[id].toFixed(unit === "ms" ? 0 : 1)} ${unit}`;
-          }
-          if (series[id].length > KEEP) series[id].shift();
-          if (charts[id]) charts[id].setData([series.t, series[id]]);
+      // Rates and interval means need a previous reading; the gauges show from the first one.
+      const dt = prev ? now - prev.__t : 0;
+      const point = {
+        throughput: prev ? (cur["servelm:generation_tokens_total"] - prev["servelm:generation_tokens_total"]) / dt : null,
+        ttft: prev ? meanOver(cur, "servelm:time_to_first_token_seconds") : null,
+        itl: prev ? meanOver(cur, "servelm:inter_token_latency_seconds") : null,
+        kv: 100 * (cur["servelm:kv_cache_usage_perc"] || 0),
+        queue: (cur["servelm:num_requests_waiting"] || 0),
+      };
+      series.t.push(now);
+      for (const [id, , unit] of CHARTS) {
+        series[id].push(point[id]);
+        const node = $(`#m-${id}`);
+        node.dataset.points = String(series[id].length);
+        if (point[id] != null) {
+          node.dataset.last = String(point[id]);
+          $(`#m-${id}-value`).textContent = `${point[id].toFixed(unit === "ms" ? 0 : 1)} ${unit}`;
         }
-        if (series.t.length > KEEP) series.t.shift();
+        if (series[id].length > KEEP) series[id].shift();
+        if (charts[id]) charts[id].setData([series.t, series[id]]);
       }
+      if (series.t.length > KEEP) series.t.shift();
       $("#m-charts").dataset.tokens = String(cur["servelm:generation_tokens_total"]);
       cur.__t = now;
       prev = cur;
