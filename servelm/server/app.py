@@ -17,7 +17,7 @@ from servelm.server.metrics import Metrics
 from servelm.server.middleware import RequestMiddleware
 from servelm.server.pipeline import RequestPipeline
 from servelm.server.rate_limit import RateLimiter
-from servelm.server import rag_stage
+from servelm.server import playground, rag_stage
 from servelm.server.routes import admin, chat, completions, embeddings, generate, health, models, rag, review
 from servelm.server.settings import ServerSettings
 
@@ -84,6 +84,7 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
     install_handlers(app)
     for module in (chat, completions, embeddings, models, generate, health, admin, review, rag):
         app.include_router(module.router)
+    playground.install(app)  # the web page at /playground and its small read-only API
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, get_metrics=lambda: ctx.metrics,
                        upload_max_bytes=settings.rag_max_file_bytes * 4)
     return app

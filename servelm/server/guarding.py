@@ -33,7 +33,7 @@ class Guarding:
 
     def pipeline(self) -> RequestPipeline:
         """Returns the chat route's stages: input guard and strategy before, answer guard after."""
-        return RequestPipeline(pre=[self._check_input, self._apply_strategy], finish=[self._add_canary],
+        return RequestPipeline(pre=[self._check_input, self.apply_strategy], finish=[self._add_canary],
                                post=[self._finish_answer],
                                stream=[lambda turn: ChoiceStream(self, turn)], features=frozenset({"strategy"}))
 
@@ -65,7 +65,8 @@ class Guarding:
         return held_answer(d) if d.action == "review" else None
 
     # -- prompt strategy --------------------------------------------------------------------------
-    async def _apply_strategy(self, turn: ChatTurn) -> None:
+    async def apply_strategy(self, turn: ChatTurn) -> None:
+        """Rewrites ``turn.messages`` into the prompt strategy's messages (none named: left as sent)."""
         name = turn.strategy or self.default_strategy
         if name is None:
             return  # plain OpenAI behaviour: the messages as sent

@@ -13,7 +13,7 @@ from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import invalid
 from servelm.server.logprobs import chat_logprobs
 from servelm.server.pipeline import ChatTurn, run_stream_stages
-from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
+from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatMessage, ChatChunkChoice, ChatCompletion,
                                     ChatCompletionChunk, ChatCompletionRequest, DeltaMessage, Usage)
 from servelm.safety import FallbackResult
 from servelm.server.guarding import call_engine, fallback_headers
@@ -33,15 +33,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     ctx = get_context(request)
     ctx.check_model(body.model)
     info = request.scope["servelm"]
-    for i, m in enumerate(body.messages):
-        if m.content is None and m.role in ("user", "system", "developer"):
-            raise invalid(f"messages[{i}].content is required for a '{m.role}' message.", f"messages.{i}.content")
-        for part in m.content if isinstance(m.content, list) else ():
-            if part.type != "text" or part.text is None:
-                raise invalid(f"messages[{i}].content has a '{part.type}' part; this model reads text parts only.",
-                              f"messages.{i}.content", "unsupported_content")
-    turn = ChatTurn(messages=[{"role": _ROLE.get(m.role, m.role), "content": m.text()} for m in body.messages],
-                    strategy=body.strategy, rag=body.rag, key_name=principal.name, request_id=info["request_id"])
+    turn = ChatTurn(messages=turn_messages(body.messages), strategy=body.strategy, rag=body.rag,
+                    key_name=principal.name, request_id=info["request_id"])
     turn.metadata.update(include_reasoning=body.include_reasoning,
                          examples=[e.model_dump() for e in body.examples or []])
     await ctx.pipeline.before(turn)
@@ -55,11 +48,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         review = {"x-servelm-review-id": turn.held.servelm["review_id"]} if turn.held.servelm.get("review_id") else {}
         return _answer_without_engine(ctx, rid, body, turn.held.text, "content_filter", turn.held.servelm, review)
     tok = ctx.engine.tokenizer
-    try:
-        text = tok.apply_chat_template(turn.messages, add_generation_prompt=True)
-    except Exception as e:  # the model's template rejects e.g. a role order it cannot render
-        raise invalid(f"The messages cannot be rendered by this model's chat template: {e}", "messages") from None
-    prompt_ids = tok.encode(text, add_special_tokens=False)
+    prompt_ids = tok.encode(render_prompt(tok, turn.messages), add_special_tokens=False)
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid("top_logprobs requires logprobs=true.", "top_logprobs")
     k = body.top_logprobs or 0
@@ -100,6 +89,28 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                           usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
                                       total_tokens=gen.prompt_tokens + gen.completion_tokens),
                           sources=turn.metadata.get("sources"))
+
+
+def turn_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Returns the request's messages as ``{"role", "content"}`` dicts in chat-template roles.
+
+    Raises APIError(400) for a user/system message without content or a non-text content part."""
+    for i, m in enumerate(messages):
+        if m.content is None and m.role in ("user", "system", "developer"):
+            raise invalid(f"messages[{i}].content is required for a '{m.role}' message.", f"messages.{i}.content")
+        for part in m.content if isinstance(m.content, list) else ():
+            if part.type != "text" or part.text is None:
+                raise invalid(f"messages[{i}].content has a '{part.type}' part; this model reads text parts only.",
+                              f"messages.{i}.content", "unsupported_content")
+    return [{"role": _ROLE.get(m.role, m.role), "content": m.text()} for m in messages]
+
+
+def render_prompt(tok, messages: list[dict]) -> str:
+    """Returns ``messages`` rendered by the model's chat template, ready for the assistant's turn."""
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as e:  # the model's template rejects e.g. a role order it cannot render
+        raise invalid(f"The messages cannot be rendered by this model's chat template: {e}", "messages") from None
 
 
 def _reply(ctx: ServerContext, turn: ChatTurn, body: ChatCompletionRequest):
