@@ -68,7 +68,7 @@ class RotaryEmbedding(nn.Module):
                              persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin ``[T, 1, head_dim]`` for ``positions``; looked up once per forward, shared by all layers."""
+        """cos and signed sin ``[T, 1, head_dim]`` at ``positions``; looked up once per forward for all layers."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin_signed[positions].unsqueeze(1).to(dtype)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin=None):
