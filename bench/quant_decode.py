@@ -71,7 +71,7 @@ def llamacpp_rate(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--formats", default="float32/,bfloat16/,bfloat16/int8,bfloat16/int4,bfloat16/int4+lm_head,"
+    ap.add_argument("--formats", default="float32/,bfloat16/,bfloat16/int8,bfloat16/int4,bfloat16/int4+lm_head:int8,bfloat16/int4+lm_head,"
                                          "bfloat16/int8+lm_head,bfloat16/nf4,bfloat16/nf4-dq")
     ap.add_argument("--n1", type=int, default=16)
     ap.add_argument("--n2", type=int, default=144)

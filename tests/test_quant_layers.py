@@ -143,3 +143,24 @@ def test_quantize_cli_prints_the_ladder(capsys):
     assert r["nf4-dq"]["computed_bytes"] < r["nf4"]["computed_bytes"]
     assert main(["--report", "/no/such/model"]) == 2
     assert "model path not found" in capsys.readouterr().err
+
+
+def test_int8_lm_head_next_to_int4_layers_keeps_a_tied_embedding():
+    """`int4+lm_head:int8`: projections int4, lm_head per-row int8, the tied embedding table untouched."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(1000, 256)
+    model = nn.ModuleDict({"embed": emb, "up": nn.Linear(256, 512, bias=False),
+                           "lm_head": nn.Linear(256, 1000, bias=False)})
+    model["lm_head"].weight = emb.weight
+    table = emb.weight.detach().clone()
+    cfg = QuantConfig.parse("int4:g128+lm_head:int8")
+    assert cfg.label() == "int4:g128+lm_head:int8"
+    rep = quantize_model(model, cfg)
+    assert isinstance(model["up"], Int4Linear) and isinstance(model["lm_head"], Int8Linear)
+    assert [l.method for l in rep.layers] == ["int4", "int8"]
+    assert torch.equal(model["embed"].weight, table)
+    x = torch.randn(3, 256)
+    ref = x @ table.t()
+    assert ((model["lm_head"](x) - ref).norm() / ref.norm()) < 0.01
+    with pytest.raises(ValueError, match="valid: int8"):
+        QuantConfig("int4", lm_head_method="int4")

@@ -14,7 +14,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags that choose and shape the model; shared by every command that loads one."""
     p.add_argument("--model", default=None, help="GGUF file, HF directory or dummy:<shape> (default: embedded SmolLM2)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--quantization", default=None, help="int8, int4, nf4 or nf4-dq (weight-only)")
+    p.add_argument("--quantization", default=None,
+                   help="int8, int4, nf4 or nf4-dq (weight-only); +lm_head or +lm_head:int8 for the output layer")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)

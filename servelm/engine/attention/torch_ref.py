@@ -80,6 +80,8 @@ class TorchAttentionContext(AttentionContext):
         lay = self.layout
         k_cache.view(-1, *k.shape[1:]).index_copy_(0, lay.slot_mapping, k)
         v_cache.view(-1, *v.shape[1:]).index_copy_(0, lay.slot_mapping, v)
+        if not self.prefills and len(self.decode_groups) == 1:
+            return self._decode(q, cache, *self.decode_groups[0][1:])  # all decodes, one group: no copy
         out = torch.empty_like(q)
         for start, ql, cl, blocks, mask in self.prefills:
             # 4-D [1, H, L, D] inputs: 3-D ones take a slow path in the CPU kernel (15x here).
@@ -96,13 +98,22 @@ class TorchAttentionContext(AttentionContext):
             qd_all = q[lay.num_prefill_tokens:]
             out_d = out[lay.num_prefill_tokens:]
             for idx, L, blocks, mask in self.decode_groups:
-                qd = (qd_all if idx is None else qd_all.index_select(0, idx)).unsqueeze(2)  # [B, H, 1, D]
-                B = qd.shape[0]
-                kd = k_cache.index_select(0, blocks).view(B, -1, *k.shape[1:])[:, :L].transpose(1, 2)  # [B, KVH, L, D]
-                vd = v_cache.index_select(0, blocks).view(B, -1, *v.shape[1:])[:, :L].transpose(1, 2)
-                o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=self.scale, enable_gqa=True)
+                qd = qd_all if idx is None else qd_all.index_select(0, idx)
+                o = self._decode(qd, cache, L, blocks, mask)
                 if idx is None:
-                    out_d.copy_(o.squeeze(2))
+                    out_d.copy_(o)
                 else:
-                    out_d.index_copy_(0, idx, o.squeeze(2))
+                    out_d.index_copy_(0, idx, o)
         return out
+
+    def _decode(self, qd, cache, L, blocks, mask):
+        """Attention of ``B`` one-token queries ([B, H, D]) over their gathered, padded contexts."""
+        B, _, d = qd.shape
+        kvh = cache.shape[3]
+        # The query heads sharing a KV head become that head's query rows ([B, KVH, G, D]): the
+        # same products as enable_gqa with a 1-token query, but the CPU kernel runs this shape
+        # 1.1x (float32) to 5x (bfloat16) faster.
+        qd = qd.reshape(B, kvh, -1, d)
+        kv = cache.index_select(1, blocks).view(2, B, -1, kvh, d)[:, :, :L].transpose(2, 3)  # K and V in one gather
+        kd, vd = kv[0], kv[1]  # [B, KVH, L, D]
+        return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=self.scale).view(B, -1, d)

@@ -118,7 +118,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | str | None,
     Returns a QuantReport with bytes per layer before/after. Raises ValueError (before touching
     the model) for an unknown format or a group size that does not divide a layer's in_features."""
     cfg = QuantConfig.parse(cfg) if not isinstance(cfg, QuantConfig) else cfg
-    targets = _targets(model, cfg.include_lm_head) if cfg.method else []
+    targets = _targets(model, cfg.include_lm_head and not cfg.lm_head_method) if cfg.method else []
     group, reason = _resolve_group(cfg, targets, source_qtypes or {})
     report = QuantReport(cfg.method, group, reason)
     for name, lin in targets:
@@ -132,6 +132,13 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | str | None,
         _set_module(model, name, q)
         report.layers.append(LayerReport(name, lin.out_features, lin.in_features, q.method, group,
                                          before, q.weight_nbytes()))
+    if cfg.lm_head_method == "int8":  # its own format; a tied embedding keeps its table for lookups
+        for name, lin in _targets(model, True):
+            if name.split(".")[-1] == "lm_head":
+                q = Int8Linear(lin)
+                _set_module(model, name, q)
+                report.layers.append(LayerReport(name, lin.out_features, lin.in_features, q.method, None,
+                                                 lin.weight.numel() * lin.weight.element_size(), q.weight_nbytes()))
     report.other_bytes = sum(t.numel() * t.element_size() for t in _unique_tensors(model, skip_quant=True))
     return report
 

@@ -28,6 +28,7 @@ class QuantConfig:
     group_size: int | None = None
     include_lm_head: bool = False
     dq_block: int = 256  # nf4-dq: how many first-level scales share one second-level scale
+    lm_head_method: str | None = None  # lm_head in its own format ("int8"), e.g. int4 layers + int8 lm_head
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in METHODS:
@@ -41,6 +42,8 @@ class QuantConfig:
                 raise ValueError(f"group_size must be a positive even number, got {self.group_size}")
             if self.method == "int4" and self.group_size not in INT4_GROUP_SIZES:
                 raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
+        if self.lm_head_method not in (None, "int8"):
+            raise ValueError(f"lm_head format {self.lm_head_method!r} is not supported; valid: int8")
         if self.dq_block <= 0:
             raise ValueError(f"dq_block must be positive, got {self.dq_block}")
 
@@ -55,10 +58,13 @@ class QuantConfig:
         if isinstance(spec, QuantConfig):
             return spec
         s = str(spec).strip().lower().replace("_", "-")
+        lm_head_method = None
+        if s.endswith("+lm-head:int8"):  # e.g. "int4+lm_head:int8": lm_head per-row int8 (a Q8_0 tied head stays close)
+            s, lm_head_method = s.removesuffix("+lm-head:int8"), "int8"
         if s.endswith("+lm-head"):  # e.g. "int4+lm_head": quantize the output projection too
             s, include_lm_head = s.removesuffix("+lm-head"), True
         if s in ("", "none", "no", "off"):
-            return cls(None, include_lm_head=include_lm_head)
+            return cls(None, include_lm_head=include_lm_head, lm_head_method=lm_head_method)
         group = None
         for sep in (":", "-g", "@"):
             head, found, tail = s.rpartition(sep)
@@ -70,15 +76,15 @@ class QuantConfig:
         if s not in METHODS:
             raise ValueError(
                 f"unknown quantization {spec!r}; valid: none, int8, int4[:gN] (N in {INT4_GROUP_SIZES}), "
-                "nf4[:gN], nf4-dq[:gN], each optionally followed by +lm_head")
-        return cls(s, group, include_lm_head=include_lm_head)
+                "nf4[:gN], nf4-dq[:gN], each optionally followed by +lm_head or +lm_head:int8")
+        return cls(s, group, include_lm_head=include_lm_head, lm_head_method=lm_head_method)
 
     def label(self) -> str:
         """Returns the canonical spelling, e.g. 'int4:g32' or 'bf16-weights' when not quantized."""
+        head = "+lm_head:int8" if self.lm_head_method else ("+lm_head" if self.include_lm_head else "")
         if self.method is None:
-            return "none"
-        return (self.method + (f":g{self.group_size}" if self.group_size else "")
-                + ("+lm_head" if self.include_lm_head else ""))
+            return "none" + head if head else "none"
+        return self.method + (f":g{self.group_size}" if self.group_size else "") + head
 
 
 def parse_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.bfloat16) -> torch.dtype:
