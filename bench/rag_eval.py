@@ -18,7 +18,7 @@ and sentences, store) and query latency p50/p99 (embed query + dense + BM25 + RR
 re-rank, generation excluded) over ``--scale`` synthetic chunks (random corpus words, random
 unit vectors: embedding 100k real chunks takes hours on 2 cores).
 
-    HF_HUB_OFFLINE=1 python3 bench/rag_eval.py [--articles 12] [--scale 100000]
+    HF_HUB_OFFLINE=1 python3 bench/rag_eval.py [--articles 40] [--scale 100000]
     HF_HUB_OFFLINE=1 python3 bench/rag_eval.py --skip-quality [--ann-threshold 50000]   # latency only
 """
 from __future__ import annotations
@@ -254,7 +254,7 @@ def stage_times(r: Retriever, store, queries) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--articles", type=int, default=12)
+    ap.add_argument("--articles", type=int, default=40)
     ap.add_argument("--per-article", type=int, default=15)
     ap.add_argument("--terms", type=int, default=6)
     ap.add_argument("--scale", type=int, default=100_000)
