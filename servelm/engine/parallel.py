@@ -210,6 +210,9 @@ def init_group(rank: int, world: int, port: int, device: torch.device) -> None:
     # hostname resolves to, which in some VMs is unreachable (init then hangs).
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    if dist.is_initialized():  # see _leave_group(): an NCCL group outlives its engine
+        raise RuntimeError("a tensor-parallel engine already ran in this process and its NCCL group lives "
+                           "until the process exits; start another tensor-parallel engine in a new process")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

@@ -116,4 +116,4 @@ class TorchAttentionContext(AttentionContext):
         qd = qd.reshape(B, kvh, -1, d)
         kv = cache.index_select(1, blocks).view(2, B, -1, kvh, d)[:, :, :L].transpose(2, 3)  # K and V in one gather
         kd, vd = kv[0], kv[1]  # [B, KVH, L, D]
-        return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=self.scale).view(B, -1, d)
+        return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=self.scale).reshape(B, -1, d)
