@@ -112,12 +112,11 @@ def main() -> None:
                         "group_size": rep.group_size if rep else None,
                         "group_size_reason": rep.group_size_reason if rep else None,
                         "quantize_s": round(qtime, 1), "eval_s": round(time.perf_counter() - t, 1)}
+        if "bf16" in nlls:
+            change, se = change_pct(nlls[fmt], nlls["bf16"])
+            results[fmt].update(change_vs_bf16_pct=round(change, 2), change_se_pct=round(se, 2))
         print(fmt, results[fmt], file=sys.stderr, flush=True)
         del model
-    for fmt, r in results.items():
-        change, se = change_pct(nlls[fmt], nlls["bf16"]) if "bf16" in nlls else (None, None)
-        r["change_vs_bf16_pct"] = None if change is None else round(change, 2)
-        r["change_se_pct"] = None if se is None else round(se, 2)
     print(json.dumps({"bench": "perplexity", "model": gguf.name, "text": "gensim enwiki excerpt",
                       "text_tokens": len(ids), "windows": len(starts), "tokens": args.ctx * len(starts),
                       "ctx": args.ctx, "calibration_tokens": sum(c.numel() for c in calib),
