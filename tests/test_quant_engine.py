@@ -8,10 +8,21 @@ from servelm.engine.quant import Int4Linear, QuantLinear
 PROMPT = "The capital of France is"
 
 
+CALIBRATION = ("The river flows through the old town, past the market and the cathedral, before it "
+               "reaches the harbour. Farmers bring vegetables, cheese and bread to the market every "
+               "Saturday morning, and the cafes around the square fill with visitors. ") * 12
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4", "nf4", "nf4-dq+lm_head"])
-def test_generate_in_every_format(quant, clone_smol):
-    engine = LLMEngine(EngineConfig(dtype="bfloat16", device="cpu", quantization=quant, max_num_seqs=2),
+def test_generate_in_every_format(quant, clone_smol, tmp_path):
+    calib = None
+    if quant == "nf4":  # nf4 with block scales searched on calibration text's activations
+        calib = tmp_path / "calib.txt"
+        calib.write_text(CALIBRATION)
+    engine = LLMEngine(EngineConfig(dtype="bfloat16", device="cpu", quantization=quant, max_num_seqs=2,
+                                    quant_calibration=calib and str(calib)),
                        loaded=clone_smol(torch.bfloat16))
+    assert ("calibration tokens" in engine.quant_report.group_size_reason) == (calib is not None)
     llm = LLM.from_engine(engine)
     rep = llm.engine.quant_report
     assert len(rep.layers) == 30 * 4 + quant.endswith("+lm_head")

@@ -16,6 +16,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--quantization", default=None,
                    help="int8, int4, nf4 or nf4-dq (weight-only); +lm_head or +lm_head:int8 for the output layer")
+    p.add_argument("--quant-calibration", default=None, metavar="TEXT_FILE",
+                   help="nf4/nf4-dq: search block scales weighted by activations on this text")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -25,6 +27,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization, device=args.device,
+                        quant_calibration=args.quant_calibration,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         kv_cache_memory_bytes=args.kv_cache_memory,
                         tensor_parallel_size=args.tensor_parallel_size, **extra)

@@ -16,6 +16,7 @@ class EngineConfig:
     model: str | None = None
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     quantization: str | None = None  # None, int8, int4, nf4, nf4-dq (see engine/quant)
+    quant_calibration: str | None = None  # text file; nf4/nf4-dq search block scales with its statistics
     device: str = "auto"
     block_size: int = 16
     max_num_seqs: int = 64

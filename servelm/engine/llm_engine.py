@@ -75,16 +75,19 @@ class LLMEngine:
         self.loaded = loaded
         self.model_config = loaded.config
         self.model = loaded.model
-        if config.quantization:
-            from servelm.engine.quant import quantize_model  # noqa: PLC0415 (optional subsystem)
-
-            self.quant_report = quantize_model(self.model, config.quantization, loaded.source_qtypes)
         src = loaded.tokenizer_source
         if src is None:  # dummy weights: borrow the embedded model's tokenizer
             from servelm.engine.models.loader import default_model_path
 
             src = default_model_path()
         self.tokenizer = Tokenizer.from_source(src, loaded.config.eos_token_ids)
+        if config.quantization:
+            from servelm.engine.quant import calibration_windows, quantize_model  # noqa: PLC0415 (optional subsystem)
+
+            calib = None
+            if config.quant_calibration:
+                calib = calibration_windows(self.tokenizer, config.quant_calibration)
+            self.quant_report = quantize_model(self.model, config.quantization, loaded.source_qtypes, calib)
         self.max_model_len = self.model_config.max_position_embeddings
         self.model_name = config.served_model_name or _model_name(config.model, loaded.config.name)
         self.tp = None

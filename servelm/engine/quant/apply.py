@@ -109,11 +109,14 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, cfg: QuantConfig | str | None,
-                   source_qtypes: dict[str, str] | None = None) -> QuantReport:
+                   source_qtypes: dict[str, str] | None = None,
+                   calibration: list[torch.Tensor] | None = None) -> QuantReport:
     """Replace the model's nn.Linear layers by quantized ones, in place.
 
     `source_qtypes` (param name -> GGUF type, from the loader) lets an automatic group size line
     up with a GGUF source's blocks, so a Q4_1 model quantized to int4 keeps its own grid.
+    `calibration` (token-id windows of text that is not the evaluation text) gives nf4/nf4-dq the
+    input statistics for their weighted block-scale search (calibrate.py); other formats ignore it.
 
     Returns a QuantReport with bytes per layer before/after. Raises ValueError (before touching
     the model) for an unknown format or a group size that does not divide a layer's in_features."""
@@ -121,13 +124,20 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | str | None,
     targets = _targets(model, cfg.include_lm_head and not cfg.lm_head_method) if cfg.method else []
     group, reason = _resolve_group(cfg, targets, source_qtypes or {})
     report = QuantReport(cfg.method, group, reason)
+    importance = {}
+    if calibration and cfg.method in ("nf4", "nf4-dq"):
+        from .calibrate import input_importance
+
+        importance = input_importance(model, targets, calibration)
+        report.group_size_reason += f"; scales searched with {sum(c.numel() for c in calibration)} calibration tokens"
     for name, lin in targets:
         if cfg.method == "int8":
             q = Int8Linear(lin)
         elif cfg.method == "int4":
             q = Int4Linear(lin, group)
         else:
-            q = NF4Linear(lin, group, double_quant=cfg.method == "nf4-dq", dq_block=cfg.dq_block)
+            q = NF4Linear(lin, group, double_quant=cfg.method == "nf4-dq", dq_block=cfg.dq_block,
+                          importance=importance.get(name))
         before = lin.weight.numel() * lin.weight.element_size()
         _set_module(model, name, q)
         report.layers.append(LayerReport(name, lin.out_features, lin.in_features, q.method, group,

@@ -1,6 +1,13 @@
-"""NF4 (4-bit NormalFloat, QLoRA) weight-only, absmax per group, with optional double
-quantization: the per-group absmax scales are themselves quantized to int8 in blocks of
-`dq_block` with one float32 scale per block and one float32 mean (QLoRA section 3)."""
+"""NF4 (4-bit NormalFloat, QLoRA) weight-only, one scale per group, with optional double
+quantization: the per-group scales are themselves quantized to int8 in blocks of `dq_block`
+with one float32 scale per block and one float32 mean (QLoRA section 3).
+
+Each weight is NF4_CODE[code] * scale[group]. Without calibration the scale is the group's absmax
+(QLoRA). With activation statistics from calibration text (`importance`, see calibrate.py) each
+group's scale is searched instead: candidates +-f * absmax for f in `SCALE_FACTORS`, keeping the
+one with the least importance-weighted squared error (llama.cpp's imatrix-weighted scale search).
+The negative candidates mirror the grid, whose 8 positive and 7 negative levels then fall the
+other way round; the storage and the decoding are unchanged."""
 from __future__ import annotations
 
 import torch
@@ -19,13 +26,37 @@ NF4_CODE = torch.tensor([
 _MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
 
 
-def quantize_nf4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (codes uint8 [N,K] in 0..15, absmax float32 [N, K/g]); w ≈ NF4_CODE[codes] * absmax."""
+# Fractions of a group's absmax tried as its scale when calibration statistics are given.
+SCALE_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def quantize_nf4(w: torch.Tensor, group_size: int, importance: torch.Tensor | None = None,
+                 rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (codes uint8 [N,K] in 0..15, scale float32 [N, K/g]); w ≈ NF4_CODE[codes] * scale.
+
+    `importance` [K] (mean squared input activation, calibrate.input_importance) switches from
+    absmax scales to the weighted search described in the module docstring."""
     n, k = w.shape
-    wg = w.float().reshape(n, k // group_size, group_size)
-    absmax = wg.abs().amax(-1).clamp(min=1e-10)
-    codes = torch.bucketize(wg / absmax[..., None], _MIDPOINTS.to(w.device))
-    return codes.reshape(n, k).to(torch.uint8), absmax
+    mids, levels = _MIDPOINTS.to(w.device), NF4_CODE.to(w.device)
+    codes_out, scales_out = [], []
+    for wc in w.split(rows_per_chunk):  # bounds the temporary memory of the search
+        wg = wc.float().reshape(-1, k // group_size, group_size)
+        absmax = wg.abs().amax(-1, keepdim=True).clamp(min=1e-10)
+        best = absmax
+        if importance is not None:
+            imp = importance.float().to(w.device).reshape(1, k // group_size, group_size)
+            best_err = None
+            for f in SCALE_FACTORS:
+                for s in (absmax * f, absmax * -f):
+                    err = (imp * (levels[torch.bucketize(wg / s, mids)] * s - wg) ** 2).sum(-1, keepdim=True)
+                    if best_err is None:
+                        best, best_err = s, err
+                    else:
+                        better = err < best_err
+                        best, best_err = torch.where(better, s, best), torch.minimum(err, best_err)
+        codes_out.append(torch.bucketize(wg / best, mids).reshape(-1, k).to(torch.uint8))
+        scales_out.append(best[..., 0])
+    return torch.cat(codes_out), torch.cat(scales_out)
 
 
 def double_quantize(absmax: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,7 +79,8 @@ class NF4Linear(QuantLinear):
 
     method = "nf4"
 
-    def __init__(self, linear: nn.Linear, group_size: int, double_quant: bool = False, dq_block: int = 256) -> None:
+    def __init__(self, linear: nn.Linear, group_size: int, double_quant: bool = False, dq_block: int = 256,
+                 importance: torch.Tensor | None = None) -> None:
         super().__init__(linear)
         n, k = self.out_features, self.in_features
         if k % group_size:
@@ -58,7 +90,8 @@ class NF4Linear(QuantLinear):
         self.double_quant = double_quant
         self.method = "nf4-dq" if double_quant else "nf4"
         dev = linear.weight.device
-        codes, absmax = quantize_nf4(linear.weight.detach(), group_size)
+        # `absmax` keeps QLoRA's name; with calibration it is the searched (possibly negative) scale.
+        codes, absmax = quantize_nf4(linear.weight.detach(), group_size, importance)
         self.register_buffer("qweight", (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous())
         if double_quant:
             q, scale, mean = double_quantize(absmax, dq_block)
