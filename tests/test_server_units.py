@@ -41,6 +41,22 @@ def test_settings_reject_typos_and_bad_values(tmp_path):
         ServerSettings.load(str(tmp_path / "missing.yaml"))
 
 
+def test_serve_flags_reach_the_engine_settings(tmp_path):
+    import argparse
+
+    from servelm.server.cli import _SERVE_FIELDS, _settings, register
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Some calibration text.")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--quantization", "nf4-dq", "--quant-calibration", str(calib),
+                              "--tensor-parallel-size", "2"])
+    s = _settings(args, _SERVE_FIELDS)
+    assert (s.quantization, s.quant_calibration, s.tensor_parallel_size) == ("nf4-dq", str(calib), 2)
+    assert _settings(parser.parse_args(["serve"]), _SERVE_FIELDS).quant_calibration is None
+
+
 def test_key_store_keeps_only_hashes(tmp_path):
     store = KeyStore(str(tmp_path / "k.sqlite3"))
     key, rec = store.create("bob", "chat,models", rpm=7, tpm=100)

@@ -31,7 +31,10 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default=_S)
     p.add_argument("--tensor-parallel-size", type=int, default=_S, help="GPUs to split the model over (default 1).")
     p.add_argument("--enforce-eager", action="store_true", default=_S, help="CUDA: no CUDA graphs (a baseline).")
-    p.add_argument("--quantization", default=_S)
+    p.add_argument("--quantization", default=_S,
+                   help="int8, int4, nf4 or nf4-dq (weight-only); +lm_head or +lm_head:int8 for the output layer")
+    p.add_argument("--quant-calibration", default=_S, metavar="TEXT_FILE",
+                   help="nf4/nf4-dq: search block scales weighted by activations on this text")
     p.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=_S,
                    help="Seconds before a request is stopped (default 600).")
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float, default=_S,
@@ -92,7 +95,7 @@ def _settings(args: argparse.Namespace, fields: tuple[str, ...]):
 
 _SERVE_FIELDS = ("model", "served_model_name", "host", "port", "no_auth", "redis_url", "data_dir", "log_prompts",
                  "log_level", "max_num_seqs", "max_queue", "max_model_len", "kv_cache_memory_bytes", "dtype",
-                 "quantization", "tensor_parallel_size", "enforce_eager", "request_timeout_s", "shutdown_timeout_s",
+                 "quantization", "quant_calibration", "tensor_parallel_size", "enforce_eager", "request_timeout_s", "shutdown_timeout_s",
                  "max_body_bytes", "embedding_model",
                  "rag", "rag_data_dir", "pg_url", "rag_max_file_bytes",
                  "policy", "no_guard", "default_strategy", "fallback", "fallback_message", "enable_fault_injection")
@@ -111,10 +114,9 @@ def _serve(args: argparse.Namespace) -> int:
     from servelm.server.logs import setup_logging
 
     setup_logging(settings.log_level)
-    engine_kwargs = {f: getattr(settings, f) for f in ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes",
-                                                        "enable_prefix_caching", "dtype", "quantization",
-                                                        "tensor_parallel_size", "enforce_eager")
-                     if getattr(settings, f) is not None}
+    engine_fields = ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes", "enable_prefix_caching", "dtype",
+                     "quantization", "quant_calibration", "tensor_parallel_size", "enforce_eager")
+    engine_kwargs = {f: getattr(settings, f) for f in engine_fields if getattr(settings, f) is not None}
     engine = AsyncEngine(EngineConfig(model=settings.model, **engine_kwargs))
     from servelm.prompts import UnknownStrategyError
     from servelm.safety import PolicyError

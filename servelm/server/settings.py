@@ -30,6 +30,7 @@ class ServerSettings(BaseSettings):
     served_model_name: str | None = Field(None, description="Name clients pass as 'model'; default: the engine's.")
     dtype: str | None = None
     quantization: str | None = None
+    quant_calibration: str | None = Field(None, description="Text file; nf4/nf4-dq search scales on it.")
     max_num_seqs: int = Field(16, ge=1, description="Requests the engine runs at once.")
     max_model_len: int | None = Field(None, ge=16)
     kv_cache_memory_bytes: int | None = Field(None, ge=1)
