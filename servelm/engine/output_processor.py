@@ -27,8 +27,7 @@ class OutputProcessor:
             chosen, top = lp
             seq.cumulative_logprob += chosen
             seq.logprobs.append(TokenLogprobs(
-                Logprob(token_id, chosen, self._piece(token_id)),
-                [Logprob(t, v, self._piece(t), rank=r + 1) for r, (t, v) in enumerate(top)]))
+                self._logprob(token_id, chosen), [self._logprob(t, v, r + 1) for r, (t, v) in enumerate(top)]))
         if not p.ignore_eos and token_id in self.eos_token_ids:
             seq.finish_reason = "stop"
             return
@@ -48,8 +47,9 @@ class OutputProcessor:
         if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
-    def _piece(self, token_id: int) -> str:
-        return self.tok.decode([token_id], skip_special_tokens=False)
+    def _logprob(self, token_id: int, logprob: float, rank: int | None = None) -> Logprob:
+        return Logprob(token_id, logprob, self.tok.decode([token_id], skip_special_tokens=False), rank,
+                       self.tok.token_bytes(token_id))
 
     def make_output(self, request_id: str, prompt: str | None, prompt_ids: list[int], seqs: list[Sequence],
                     arrival_time: float, finished: bool) -> RequestOutput:

@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class Logprob:
-    """Log-probability of one token, with its decoded text and rank (1 = most likely)."""
+    """Log-probability of one token, with its decoded text, its raw bytes (part of a UTF-8 character for
+    some tokens, where ``decoded`` is U+FFFD) and rank (1 = most likely)."""
 
     token_id: int
     logprob: float
     decoded: str
     rank: int | None = None
+    token_bytes: bytes = b""
 
 
 @dataclass(slots=True)

@@ -5,11 +5,31 @@ converted tokenizer is cached on disk (keyed by the file's path, size and mtime)
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 
 from servelm.engine.models.config import ModelLoadError
+
+
+def _byte_map(backend) -> str | None:
+    """Returns how the vocabulary spells bytes, read from the tokenizer's decoder: "byte_level" (GPT-2
+    byte-level BPE), "byte_fallback" (SentencePiece with <0xHH> tokens) or None (plain text tokens)."""
+    if backend is None or backend.decoder is None:
+        return None
+    d = json.loads(backend.decoder.__getstate__())
+    types = {d.get("type")} | {x.get("type") for x in d.get("decoders") or []}
+    return "byte_level" if "ByteLevel" in types else "byte_fallback" if "ByteFallback" in types else None
+
+
+@functools.cache
+def _byte_level() -> dict[str, int]:
+    """GPT-2's printable character per byte, inverted (transformers' table, as its tokenizer converter uses it)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {ch: b for b, ch in bytes_to_unicode().items()}
 
 
 def _cache_dir() -> Path:
@@ -28,6 +48,8 @@ class Tokenizer:
         self.eos_token_ids: set[int] = eos
         self.vocab_size = len(hf_tokenizer)
         self._backend = hf_tokenizer.backend_tokenizer if hasattr(hf_tokenizer, "backend_tokenizer") else None
+        self._byte_map = _byte_map(self._backend)
+        self._bytes: dict[int, bytes] = {}
 
     @classmethod
     def from_source(cls, source: Path, extra_eos_ids: list[int] | None = None) -> "Tokenizer":
@@ -64,12 +86,39 @@ class Tokenizer:
             return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for, also when it is only part of a UTF-8 character (OpenAI's
+        logprob ``bytes``): decoding the token alone would give U+FFFD instead. Cached per id."""
+        b = self._bytes.get(token_id)
+        if b is None:
+            b = self._bytes[token_id] = self._token_bytes(token_id)
+        return b
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        piece = self.hf.convert_ids_to_tokens(token_id) if 0 <= token_id < self.vocab_size else None
+        if piece is not None and token_id not in self.hf.all_special_ids:
+            if self._byte_map == "byte_level":  # GPT-2 style: each byte is spelled as one printable character
+                try:
+                    return bytes(_byte_level()[ch] for ch in piece)
+                except KeyError:
+                    pass  # an added token, spelled as plain text
+            elif self._byte_map == "byte_fallback":  # SentencePiece: <0xHH> byte tokens, "▁" for a space
+                if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                    return bytes([int(piece[3:5], 16)])
+                return piece.replace("\u2581", " ").encode("utf-8")
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(ids)
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
+
+    @property
+    def renders_tools(self) -> bool:
+        """True when the chat template uses a ``tools`` variable (function definitions for the model)."""
+        return "tools" in str(getattr(self.hf, "chat_template", None) or "")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """Render ``messages`` with the model's own chat template; raises ValueError if it has none."""
