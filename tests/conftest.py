@@ -47,3 +47,11 @@ def clone_smol(smol_loaded):
 @pytest.fixture(scope="session")
 def smol(make_llm) -> LLM:
     return make_llm()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smol_path):
+    """The embedded SmolLM2's tokenizer, as the server loads it."""
+    from servelm.engine.tokenizer import Tokenizer
+
+    return Tokenizer.from_source(smol_path)

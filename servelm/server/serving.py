@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -115,8 +115,12 @@ class Generation:
             ctx.metrics.e2e.observe(time.perf_counter() - self.start)
             for reason in self.finish_reasons or ["abort"]:
                 ctx.metrics.finished.labels(finished_reason=reason).inc()
-            self.info.update(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                             finish_reason=",".join(self.finish_reasons) or "abort")
+            # a batched request's generations share the access-log fields: counts add up, reasons join
+            info = self.info
+            info["prompt_tokens"] = info.get("prompt_tokens", 0) + self.prompt_tokens
+            info["completion_tokens"] = info.get("completion_tokens", 0) + self.completion_tokens
+            reasons = ",".join(self.finish_reasons) or "abort"
+            info["finish_reason"] = f"{info['finish_reason']},{reasons}" if info.get("finish_reason") else reasons
 
 
 async def _next(stream, deadline: float):
@@ -159,25 +163,36 @@ def check_context(ctx: ServerContext, prompt_len: int, max_tokens: int | None, p
 
 async def start(ctx: ServerContext, request: Request, principal: Principal, prompt_ids: list[int],
                 params: SamplingParams, prompt_param: str = "prompt") -> Generation:
-    """Returns an admitted Generation whose first engine output is already in hand.
+    """Returns an admitted Generation whose first engine output is already in hand (see :func:`start_batch`)."""
+    return (await start_batch(ctx, request, principal, [prompt_ids], params, prompt_param))[0]
 
-    Raises APIError 400 (bad input, also from the engine), 429 (rate limit), 503 (overloaded), 504 (timeout)
-    or ClientGone when the client leaves while waiting.
+
+async def start_batch(ctx: ServerContext, request: Request, principal: Principal, prompts: list[list[int]],
+                      params: SamplingParams, prompt_param: str = "prompt") -> list[Generation]:
+    """Returns one admitted Generation per prompt, each one engine request whose first output is in hand.
+
+    The prompts run concurrently (the scheduler batches them); each takes an admission slot, and the
+    batch is one request against the key's rate limit, its tokens the sum of the prompts'. Raises
+    APIError 400 (bad input, also from the engine), 429 (rate limit), 503 (overloaded), 504 (timeout)
+    or ClientGone when the client leaves while waiting; nothing of the batch keeps running then.
     """
     info = request.scope.setdefault("servelm", {})
     rid = info.get("request_id") or "req"
-    check_context(ctx, len(prompt_ids), params.max_tokens, prompt_param)
-    budget = params.max_tokens if params.max_tokens is not None else ctx.engine.max_model_len - len(prompt_ids)
+    for ids in prompts:
+        check_context(ctx, len(ids), params.max_tokens, prompt_param)
+    gens: list[Generation] = []
     try:
-        ctx.admission.enter()
-    except APIError as e:
-        ctx.metrics.rejected.labels(reason="overloaded" if e.code == "server_overloaded" else "shutting_down").inc()
-        raise
-    gen = Generation(ctx, rid, prompt_ids, params, principal, info)
-    try:
+        for ids in prompts:
+            try:
+                ctx.admission.enter()
+            except APIError as e:
+                reason = "overloaded" if e.code == "server_overloaded" else "shutting_down"
+                ctx.metrics.rejected.labels(reason=reason).inc()
+                raise
+            gens.append(Generation(ctx, rid, ids, params, principal, info))
+        costs = [len(g.prompt_ids) + _budget(ctx, g) * params.n for g in gens]
         try:
-            gen.reservation = await ctx.limiter.acquire(principal.name, principal.rpm, principal.tpm,
-                                                        len(prompt_ids) + budget * params.n)
+            reservation = await ctx.limiter.acquire(principal.name, principal.rpm, principal.tpm, sum(costs))
         except APIError as e:
             if e.status == 429:
                 ctx.metrics.rate_limited.labels(key=principal.name, limit=e.code or "").inc()
@@ -185,17 +200,67 @@ async def start(ctx: ServerContext, request: Request, principal: Principal, prom
         except Exception:
             raise APIError(503, "The rate-limit store is unreachable; retry shortly.", code="rate_limit_store_down",
                            headers={"Retry-After": "2"}) from None
-        # Clients may reuse an x-request-id; the engine needs ids unique among live requests.
-        gen.stream = ctx.engine.generate(prompt_ids, params, request_id=f"{rid}-{uuid.uuid4().hex[:8]}")
-        # Pull the first output now so the engine's validation errors become a 400, not a broken stream.
-        gen.first = await until_disconnect(request, _next(gen.stream, gen.start + ctx.settings.request_timeout_s))
+        # each generation settles its own share of the reservation, so the shares add up to the batch's tokens
+        for g, cost in zip(gens, costs):
+            g.reservation = replace(reservation, tokens=cost if reservation.tpm > 0 else 0)
+        deadline = time.perf_counter() + ctx.settings.request_timeout_s
+        for g in gens:
+            # Clients may reuse an x-request-id; the engine needs ids unique among live requests.
+            g.stream = ctx.engine.generate(g.prompt_ids, params, request_id=f"{rid}-{uuid.uuid4().hex[:8]}")
+        # Pull the first outputs now so the engine's validation errors become a 400, not a broken stream.
+        firsts = await until_disconnect(request, gather_all([_next(g.stream, deadline) for g in gens]))
+        for g, first in zip(gens, firsts):
+            g.first = first
     except InvalidRequestError as e:
-        await gen.finish()
+        await finish_all(gens)
         raise from_engine(e) from None
     except BaseException:
-        await gen.finish()
+        await finish_all(gens)
         raise
-    return gen
+    return gens
+
+
+def _budget(ctx: ServerContext, g: Generation) -> int:
+    return g.params.max_tokens if g.params.max_tokens is not None else ctx.engine.max_model_len - g.prompt_tokens
+
+
+async def finish_all(gens: list[Generation]) -> None:
+    """Finishes every generation (aborting the unfinished ones)."""
+    for g in gens:
+        await g.finish()
+
+
+async def gather_all(awaitables) -> list:
+    """Returns the results of ``awaitables`` run concurrently; when one fails (or this is cancelled)
+    the others are cancelled too, so nothing of a failed request keeps running."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def merged_outputs(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Yields ``(position in gens, output)`` from every generation's :meth:`Generation.outputs` as they
+    come. Closing this iterator (or an error in one) stops and releases all of them."""
+    streams = [g.outputs() for g in gens]
+    pending = {asyncio.ensure_future(anext(s, None)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.get):
+                i = pending.pop(task)
+                out = task.result()
+                if out is not None:
+                    pending[asyncio.ensure_future(anext(streams[i], None))] = i
+                    yield i, out
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await finish_all(gens)
 
 
 async def until_disconnect(request: Request, awaitable):
@@ -222,6 +287,18 @@ async def _wait_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def refuse_unsupported(body) -> None:
+    """Raises APIError(400, unsupported_parameter) for a contract the engine cannot keep, rather than
+    answering as if it had been kept: JSON output modes (no constrained decoding) and logit_bias."""
+    fmt = body.response_format
+    if fmt is not None and fmt.type != "text":
+        raise invalid(f"response_format type '{fmt.type}' is not supported: this server does not constrain "
+                      "output to JSON. Ask for JSON in the prompt instead.", "response_format",
+                      "unsupported_parameter")
+    if body.logit_bias:
+        raise invalid("logit_bias is not supported by this server.", "logit_bias", "unsupported_parameter")
 
 
 def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_size: int | None = None

@@ -14,11 +14,11 @@ from servelm.server.errors import invalid
 from servelm.server.logprobs import chat_logprobs
 from servelm.server.pipeline import ChatTurn, run_stream_stages
 from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatMessage, ChatChunkChoice, ChatCompletion,
-                                    ChatCompletionChunk, ChatCompletionRequest, DeltaMessage, Usage)
+                                    ChatCompletionChunk, ChatCompletionRequest, DeltaMessage, Tool, Usage)
 from servelm.safety import FallbackResult
 from servelm.server.guarding import call_engine, fallback_headers
-from servelm.server.serving import Generation, sampling_params, start, until_disconnect
-from servelm.server.streaming import stream_events
+from servelm.server.serving import Generation, refuse_unsupported, sampling_params, start, until_disconnect
+from servelm.server.streaming import stream_events, usage
 
 router = APIRouter(tags=["openai"])
 
@@ -32,6 +32,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     """Returns a ChatCompletion, or an SSE stream of ChatCompletionChunk ending with ``data: [DONE]``."""
     ctx = get_context(request)
     ctx.check_model(body.model)
+    refuse_unsupported(body)
+    tools = _tools(body)
     info = request.scope["servelm"]
     turn = ChatTurn(messages=turn_messages(body.messages), strategy=body.strategy, rag=body.rag,
                     key_name=principal.name, request_id=info["request_id"])
@@ -48,7 +50,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         review = {"x-servelm-review-id": turn.held.servelm["review_id"]} if turn.held.servelm.get("review_id") else {}
         return _answer_without_engine(ctx, rid, body, turn.held.text, "content_filter", turn.held.servelm, review)
     tok = ctx.engine.tokenizer
-    prompt_ids = tok.encode(render_prompt(tok, turn.messages), add_special_tokens=False)
+    prompt_ids = tok.encode(render_prompt(tok, turn.messages, tools), add_special_tokens=False)
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid("top_logprobs requires logprobs=true.", "top_logprobs")
     k = body.top_logprobs or 0
@@ -86,9 +88,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     if note:
         response.headers["x-servelm-review-id"] = note["review_id"]
     return ChatCompletion(id=rid, model=ctx.model_name, choices=choices, servelm=note,
-                          usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                                      total_tokens=gen.prompt_tokens + gen.completion_tokens),
-                          sources=turn.metadata.get("sources"))
+                          usage=usage([gen]), sources=turn.metadata.get("sources"))
 
 
 def turn_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -102,13 +102,38 @@ def turn_messages(messages: list[ChatMessage]) -> list[dict]:
             if part.type != "text" or part.text is None:
                 raise invalid(f"messages[{i}].content has a '{part.type}' part; this model reads text parts only.",
                               f"messages.{i}.content", "unsupported_content")
-    return [{"role": _ROLE.get(m.role, m.role), "content": m.text()} for m in messages]
+    out = []
+    for m in messages:
+        d = {"role": _ROLE.get(m.role, m.role), "content": m.text()}
+        d.update((k, v) for k in ("tool_calls", "tool_call_id") if (v := getattr(m, k)) is not None)
+        out.append(d)
+    return out
 
 
-def render_prompt(tok, messages: list[dict]) -> str:
-    """Returns ``messages`` rendered by the model's chat template, ready for the assistant's turn."""
+def _tools(body: ChatCompletionRequest) -> list[dict] | None:
+    """Returns the tools for the chat template (None with tool_choice "none"); raises APIError(400) for a
+    tool_choice this server cannot enforce (it does not constrain or parse tool calls)."""
+    for name in ("tool_choice", "function_call"):
+        choice = getattr(body, name)
+        if choice == "required" or isinstance(choice, dict):
+            raise invalid(f"{name} 'required' or a named function is not supported: this server does not force "
+                          "tool calls. Use 'auto' or 'none'.", name, "unsupported_parameter")
+    if body.modalities and "audio" in body.modalities:
+        raise invalid("Audio output is not supported; this model writes text.", "modalities", "unsupported_parameter")
+    tools = body.tools or [Tool(function=f) for f in body.functions or []]
+    if not tools or "none" in (body.tool_choice, body.function_call):
+        return None
+    return [t.model_dump(exclude_none=True) for t in tools]
+
+
+def render_prompt(tok, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """Returns ``messages`` rendered by the model's chat template, ready for the assistant's turn.
+
+    ``tools`` go to the template only when it renders them (mentions ``tools``); otherwise they are
+    dropped, as a template without tool support would ignore them anyway."""
+    kwargs = {"tools": tools} if tools and getattr(tok, "renders_tools", False) else {}
     try:
-        return tok.apply_chat_template(messages, add_generation_prompt=True)
+        return tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
     except Exception as e:  # the model's template rejects e.g. a role order it cannot render
         raise invalid(f"The messages cannot be rendered by this model's chat template: {e}", "messages") from None
 
@@ -187,20 +212,20 @@ def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompl
 
     stages = {i: ctx.pipeline.stream_stages(turn) for i in range(body.n)}
 
-    async def step(c):
+    async def step(index, c):
         delta, ended = c.delta_text, False
         reason, note = _finish(c.finish_reason), None
-        if stages[c.index]:
-            delta = await run_stream_stages(stages[c.index], delta, c.finished)
-            stopped = next((s for s in stages[c.index] if getattr(s, "finish_reason", None)), None)
+        if stages[index]:
+            delta = await run_stream_stages(stages[index], delta, c.finished)
+            stopped = next((s for s in stages[index] if getattr(s, "finish_reason", None)), None)
             if stopped is not None:  # a guard ended this choice: nothing more of it is sent
                 ended, reason, note = True, stopped.finish_reason, getattr(stopped, "servelm", None)
         # a stage that holds or rewrites text would have its tokens given away by logprobs
         lp = (chat_logprobs(c.delta_logprobs or [], k) if body.logprobs and c.delta_logprobs
-              and all(getattr(s, "passthrough", False) for s in stages[c.index]) else None)
+              and all(getattr(s, "passthrough", False) for s in stages[index]) else None)
         if not delta and lp is None and reason is None:
             return None, ended  # a guard is holding this text back: no empty chunk
-        return ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta), logprobs=lp,
+        return ChatChunkChoice(index=index, delta=DeltaMessage(content=delta), logprobs=lp,
                                finish_reason=reason, servelm=note), ended
 
     def sources() -> list[bytes]:  # with 'rag': the cited chunks, once, after the answer
@@ -209,4 +234,4 @@ def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompl
 
     head = [chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                    for i in range(body.n)])]
-    return stream_events(gen, body.n, step, chunk, include_usage, head, sources)
+    return stream_events([gen], body.n, step, chunk, include_usage, head, sources)

@@ -1,120 +1,173 @@
-"""POST /v1/completions: OpenAI (legacy) text completions, streaming and not."""
+"""POST /v1/completions: OpenAI (legacy) text completions, streaming and not, one prompt or a batch.
+
+A batch (``prompt`` as a list of texts or of token-id lists) runs one engine request per prompt,
+concurrently; choice ``j`` of prompt ``i`` has index ``i * n + j`` and the usage is summed. A single
+prompt is a batch of one. Each prompt is checked and guarded on its own: a prompt held for review or
+blocked answers only its own choices (with ``finish_reason: content_filter``); when every prompt is
+blocked the request gets the 400.
+"""
 from __future__ import annotations
 
 import time
 import uuid
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from servelm.server import sse
 from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
-from servelm.server.errors import invalid
-from servelm.server.logprobs import completion_logprobs
-from servelm.server.schemas import Completion, CompletionChoice, CompletionRequest, Usage
+from servelm.server.errors import APIError, invalid
+from servelm.server.logprobs import TextOffsets, completion_logprobs
+from servelm.server.pipeline import Answer, run_stream_stages
+from servelm.server.schemas import Completion, CompletionChoice, CompletionRequest
 from servelm.safety import FallbackResult
 from servelm.server.guarding import call_engine, fallback_headers
-from servelm.server.pipeline import run_stream_stages
-from servelm.server.serving import Generation, check_context, sampling_params, start, until_disconnect
-from servelm.server.streaming import stream_events
+from servelm.server.serving import (Generation, check_context, finish_all, gather_all, refuse_unsupported,
+                                    sampling_params, start_batch, until_disconnect)
+from servelm.server.streaming import stream_events, usage
 
 router = APIRouter(tags=["openai"])
 
+MAX_PROMPTS = 256  # prompts in one request (OpenAI's own batch limit is 2048; each prompt is an engine request)
 
-def _prompt(ctx: ServerContext, body: CompletionRequest) -> tuple[list[int], str]:
-    """Returns the prompt's token ids and its text (for echo)."""
+
+def _prompts(ctx: ServerContext, body: CompletionRequest) -> list[tuple[list[int], str]]:
+    """Returns each prompt's token ids and text (for echo); raises APIError(400) naming ``prompt``."""
     p = body.prompt
-    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
-        if len(p) != 1:
-            raise invalid("Batched prompts are not supported; send one request per prompt.", "prompt")
-        p = p[0]
+    batch = [p] if isinstance(p, str) or not p or isinstance(p[0], int) else list(p)
+    if len(batch) > MAX_PROMPTS:
+        raise invalid(f"At most {MAX_PROMPTS} prompts per request; this one has {len(batch)}.", "prompt")
     tok = ctx.engine.tokenizer
-    if isinstance(p, str):
-        return tok.encode(p, add_special_tokens=True), p
     vocab = getattr(tok, "vocab_size", None)
-    if vocab is not None and any(not 0 <= t < vocab for t in p):
-        raise invalid(f"Token ids must be in [0, {vocab}).", "prompt")
-    return list(p), tok.decode(list(p))
+    out = []
+    for i, item in enumerate(batch):
+        where = f"prompt[{i}]: " if len(batch) > 1 else ""
+        if isinstance(item, str):
+            out.append((tok.encode(item, add_special_tokens=True), item))
+            continue
+        if vocab is not None and any(not 0 <= t < vocab for t in item):
+            raise invalid(f"{where}Token ids must be in [0, {vocab}).", "prompt")
+        out.append((list(item), tok.decode(list(item))))
+    return out
+
+
+def _check_lengths(ctx: ServerContext, prompts: list[tuple[list[int], str]], max_tokens: int | None) -> None:
+    """Raises the 400 of the first prompt the model cannot take, naming which one in a batch."""
+    for i, (ids, _) in enumerate(prompts):
+        try:
+            check_context(ctx, len(ids), max_tokens, "prompt")
+        except APIError as e:
+            if len(prompts) > 1:
+                e.message = f"prompt[{i}]: {e.message}"
+            raise
+
+
+async def _screen(ctx: ServerContext, prompts, request_id: str, key_name: str) -> list[Answer | None]:
+    """Returns per prompt None (generate) or the Answer of its choices (held for review, or blocked)."""
+    g = ctx.guarding
+    if g is None:
+        return [None] * len(prompts)
+    answers, blocked = [], None
+    for _, text in prompts:
+        try:
+            answers.append(await g.check_prompt(text, request_id, key_name))
+        except APIError as e:
+            if e.code != "content_filter":
+                raise
+            blocked = blocked or e
+            answers.append(Answer("", "content_filter", servelm={"content_filter": {"reason": e.message}}))
+    if blocked is not None and all(a is not None and "review_id" not in a.servelm for a in answers):
+        raise blocked  # nothing of the request may run
+    return answers
 
 
 @router.post("/v1/completions", response_model=Completion, response_model_exclude_none=True,
              summary="Create a text completion (set stream=true for server-sent events)")
-async def create_completion(body: CompletionRequest, request: Request, response: Response,
+async def create_completion(body: CompletionRequest, request: Request,
                             principal: Principal = Depends(require("chat"))):
     """Returns a Completion, or an SSE stream of Completion chunks ending with ``data: [DONE]``."""
     ctx = get_context(request)
     ctx.check_model(body.model)
+    refuse_unsupported(body)
     if body.suffix:
         raise invalid("suffix is not supported by this model.", "suffix", "unsupported_parameter")
-    prompt_ids, prompt_text = _prompt(ctx, body)
+    if body.best_of is not None and body.best_of != body.n:
+        raise invalid("best_of is not supported; use n (every choice is returned).", "best_of",
+                      "unsupported_parameter")
+    prompts = _prompts(ctx, body)
+    info = request.scope["servelm"]
     if ctx.settings.log_prompts:
-        request.scope["servelm"]["prompt"] = prompt_text
-    rid_req = request.scope["servelm"]["request_id"]
-    g = ctx.guarding
-    rid = "cmpl-" + uuid.uuid4().hex
+        info["prompt"] = prompts[0][1] if len(prompts) == 1 else [text for _, text in prompts]
     params = sampling_params(body, body.max_tokens, body.logprobs, getattr(ctx.engine.tokenizer, "vocab_size", None))
     # a prompt the model cannot take gets its precise 400 before any scanning
-    check_context(ctx, len(prompt_ids), params.max_tokens, "prompt")
-    held = await g.check_prompt(prompt_text, rid_req, principal.name) if g is not None else None
-    if held is not None:
-        headers = {"x-servelm-review-id": held.servelm["review_id"]}
-        return _without_engine(ctx, rid, body, held.text, "content_filter", held.servelm, headers)
-    echo = prompt_text if body.echo else ""
+    _check_lengths(ctx, prompts, params.max_tokens)
+    rid_req, rid = info["request_id"], "cmpl-" + uuid.uuid4().hex
+    answers = await _screen(ctx, prompts, rid_req, principal.name)
+    run = [i for i, a in enumerate(answers) if a is None]
+    echo = [text if body.echo else "" for _, text in prompts]
+    headers = _review_header(answers)
 
-    async def run_stream():
-        return await start(ctx, request, principal, prompt_ids, params, prompt_param="prompt")
+    async def run_stream() -> list[Generation]:
+        return await start_batch(ctx, request, principal, [prompts[i][0] for i in run], params)
 
     async def run_collect():
-        gen = await run_stream()
-        return gen, await until_disconnect(request, _collect(gen, body, echo))
+        gens = await run_stream()
+        try:
+            return gens, await until_disconnect(request, gather_all(
+                [_collect(gen, body, echo[i]) for gen, i in zip(gens, run)]))
+        finally:
+            await finish_all(gens)  # a generation whose collector never ran (client gone) is released too
 
-    if body.stream:
-        gen = await call_engine(g, rid_req, run_stream)
-        if isinstance(gen, FallbackResult):
-            return _fallback(ctx, rid, body, gen, request.scope["servelm"])
-        response.headers.update(gen.rate_headers)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        scanners = {i: g.stream_scanner(rid_req, principal.name, prompt_text) if g is not None else None
-                    for i in range(body.n)}
-        return sse.EventStream(headers=gen.rate_headers,
-                               content=_stream(ctx, gen, body, rid, echo, include_usage, scanners))
-    result = await call_engine(g, rid_req, run_collect)
+    note = next((a.servelm for a in answers if a is not None and "review_id" in a.servelm), None)
+    result = (await call_engine(ctx.guarding, rid_req, run_stream if body.stream else run_collect)) if run else []
     if isinstance(result, FallbackResult):
-        return _fallback(ctx, rid, body, result, request.scope["servelm"])
-    gen, choices = result
-    response.headers.update(gen.rate_headers)
-    if g is not None:
-        for c in choices:
-            raw = c.text[len(echo):]
-            a = await g.scan_output(raw, rid_req, principal.name, prompt_text)
-            if a.text != raw or a.finish_reason:
-                c.logprobs = None  # token logprobs would give the redacted text away
-            c.text, c.servelm = echo + a.text, a.servelm or None
-            c.finish_reason = a.finish_reason or c.finish_reason
-    return Completion(id=rid, model=ctx.model_name, choices=choices,
-                      usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                                  total_tokens=gen.prompt_tokens + gen.completion_tokens))
-
-
-def _without_engine(ctx: ServerContext, rid: str, body: CompletionRequest, text: str, reason: str, note: dict,
-                    headers: dict):
-    """Returns a one-choice completion the engine did not write (held for review, or a fallback)."""
-    out = Completion(id=rid, model=ctx.model_name, servelm=note, usage=Usage(prompt_tokens=0, total_tokens=0),
-                     choices=[CompletionChoice(index=0, text=text, finish_reason=reason)])
+        info["fallback"] = result.kind
+        answers = [Answer(result.text, "stop")] * len(prompts)
+        note, headers = {"fallback": {"kind": result.kind, "reason": result.reason}}, fallback_headers(result)
+        run, result = [], []
     if body.stream:
-        async def events():
-            yield sse.event(out)
-            yield sse.DONE
-
-        return sse.EventStream(headers=headers, content=events())
+        gens = result
+        headers |= gens[0].rate_headers if gens else {}
+        return sse.EventStream(headers=headers, content=_stream(ctx, gens, run, answers, body, rid,
+                                                                 [text for _, text in prompts], note,
+                                                                 principal.name, rid_req))
+    gens, collected = result if result else ([], [])
+    headers |= gens[0].rate_headers if gens else {}
+    choices = _fixed_choices(answers, body.n, echo)
+    for gen, i, cs in zip(gens, run, collected):
+        for c in cs:
+            await _scan(ctx, c, echo[i], rid_req, principal.name, prompts[i][1])
+            c.index += i * body.n
+        choices += cs
+    out = Completion(id=rid, model=ctx.model_name, servelm=note, usage=usage(gens),
+                     choices=sorted(choices, key=lambda c: c.index))
     return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
 
 
-def _fallback(ctx: ServerContext, rid: str, body: CompletionRequest, r: FallbackResult, info: dict):
-    info["fallback"] = r.kind
-    return _without_engine(ctx, rid, body, r.text, "stop", {"fallback": {"kind": r.kind, "reason": r.reason}},
-                           fallback_headers(r))
+def _review_header(answers: list[Answer | None]) -> dict:
+    review = next((a.servelm["review_id"] for a in answers if a is not None and "review_id" in a.servelm), None)
+    return {"x-servelm-review-id": review} if review else {}
+
+
+def _fixed_choices(answers: list[Answer | None], n: int, echo: list[str]) -> list[CompletionChoice]:
+    """Returns the choices of the prompts the engine does not answer (held, blocked, or a fallback)."""
+    return [CompletionChoice(index=i * n + j, text=echo[i] + a.text, finish_reason=a.finish_reason,
+                             servelm=a.servelm or None)
+            for i, a in enumerate(answers) if a is not None for j in range(n)]
+
+
+async def _scan(ctx: ServerContext, c: CompletionChoice, echo: str, request_id: str, key_name: str,
+                prompt: str) -> None:
+    """Passes one collected choice through the output guard."""
+    if ctx.guarding is None:
+        return
+    raw = c.text[len(echo):]
+    a = await ctx.guarding.scan_output(raw, request_id, key_name, prompt)
+    if a.text != raw or a.finish_reason:
+        c.logprobs = None  # token logprobs would give the redacted text away
+    c.text, c.servelm = echo + a.text, a.servelm or None
+    c.finish_reason = a.finish_reason or c.finish_reason
 
 
 async def _collect(gen: Generation, body: CompletionRequest, echo: str) -> list[CompletionChoice]:
@@ -123,37 +176,49 @@ async def _collect(gen: Generation, body: CompletionRequest, echo: str) -> list[
     for c in sorted(last.outputs, key=lambda c: c.index):
         lp = None
         if body.logprobs is not None:
-            lp = completion_logprobs(c.logprobs or [], body.logprobs, len(echo))
+            lp = completion_logprobs(c.logprobs or [], body.logprobs, TextOffsets(len(echo)))
         choices.append(CompletionChoice(index=c.index, text=echo + c.text, logprobs=lp,
                                         finish_reason="stop" if c.finish_reason == "abort" else c.finish_reason))
     return choices
 
 
-def _stream(ctx: ServerContext, gen: Generation, body: CompletionRequest, rid: str, echo: str,
-            include_usage: bool, scanners: dict):
+def _stream(ctx: ServerContext, gens: list[Generation], run: list[int], answers: list[Answer | None],
+            body: CompletionRequest, rid: str, texts: list[str], note: dict | None, key_name: str, request_id: str):
     created = int(time.time())
+    n = body.n
+    echo = [text if body.echo else "" for text in texts]
 
     def chunk(choices, usage=None) -> bytes:
         return sse.event(Completion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage))
 
-    offsets = {i: len(echo) for i in range(body.n)}
+    # the engine's generation k answers prompt run[k]: its choice index k * n + j is sent as run[k] * n + j
+    prompt_of = {k * n + j: (i, j) for k, i in enumerate(run) for j in range(n)}
+    g = ctx.guarding
+    scanners = {k: g.stream_scanner(request_id, key_name, texts[i]) if g is not None and g.guard is not None
+                else None for k, (i, _) in prompt_of.items()}
+    offsets = {k: TextOffsets(len(echo[i])) for k, (i, _) in prompt_of.items()}
 
-    async def step(c):
+    async def step(k, c):
+        i, j = prompt_of[k]
         lp, ended = None, False
-        text, note = c.delta_text, None
+        text, servelm = c.delta_text, None
         reason = "stop" if c.finish_reason == "abort" else c.finish_reason
-        scanner = scanners.get(c.index)
+        scanner = scanners[k]
         if scanner is not None:
             text = await run_stream_stages([scanner], text, c.finished)
             if scanner.finish_reason:  # a guard ended this choice
-                ended, reason, note = True, scanner.finish_reason, scanner.servelm
+                ended, reason, servelm = True, scanner.finish_reason, scanner.servelm
         elif body.logprobs is not None and c.delta_logprobs:
             # logprobs only unguarded: a guard holds text back, so token offsets would not match
-            lp = completion_logprobs(c.delta_logprobs, body.logprobs, offsets[c.index])
-        offsets[c.index] += len(text)
+            lp = completion_logprobs(c.delta_logprobs, body.logprobs, offsets[k])
         if not text and lp is None and reason is None:
             return None, ended  # a guard is holding this text back: no empty chunk
-        return CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason, servelm=note), ended
+        return CompletionChoice(index=i * n + j, text=text, logprobs=lp, finish_reason=reason,
+                                servelm=servelm), ended
 
-    head = [chunk([CompletionChoice(index=i, text=echo) for i in range(body.n)])] if echo else []
-    return stream_events(gen, body.n, step, chunk, include_usage, head)
+    head = [CompletionChoice(index=i * n + j, text=echo[i]) for i in run for j in range(n) if echo[i]]
+    head += _fixed_choices(answers, n, echo)
+    events = [sse.event(Completion(id=rid, created=created, model=ctx.model_name, choices=head, servelm=note))
+              ] if head or note else []
+    return stream_events(gens, n, step, chunk, bool(body.stream_options and body.stream_options.include_usage),
+                         events)
