@@ -135,6 +135,14 @@ class Server:
                 out[series] = float(value)
         return out
 
+    def poll_metrics(self, cond, timeout: float = 1.0) -> dict[str, float]:
+        """Returns the metrics once ``cond(metrics)`` holds, or the last ones after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if cond(m) or time.monotonic() > deadline:
+                return m
+
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -396,15 +396,6 @@ async def _open_streams(srv, key, n):
     return client, streams
 
 
-def _poll(srv, cond, timeout=1.0):
-    """Returns the metrics once ``cond(metrics)`` holds, or the last ones after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = srv.metrics()
-        if cond(m) or time.monotonic() > deadline:
-            return m
-
-
 def test_disconnects_abort_at_once_and_free_the_kv_cache(srv, key):
     aborted = 'servelm:request_success_total{finished_reason="abort"}'
     inflight = "servelm:num_requests_server_inflight"
@@ -419,14 +410,14 @@ def test_disconnects_abort_at_once_and_free_the_kv_cache(srv, key):
         await asyncio.gather(*[s.close() for s in streams[:16]])
         # Polled from a thread: the client's event loop must keep running to really close the sockets.
         # Within one second the server has aborted the 16 (closed their engine streams) ...
-        half = await asyncio.to_thread(_poll, srv, lambda m: m[inflight] == 16
+        half = await asyncio.to_thread(srv.poll_metrics, lambda m: m[inflight] == 16
                                        and m.get(aborted, 0) >= before.get(aborted, 0) + 16)
         # ... and the engine drops them before its next step (one decode step of 32 sequences can take
         # most of a second on a busy 2-core box, hence the longer deadline here).
-        half_engine = await asyncio.to_thread(_poll, srv, lambda m: engine_count(m) == 16, 5.0)
+        half_engine = await asyncio.to_thread(srv.poll_metrics, lambda m: engine_count(m) == 16, 5.0)
         await asyncio.gather(*[s.close() for s in streams[16:]])
-        gone = await asyncio.to_thread(_poll, srv, lambda m: m[inflight] == 0)
-        done = await asyncio.to_thread(_poll, srv, lambda m: engine_count(m) == 0
+        gone = await asyncio.to_thread(srv.poll_metrics, lambda m: m[inflight] == 0)
+        done = await asyncio.to_thread(srv.poll_metrics, lambda m: engine_count(m) == 0
                                        and m['servelm:kv_cache_blocks{state="used"}'] == 0, 5.0)
         await client.close()
         return before, half, half_engine, gone, done
@@ -445,7 +436,7 @@ def test_non_streaming_disconnect_aborts(srv, key):
     with pytest.raises(httpx.ReadTimeout):
         post(srv, "/v1/completions", {"prompt": "Go on:", "max_tokens": 2000, "ignore_eos": True}, key,
              timeout=httpx.Timeout(120, read=1.0))
-    m = _poll(srv, lambda m: m["servelm:num_requests_running"] == 0, timeout=2.0)
+    m = srv.poll_metrics(lambda m: m["servelm:num_requests_running"] == 0, timeout=2.0)
     assert m["servelm:num_requests_running"] == 0
     assert m['servelm:request_success_total{finished_reason="abort"}'] == before + 1
 

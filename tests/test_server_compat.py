@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import time
 
 import httpx
 import openai
@@ -43,14 +42,6 @@ def unguarded():
 
 def _post(srv, key, path, body, **kw):
     return httpx.post(srv.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120, **kw)
-
-
-def _poll(srv, cond, timeout):
-    deadline = time.monotonic() + timeout
-    while True:
-        m = srv.metrics()
-        if cond(m) or time.monotonic() > deadline:
-            return m
 
 
 # ------------------------------------------------------------------ batched prompts
@@ -123,7 +114,7 @@ def test_leaving_a_streamed_batch_aborts_every_prompt_and_frees_the_kv_cache(srv
                 break
         running = await asyncio.to_thread(srv.metrics)
         await stream.close()
-        done = await asyncio.to_thread(_poll, srv, lambda m: m.get(aborted, 0) >= before + 3
+        done = await asyncio.to_thread(srv.poll_metrics, lambda m: m.get(aborted, 0) >= before + 3
                                        and m['servelm:kv_cache_blocks{state="used"}'] == 0, 5.0)
         await client.close()
         return running, done
