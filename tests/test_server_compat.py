@@ -81,7 +81,7 @@ def test_a_streamed_batch_merges_the_prompts_by_choice_index(client):
 def test_a_bad_prompt_in_a_batch_gets_400_before_anything_runs(srv, key):
     before = srv.metrics()["servelm:prompt_tokens_total"]
     cases = [(["Hi", "hello " * 9000], "prompt[1]"), ([[1, 2], [1, 10**9]], "prompt[1]"), (["Hi", ""], "prompt[1]"),
-             (["Hi"] * 257, "256")]
+             (["Hi"] * 257, "256"), (["Hi"] * 49, "At most 48 prompts")]
     for prompt, words in cases:
         r = _post(srv, key, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2})
         err = r.json()["error"]

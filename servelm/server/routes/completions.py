@@ -36,8 +36,11 @@ def _prompts(ctx: ServerContext, body: CompletionRequest) -> list[tuple[list[int
     """Returns each prompt's token ids and text (for echo); raises APIError(400) naming ``prompt``."""
     p = body.prompt
     batch = [p] if isinstance(p, str) or not p or isinstance(p[0], int) else list(p)
-    if len(batch) > MAX_PROMPTS:
-        raise invalid(f"At most {MAX_PROMPTS} prompts per request; this one has {len(batch)}.", "prompt")
+    # each prompt takes an admission slot: a batch larger than the server admits at once could never run
+    limit = min(MAX_PROMPTS, ctx.admission.capacity)
+    if len(batch) > limit:
+        raise invalid(f"At most {limit} prompts per request on this server (max_num_seqs + max_queue, capped at "
+                      f"{MAX_PROMPTS}); this one has {len(batch)}.", "prompt")
     tok = ctx.engine.tokenizer
     vocab = getattr(tok, "vocab_size", None)
     out = []
