@@ -13,6 +13,11 @@ from torch import nn
 from . import kernels
 from .base import QuantLinear, dtype_key
 
+try:  # the GPU kernels; CPU-only installs may lack Triton
+    from . import triton_gemv
+except ImportError:
+    triton_gemv = None
+
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (q int32 [N,K] in 0..15, scale [N,K/g], zero [N,K/g]) float32, w ≈ (q-8)*scale+zero."""
@@ -43,8 +48,9 @@ def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 class Int4Linear(QuantLinear):
-    """Kernels: CPU aten._weight_int4pack_mm_for_cpu (bf16 activations), CUDA tinygemm
-    aten._weight_int4pack_mm, or dequantize+matmul; picked per device/dtype/batch by measurement."""
+    """Kernels: CPU aten._weight_int4pack_mm_for_cpu (bf16 activations); CUDA the Triton kernels of
+    triton_gemv.py (their own "gemv" layout; SERVELM_QUANT_KERNEL=tinygemm keeps torch's tinygemm
+    aten._weight_int4pack_mm instead); or dequantize+matmul. Picked per device/dtype/batch by measurement."""
 
     method = "int4"
 
@@ -64,6 +70,9 @@ class Int4Linear(QuantLinear):
         if dev.type == "cpu" and n % 64 == 0:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             self.layout = "cpu"
+        elif dev.type == "cuda" and kernels.forced() != "tinygemm" and triton_gemv is not None:
+            packed = triton_gemv.pack_int4(q, group_size)  # split-group order of the Triton kernels
+            self.layout = "gemv"
         elif dev.type == "cuda":
             try:
                 u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).to(dev)
@@ -80,6 +89,8 @@ class Int4Linear(QuantLinear):
         n, k = self.out_features, self.in_features
         if self.layout == "cpu":
             return _unpack_cpu(self.qweight, n, k)
+        if self.layout == "gemv":
+            return triton_gemv.unpack_int4(self.qweight, self.group_size)
         p = self.qweight
         return torch.stack([p & 15, p >> 4], dim=-1).reshape(n, k)
 
@@ -101,6 +112,8 @@ class Int4Linear(QuantLinear):
         if self.layout == "tinygemm":
             return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, g, self.scales_zeros)
         cands = {}
+        if self.layout == "gemv":  # listed first: taken as is if first seen inside a CUDA-graph capture
+            cands["triton_w4"] = lambda: triton_gemv.w4_matmul(x, self.qweight, self.scales_zeros, g)
         if self.layout == "cpu":
             cands["int4pack_bf16"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.to(torch.bfloat16), self.qweight, g, self.scales_zeros)
