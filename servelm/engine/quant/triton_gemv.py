@@ -34,10 +34,35 @@ import triton.language as tl
 class Config(NamedTuple):
     block_m: int  # 1: gemv on CUDA cores; >= 16: tl.dot
     block_n: int  # output rows per program
-    block_k: int  # inputs per loop step (int4: a multiple of the group size)
+    block_k: int  # inputs per loop step (int4: a multiple of the group size; the int4 dot path takes one group)
     split_k: int  # slices of K, summed atomically in fp32 when > 1
     num_warps: int = 4
     num_stages: int = 3
+
+
+@triton.jit
+def _nibbles_f32(q):
+    """uint8 bytes -> (low nibble - 8, high nibble - 8) in float32, without int-to-float conversions
+    (quarter rate on the GPU, and the limit of a naive int4 kernel): a code c < 2^23 OR-ed into the
+    bits of the float 2^23 (0x4B000000) is the float 2^23 + c exactly."""
+    qi = q.to(tl.int32)
+    lo = ((qi & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+    hi = ((qi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    return lo, hi
+
+
+@triton.jit
+def _nibbles_16(q, DTYPE: tl.constexpr):
+    """uint8 bytes -> (MAGIC + low nibble, MAGIC + high nibble) in bf16/fp16 for tl.dot, by the same
+    trick: c OR-ed into 128.0 (bf16 0x4300, 7 mantissa bits) or 1024.0 (fp16 0x6400) is exact."""
+    qi = q.to(tl.int32)
+    if DTYPE == tl.bfloat16:
+        base = 0x4300
+    else:
+        base = 0x6400
+    lo = ((qi & 15) | base).to(tl.int16).to(DTYPE, bitcast=True)
+    hi = ((qi >> 4) | base).to(tl.int16).to(DTYPE, bitcast=True)
+    return lo, hi
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])  # one build for every batch size and split
@@ -46,17 +71,18 @@ def _w4_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_wn, strid
                BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HALF: tl.constexpr = GROUP // 2
-    NG: tl.constexpr = GROUPS_PER_STEP
+    NG: tl.constexpr = GROUPS_PER_STEP if BLOCK_M == 1 else 1  # the dot path takes one group per step
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     num_groups = K // GROUP
     per_split = tl.cdiv(tl.cdiv(num_groups, split_k), NG) * NG  # this program's groups: whole steps
     g_start = pid_k * per_split  # the last slice may reach past K: masked below
-    grp = tl.arange(0, NG)
     j = tl.arange(0, HALF)
-    w_rows = w_ptr + n[:, None, None].to(tl.int64) * stride_wn
-    sz_rows = sz_ptr + 2 * n[:, None]
+    sz_rows = sz_ptr + 2 * n
     if BLOCK_M == 1:
+        # acc[n] = sum over groups g of scale * sum_g x (q - 8) + zero * sum_g x
+        grp = tl.arange(0, NG)
+        w_rows = w_ptr + n[:, None, None].to(tl.int64) * stride_wn
         x_row = x_ptr + pid_m * stride_xm
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for g0 in range(g_start, g_start + per_split, NG):
@@ -67,38 +93,39 @@ def _w4_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_wn, strid
             x_off = g[:, None] * GROUP + j[None, :]
             x_lo = tl.load(x_row + x_off, mask=g_ok[:, None], other=0.0).to(tl.float32)  # first half of each group
             x_hi = tl.load(x_row + x_off + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            xq = tl.sum((q & 15).to(tl.float32) * x_lo[None] + (q >> 4).to(tl.float32) * x_hi[None], axis=2)
-            xs = tl.sum(x_lo + x_hi, axis=1)[None, :]  # sum of x over each group
+            lo, hi = _nibbles_f32(q)
+            xq = tl.sum(lo * x_lo[None] + hi * x_hi[None], axis=2)  # [BLOCK_N, NG]
+            xs = tl.sum(x_lo + x_hi, axis=1)[None, :]
             sz_mask = n_ok[:, None] & g_ok[None, :]
-            s = tl.load(sz_rows + g[None, :] * (2 * N), mask=sz_mask, other=0.0).to(tl.float32)
-            z = tl.load(sz_rows + g[None, :] * (2 * N) + 1, mask=sz_mask, other=0.0).to(tl.float32)
-            acc += tl.sum(s * (xq - 8.0 * xs) + z * xs, axis=1)
+            s = tl.load(sz_rows[:, None] + g[None, :] * (2 * N), mask=sz_mask, other=0.0).to(tl.float32)
+            z = tl.load(sz_rows[:, None] + g[None, :] * (2 * N) + 1, mask=sz_mask, other=0.0).to(tl.float32)
+            acc += tl.sum(s * xq + z * xs, axis=1)
         out = y_ptr + pid_m * stride_ym + n
         if ATOMIC:
             tl.atomic_add(out, acc, mask=n_ok)
         else:
             tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
+        # per group: d = x . (MAGIC + q) on the tensor cores, then
+        # acc += scale * (d - (MAGIC + 8) * sum x) + zero * sum x
+        DT: tl.constexpr = x_ptr.dtype.element_ty
+        MAGIC: tl.constexpr = 128.0 if DT == tl.bfloat16 else 1024.0
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < M
-        kk = tl.arange(0, NG * HALF)  # column of the step's half-tiles: group kk // HALF, input kk % HALF
+        w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
+        x_rows = x_ptr + m[:, None] * stride_xm
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for g0 in range(g_start, g_start + per_split, NG):
-            g = g0 + grp
+        for g in range(g_start, g_start + per_split):
             g_ok = g < num_groups
-            q = tl.load(w_rows + (g[None, :, None] * HALF + j[None, None, :]),
-                        mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
-            sz_mask = n_ok[:, None] & g_ok[None, :]
-            s = tl.load(sz_rows + g[None, :] * (2 * N), mask=sz_mask, other=0.0).to(tl.float32)[:, :, None]
-            z = tl.load(sz_rows + g[None, :] * (2 * N) + 1, mask=sz_mask, other=0.0).to(tl.float32)[:, :, None]
-            w_lo = tl.reshape(((q & 15).to(tl.float32) - 8.0) * s + z, (BLOCK_N, NG * HALF))
-            w_hi = tl.reshape(((q >> 4).to(tl.float32) - 8.0) * s + z, (BLOCK_N, NG * HALF))
-            x_off = m[:, None] * stride_xm + ((g0 + kk // HALF) * GROUP + kk % HALF)[None, :]
-            x_mask = m_ok[:, None] & ((g0 + kk // HALF) < num_groups)[None, :]
-            x_lo = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
-            x_hi = tl.load(x_ptr + x_off + HALF, mask=x_mask, other=0.0)
-            acc = tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)), acc)
-            acc = tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)), acc)
+            q = tl.load(w_rows + (g * HALF + j[None, :]), mask=n_ok[:, None] & g_ok, other=0)  # [BLOCK_N, HALF]
+            x_lo = tl.load(x_rows + (g * GROUP + j[None, :]), mask=m_ok[:, None] & g_ok, other=0.0)
+            x_hi = tl.load(x_rows + (g * GROUP + HALF + j[None, :]), mask=m_ok[:, None] & g_ok, other=0.0)
+            w_lo, w_hi = _nibbles_16(q, DT)
+            d = tl.dot(x_hi, tl.trans(w_hi), tl.dot(x_lo, tl.trans(w_lo)))
+            xs = (tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1))[:, None]
+            s = tl.load(sz_rows + g * (2 * N), mask=n_ok & g_ok, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(sz_rows + g * (2 * N) + 1, mask=n_ok & g_ok, other=0.0).to(tl.float32)[None, :]
+            acc += s * (d - (MAGIC + 8.0) * xs) + z * xs
         out = y_ptr + m[:, None] * stride_ym + n[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
         if ATOMIC:
@@ -127,7 +154,11 @@ def _w8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride
             k_ok = k < K
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
             x = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            if HAS_SCALE:  # int8 v: its byte XOR 0x80 is v + 128; OR-ed into 2^23 (see _nibbles_f32)
+                wf = ((w.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            else:
+                wf = w.to(tl.float32)
+            acc += tl.sum(wf * x[None, :], axis=1)
         if HAS_SCALE:
             acc *= tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
         out = y_ptr + pid_m * stride_ym + n
@@ -177,8 +208,8 @@ def pick_config(fmt: str, m: int, n: int, k: int, group: int, num_sms: int) -> C
         block_m, block_n, block_k = 16, 64, 256 if fmt == "int4" else 128
     else:
         block_m, block_n, block_k = 64, 64, 128 if fmt == "int4" else 64
-    if fmt == "int4":
-        block_k = max(block_k, group)
+    if fmt == "int4":  # gemv: whole groups per step; dot: one group per step
+        block_k = max(block_k, group) if block_m == 1 else group
     split = 1
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     while m <= 16 and programs * split < 2 * num_sms and k // (block_k * split * 2) >= 2:
