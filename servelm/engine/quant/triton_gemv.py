@@ -106,28 +106,29 @@ def _w4_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_wn, strid
         else:
             tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
-        # per group: d = x . (MAGIC + q) on the tensor cores, then
-        # acc += scale * (d - (MAGIC + 8) * sum x) + zero * sum x
+        # Per group, on the tensor cores with the weight tile as the left operand (it fills the 64-row
+        # side of Hopper's wgmma and may stay in registers; the few rows of x are the narrow side):
+        # d[n, m] = (MAGIC + q) . x, then acc += scale * (d - (MAGIC + 8) * sum x) + zero * sum x.
         DT: tl.constexpr = x_ptr.dtype.element_ty
         MAGIC: tl.constexpr = 128.0 if DT == tl.bfloat16 else 1024.0
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < M
         w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
-        x_rows = x_ptr + m[:, None] * stride_xm
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        x_cols = x_ptr + m[None, :] * stride_xm  # x^T: [HALF, BLOCK_M] tiles
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for g in range(g_start, g_start + per_split):
             g_ok = g < num_groups
             q = tl.load(w_rows + (g * HALF + j[None, :]), mask=n_ok[:, None] & g_ok, other=0)  # [BLOCK_N, HALF]
-            x_lo = tl.load(x_rows + (g * GROUP + j[None, :]), mask=m_ok[:, None] & g_ok, other=0.0)
-            x_hi = tl.load(x_rows + (g * GROUP + HALF + j[None, :]), mask=m_ok[:, None] & g_ok, other=0.0)
+            x_lo = tl.load(x_cols + (g * GROUP + j[:, None]), mask=m_ok[None, :] & g_ok, other=0.0)
+            x_hi = tl.load(x_cols + (g * GROUP + HALF + j[:, None]), mask=m_ok[None, :] & g_ok, other=0.0)
             w_lo, w_hi = _nibbles_16(q, DT)
-            d = tl.dot(x_hi, tl.trans(w_hi), tl.dot(x_lo, tl.trans(w_lo)))
-            xs = (tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1))[:, None]
-            s = tl.load(sz_rows + g * (2 * N), mask=n_ok & g_ok, other=0.0).to(tl.float32)[None, :]
-            z = tl.load(sz_rows + g * (2 * N) + 1, mask=n_ok & g_ok, other=0.0).to(tl.float32)[None, :]
+            d = tl.dot(w_hi, x_hi, tl.dot(w_lo, x_lo))
+            xs = (tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0))[None, :]
+            s = tl.load(sz_rows + g * (2 * N), mask=n_ok & g_ok, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(sz_rows + g * (2 * N) + 1, mask=n_ok & g_ok, other=0.0).to(tl.float32)[:, None]
             acc += s * (d - (MAGIC + 8.0) * xs) + z * xs
-        out = y_ptr + m[:, None] * stride_ym + n[None, :]
-        mask = m_ok[:, None] & n_ok[None, :]
+        out = y_ptr + m[None, :] * stride_ym + n[:, None]
+        mask = m_ok[None, :] & n_ok[:, None]
         if ATOMIC:
             tl.atomic_add(out, acc, mask=mask)
         else:
