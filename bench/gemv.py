@@ -121,15 +121,15 @@ def reference(fmt: str, x: torch.Tensor, c: dict) -> torch.Tensor:
 
 
 def sweep_grid(fmt: str, m: int) -> list[tg.Config]:
-    """Block-size grid searched for one format at M=1 (gemv, and for int4 also a 16-row dot tile) or M=16."""
+    """Block-size grid searched for one format at M=1 (gemv; for int4 also the 16-row dot tile) or M=16."""
     P = itertools.product
     splits = (1, 2, 4, 8)
-    if fmt == "int4":  # the dot path takes one group (block_k = 128) per step
-        dot = [tg.Config(16, bn, GROUP, sp, nw, ns) for bn, sp, nw, ns in P((32, 64, 128), splits, (4, 8), (2, 4))]
+    if fmt == "int4":
+        dot = [tg.Config(16, bn, bk, sp, nw, ns) for bn, bk, sp, nw, ns in P((64, 128), (128, 256), splits, (4, 8), (2, 4))]
         if m > 1:
             return dot
         return [tg.Config(1, bn, bk, sp, nw, ns) for bn, bk, sp, nw, ns in
-                P((16, 32, 64), (256, 512), splits, (4, 8), (1, 3))] + [c for c in dot if c.num_warps == 4]
+                P((16, 32, 64), (128, 256, 512), splits, (4, 8), (1, 3))] + [c for c in dot if c.num_warps == 4]
     if m == 1:
         bns, bks = ((16, 32), (512, 1024)) if fmt == "w16" else ((16, 32, 64), (512, 1024))
         return [tg.Config(1, bn, bk, sp, nw, ns) for bn, bk, sp, nw, ns in P(bns, bks, splits, (4, 8), (1, 3))]

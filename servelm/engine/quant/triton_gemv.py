@@ -3,19 +3,20 @@
     y[M, N] = x[M, K] @ W[N, K]^T, x in bf16/fp16, fp32 accumulation, y in x's dtype.
 
 Weight formats (what :class:`Int4Linear` / :class:`Int8Linear` store on CUDA):
-- int4: uint8 ``[N, K/2]`` in *split-group* order: in each group of ``G`` inputs, byte ``j`` holds the code
-  of input ``j`` (low nibble) and of input ``j + G/2`` (high nibble). One 16-byte load thus feeds two
-  contiguous activation chunks, and neither the weights nor ``x`` need a shuffle. Codes q are 0..15 with
-  one (scale, zero) pair per group, stored ``[K/G, N, 2]``: ``w = (q - 8) * scale + zero``.
+- int4: uint8 ``[N, K/2]`` read as 32-bit words in *eight-chunk* order: a group of ``G`` inputs is cut
+  into 8 chunks of ``S = G/8``, and word ``j`` of the group holds the codes of input ``j`` of every chunk
+  (chunk i in bits 4i..4i+3). One 16-byte load (4 words) thus feeds 8 contiguous 4-input pieces of x,
+  and no nibble needs a byte shuffle. Codes q are 0..15 with one (scale, zero) pair per group, stored
+  ``[K/G, N, 2]``: ``w = (q - 8) * scale + zero``.
 - int8: int8 ``[N, K]`` and one float scale per row: ``w = q * scale[n]``.
 - 16-bit: the weight itself (for unquantized Linears at batch 1, where it measures faster than cuBLAS).
 
 At decode every weight is read once per token, so these kernels are about bytes. Each program owns
 ``BLOCK_N`` output rows of one of ``SPLIT_K`` slices of K, streams its weight tile once and multiplies it
 with up to ``BLOCK_M`` activation rows:
-- ``BLOCK_M == 1`` (gemv): multiply and row sums on the CUDA cores. For int4 the per-group scale is
-  applied after the group's sum, ``sum_g scale * (sum x*q - 8 sum x) + zero * sum x``, so the inner loop
-  is one multiply-add per weight.
+- ``BLOCK_M == 1`` (gemv): multiply and row sums on the CUDA cores. For int4 each code becomes the
+  float 1 + q/16 by two integer operations (see ``_nibble_f32``) and the per-group scale is applied
+  after the group's sum, so the inner loop is one fused multiply-add per weight.
 - ``BLOCK_M >= 16`` (dot): the tile is dequantized to x's dtype in registers and fed to ``tl.dot``.
 Where N alone gives too few programs to fill the GPU (the 4096-wide projections of an 8B model), K is
 split and the partial sums are added atomically into a zeroed fp32 buffer that is cast at the end.
@@ -34,99 +35,96 @@ import triton.language as tl
 class Config(NamedTuple):
     block_m: int  # 1: gemv on CUDA cores; >= 16: tl.dot
     block_n: int  # output rows per program
-    block_k: int  # inputs per loop step (int4: a multiple of the group size; the int4 dot path takes one group)
+    block_k: int  # inputs per loop step (int4: a multiple of the group size, >= 128 for the dot path)
     split_k: int  # slices of K, summed atomically in fp32 when > 1
     num_warps: int = 4
     num_stages: int = 3
 
 
 @triton.jit
-def _nibbles_f32(q):
-    """uint8 bytes -> (low nibble - 8, high nibble - 8) in float32, without int-to-float conversions
-    (quarter rate on the GPU, and the limit of a naive int4 kernel): a code c < 2^23 OR-ed into the
-    bits of the float 2^23 (0x4B000000) is the float 2^23 + c exactly."""
-    qi = q.to(tl.int32)
-    lo = ((qi & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
-    hi = ((qi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-    return lo, hi
-
-
-@triton.jit
-def _nibbles_16(q, DTYPE: tl.constexpr):
-    """uint8 bytes -> (MAGIC + low nibble, MAGIC + high nibble) in bf16/fp16 for tl.dot, by the same
-    trick: c OR-ed into 128.0 (bf16 0x4300, 7 mantissa bits) or 1024.0 (fp16 0x6400) is exact."""
-    qi = q.to(tl.int32)
-    if DTYPE == tl.bfloat16:
-        base = 0x4300
+def _nibble_f32(words, i: tl.constexpr):
+    """Nibble i (bits 4i..4i+3) of each int32 word as the float 1 + q/16, exactly, in two integer
+    operations and no int-to-float conversion (quarter rate on the GPU, and what limits a naive
+    int4 kernel): the nibble shifted into the top mantissa bits (19..22) of 1.0f."""
+    SHIFT: tl.constexpr = 19 - 4 * i
+    if SHIFT >= 0:
+        v = words << SHIFT
     else:
-        base = 0x6400
-    lo = ((qi & 15) | base).to(tl.int16).to(DTYPE, bitcast=True)
-    hi = ((qi >> 4) | base).to(tl.int16).to(DTYPE, bitcast=True)
-    return lo, hi
+        v = words >> -SHIFT  # arithmetic shift: the sign bits land above bit 22 and are masked off
+    return ((v & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])  # one build for every batch size and split
 def _w4_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, split_k,
                GROUP: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
+    """w_ptr: int32 words [N, K/8], stride_wn in words. With S = GROUP/8, word j of group g holds the
+    codes of inputs g*GROUP + i*S + j, i = 0..7, in bits 4i..4i+3 (see pack_int4).
+
+    Per group, with f = 1 + q/16 and T = sum x*f:  sum x*(q - 8) = 16 T - 24 sum x, so
+    y += 16 scale T + (zero - 24 scale) sum x."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    HALF: tl.constexpr = GROUP // 2
-    NG: tl.constexpr = GROUPS_PER_STEP if BLOCK_M == 1 else 1  # the dot path takes one group per step
+    S: tl.constexpr = GROUP // 8
+    NG: tl.constexpr = GROUPS_PER_STEP
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     num_groups = K // GROUP
     per_split = tl.cdiv(tl.cdiv(num_groups, split_k), NG) * NG  # this program's groups: whole steps
     g_start = pid_k * per_split  # the last slice may reach past K: masked below
-    j = tl.arange(0, HALF)
-    sz_rows = sz_ptr + 2 * n
+    grp = tl.arange(0, NG)
+    jj = tl.arange(0, S)
+    w_rows = w_ptr + n[:, None, None].to(tl.int64) * stride_wn
+    sz_rows = sz_ptr + 2 * n[:, None]
     if BLOCK_M == 1:
-        # acc[n] = sum over groups g of scale * sum_g x (q - 8) + zero * sum_g x
-        grp = tl.arange(0, NG)
-        w_rows = w_ptr + n[:, None, None].to(tl.int64) * stride_wn
         x_row = x_ptr + pid_m * stride_xm
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for g0 in range(g_start, g_start + per_split, NG):
             g = g0 + grp
             g_ok = g < num_groups
-            q = tl.load(w_rows + (g[None, :, None] * HALF + j[None, None, :]),
-                        mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)  # [BLOCK_N, NG, HALF] bytes
-            x_off = g[:, None] * GROUP + j[None, :]
-            x_lo = tl.load(x_row + x_off, mask=g_ok[:, None], other=0.0).to(tl.float32)  # first half of each group
-            x_hi = tl.load(x_row + x_off + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            lo, hi = _nibbles_f32(q)
-            xq = tl.sum(lo * x_lo[None] + hi * x_hi[None], axis=2)  # [BLOCK_N, NG]
-            xs = tl.sum(x_lo + x_hi, axis=1)[None, :]
+            words = tl.load(w_rows + (g[None, :, None] * S + jj[None, None, :]),
+                            mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)  # [BLOCK_N, NG, S]
+            x_chunk = x_row + (g[:, None] * GROUP + jj[None, :])  # chunk i of each group: + i*S, contiguous
+            t = tl.zeros([BLOCK_N, NG, S], dtype=tl.float32)
+            xs = tl.zeros([NG], dtype=tl.float32)
+            for i in tl.static_range(8):
+                xi = tl.load(x_chunk + i * S, mask=g_ok[:, None], other=0.0).to(tl.float32)
+                t += _nibble_f32(words, i) * xi[None]
+                xs += tl.sum(xi, axis=1)
             sz_mask = n_ok[:, None] & g_ok[None, :]
-            s = tl.load(sz_rows[:, None] + g[None, :] * (2 * N), mask=sz_mask, other=0.0).to(tl.float32)
-            z = tl.load(sz_rows[:, None] + g[None, :] * (2 * N) + 1, mask=sz_mask, other=0.0).to(tl.float32)
-            acc += tl.sum(s * xq + z * xs, axis=1)
+            s = tl.load(sz_rows + g[None, :] * (2 * N), mask=sz_mask, other=0.0).to(tl.float32)
+            z = tl.load(sz_rows + g[None, :] * (2 * N) + 1, mask=sz_mask, other=0.0).to(tl.float32)
+            acc += tl.sum(16.0 * s * tl.sum(t, axis=2) + (z - 24.0 * s) * xs[None, :], axis=1)
         out = y_ptr + pid_m * stride_ym + n
         if ATOMIC:
             tl.atomic_add(out, acc, mask=n_ok)
         else:
             tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
-        # Per group, on the tensor cores with the weight tile as the left operand (it fills the 64-row
-        # side of Hopper's wgmma and may stay in registers; the few rows of x are the narrow side):
-        # d[n, m] = (MAGIC + q) . x, then acc += scale * (d - (MAGIC + 8) * sum x) + zero * sum x.
+        # Tensor cores, the weight tile as the left operand (it fills the 64-row side of Hopper's
+        # wgmma; the few rows of x are the narrow side): chunk i of NG groups dequantized in
+        # registers, w = 16 scale f + (zero - 24 scale), times x^T [NG*S, BLOCK_M].
         DT: tl.constexpr = x_ptr.dtype.element_ty
-        MAGIC: tl.constexpr = 128.0 if DT == tl.bfloat16 else 1024.0
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < M
-        w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
-        x_cols = x_ptr + m[None, :] * stride_xm  # x^T: [HALF, BLOCK_M] tiles
+        kk = tl.arange(0, NG * S)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for g in range(g_start, g_start + per_split):
+        for g0 in range(g_start, g_start + per_split, NG):
+            g = g0 + grp
             g_ok = g < num_groups
-            q = tl.load(w_rows + (g * HALF + j[None, :]), mask=n_ok[:, None] & g_ok, other=0)  # [BLOCK_N, HALF]
-            x_lo = tl.load(x_cols + (g * GROUP + j[:, None]), mask=m_ok[None, :] & g_ok, other=0.0)
-            x_hi = tl.load(x_cols + (g * GROUP + HALF + j[:, None]), mask=m_ok[None, :] & g_ok, other=0.0)
-            w_lo, w_hi = _nibbles_16(q, DT)
-            d = tl.dot(w_hi, x_hi, tl.dot(w_lo, x_lo))
-            xs = (tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0))[None, :]
-            s = tl.load(sz_rows + g * (2 * N), mask=n_ok & g_ok, other=0.0).to(tl.float32)[:, None]
-            z = tl.load(sz_rows + g * (2 * N) + 1, mask=n_ok & g_ok, other=0.0).to(tl.float32)[:, None]
-            acc += s * (d - (MAGIC + 8.0) * xs) + z * xs
+            words = tl.load(w_rows + (g[None, :, None] * S + jj[None, None, :]),
+                            mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+            sz_mask = n_ok[:, None] & g_ok[None, :]
+            s = tl.load(sz_rows + g[None, :] * (2 * N), mask=sz_mask, other=0.0).to(tl.float32)
+            z = tl.load(sz_rows + g[None, :] * (2 * N) + 1, mask=sz_mask, other=0.0).to(tl.float32)
+            a = (16.0 * s)[:, :, None]
+            b = (z - 24.0 * s)[:, :, None]
+            kg = g0 + kk // S
+            x_chunk = x_ptr + m[None, :] * stride_xm + (kg * GROUP + kk % S)[:, None]
+            x_mask = m_ok[None, :] & (kg < num_groups)[:, None]
+            for i in tl.static_range(8):
+                w = tl.reshape((_nibble_f32(words, i) * a + b).to(DT), (BLOCK_N, NG * S))
+                xi = tl.load(x_chunk + i * S, mask=x_mask, other=0.0)
+                acc = tl.dot(w, xi, acc)
         out = y_ptr + m[None, :] * stride_ym + n[:, None]
         mask = m_ok[None, :] & n_ok[:, None]
         if ATOMIC:
@@ -209,8 +207,8 @@ def pick_config(fmt: str, m: int, n: int, k: int, group: int, num_sms: int) -> C
         block_m, block_n, block_k = 16, 64, 256 if fmt == "int4" else 128
     else:
         block_m, block_n, block_k = 64, 64, 128 if fmt == "int4" else 64
-    if fmt == "int4":  # gemv: whole groups per step; dot: one group per step
-        block_k = max(block_k, group) if block_m == 1 else group
+    if fmt == "int4":  # whole groups per step; the dot path needs >= 16 inputs per chunk (block_k >= 128)
+        block_k = max(block_k, group)
     split = 1
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     while m <= 16 and programs * split < 2 * num_sms and k // (block_k * split * 2) >= 2:
@@ -236,11 +234,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def w4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int,
               cfg: Config | None = None) -> torch.Tensor:
-    """x [M, K] @ dequant(qweight)^T for split-group int4 (module docstring); returns [M, N] in x.dtype."""
+    """x [M, K] @ dequant(qweight)^T for eight-chunk int4 (module docstring); returns [M, N] in x.dtype."""
     x = _rows(x)
     n, k = qweight.shape[0], qweight.shape[1] * 2
     cfg = cfg or pick_config("int4", x.shape[0], n, k, group, _num_sms(x.device))
-    return _launch(_w4_kernel, x, n, k, cfg, (qweight, scales_zeros), GROUP=group,
+    return _launch(_w4_kernel, x, n, k, cfg, (qweight.view(torch.int32), scales_zeros), GROUP=group,
                    GROUPS_PER_STEP=cfg.block_k // group)
 
 
@@ -261,14 +259,15 @@ def w16_matmul(x: torch.Tensor, weight: torch.Tensor, cfg: Config | None = None)
 
 
 def pack_int4(q: torch.Tensor, group: int) -> torch.Tensor:
-    """Codes q [N, K] (0..15) -> uint8 [N, K/2] in split-group order (module docstring)."""
+    """Codes q [N, K] (0..15) -> uint8 [N, K/2]: per group, 32-bit word j (little-endian) holds the codes of
+    inputs i*S + j, i = 0..7, S = group/8, in bits 4i..4i+3 (module docstring)."""
     n, k = q.shape
-    v = q.reshape(n, k // group, 2, group // 2).to(torch.uint8)
-    return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(n, k // 2)
+    v = q.reshape(n, k // group, 4, 2, group // 8).to(torch.uint8)  # [.., byte b, nibble h, word j]: i = 2b + h
+    return (v[:, :, :, 0] | (v[:, :, :, 1] << 4)).transpose(2, 3).reshape(n, k // 2)
 
 
 def unpack_int4(packed: torch.Tensor, group: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: uint8 [N, K/2] -> codes [N, K] (uint8)."""
     n, half_k = packed.shape
-    v = packed.reshape(n, half_k * 2 // group, 1, group // 2)
-    return torch.cat([v & 15, v >> 4], dim=2).reshape(n, half_k * 2)
+    v = packed.reshape(n, half_k * 2 // group, group // 8, 4).transpose(2, 3)  # [.., byte b, word j]
+    return torch.stack([v & 15, v >> 4], dim=3).reshape(n, half_k * 2)
