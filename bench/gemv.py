@@ -124,12 +124,13 @@ def sweep_grid(fmt: str, m: int) -> list[tg.Config]:
     """Block-size grid searched for one format at M=1 (gemv; for int4 also the 16-row dot tile) or M=16."""
     P = itertools.product
     splits = (1, 2, 4, 8)
-    if fmt == "int4":
-        dot = [tg.Config(16, bn, bk, sp, nw, ns) for bn, bk, sp, nw, ns in P((64, 128), (128, 256), splits, (4, 8), (2, 4))]
+    if fmt == "int4":  # wide column blocks (the words are transposed: [K/8, N])
+        dot = [tg.Config(16, bn, 128, sp, nw, ns) for bn, sp, nw, ns in P((64, 128, 256), splits, (4, 8), (2, 3))]
         if m > 1:
             return dot
         return [tg.Config(1, bn, bk, sp, nw, ns) for bn, bk, sp, nw, ns in
-                P((16, 32, 64), (128, 256, 512), splits, (4, 8), (1, 3))] + [c for c in dot if c.num_warps == 4]
+                P((128, 256, 512), (128, 256), splits + (16, 32), (4, 8), (1, 3))] + \
+            [c for c in dot if c.num_warps == 4]
     if m == 1:
         bns, bks = ((16, 32), (512, 1024)) if fmt == "w16" else ((16, 32, 64), (512, 1024))
         return [tg.Config(1, bn, bk, sp, nw, ns) for bn, bk, sp, nw, ns in P(bns, bks, splits, (4, 8), (1, 3))]

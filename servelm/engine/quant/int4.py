@@ -71,7 +71,7 @@ class Int4Linear(QuantLinear):
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             self.layout = "cpu"
         elif dev.type == "cuda" and kernels.forced() != "tinygemm" and triton_gemv is not None:
-            packed = triton_gemv.pack_int4(q, group_size)  # the Triton kernels' eight-chunk order
+            packed = triton_gemv.pack_int4(q, group_size)  # int32 [K/8, N], the Triton kernels' order
             self.layout = "gemv"
         elif dev.type == "cuda":
             try:

@@ -3,16 +3,17 @@
     y[M, N] = x[M, K] @ W[N, K]^T, x in bf16/fp16, fp32 accumulation, y in x's dtype.
 
 Weight formats (what :class:`Int4Linear` / :class:`Int8Linear` store on CUDA):
-- int4: uint8 ``[N, K/2]`` read as 32-bit words in *eight-chunk* order: a group of ``G`` inputs is cut
-  into 8 chunks of ``S = G/8``, and word ``j`` of the group holds the codes of input ``j`` of every chunk
-  (chunk i in bits 4i..4i+3). One 16-byte load (4 words) thus feeds 8 contiguous 4-input pieces of x,
-  and no nibble needs a byte shuffle. Codes q are 0..15 with one (scale, zero) pair per group, stored
-  ``[K/G, N, 2]``: ``w = (q - 8) * scale + zero``.
+- int4: int32 words ``[K/8, N]``, transposed so that a program's outputs are contiguous (coalesced
+  loads, and each thread sums along K by itself, no shuffles). A group of ``G`` inputs is cut into 8
+  chunks of ``S = G/8``; word row ``j`` of the group holds, per output, the codes of input ``j`` of every
+  chunk (chunk i in bits 4i..4i+3), so one word feeds 8 activations and the x of each chunk is
+  contiguous. Codes q are 0..15 with one (scale, zero) pair per group, stored ``[K/G, N, 2]``:
+  ``w = (q - 8) * scale + zero``.
 - int8: int8 ``[N, K]`` and one float scale per row: ``w = q * scale[n]``.
 - 16-bit: the weight itself (for unquantized Linears at batch 1, where it measures faster than cuBLAS).
 
 At decode every weight is read once per token, so these kernels are about bytes. Each program owns
-``BLOCK_N`` output rows of one of ``SPLIT_K`` slices of K, streams its weight tile once and multiplies it
+``BLOCK_N`` outputs of one of ``SPLIT_K`` slices of K, streams its weight tile once and multiplies it
 with up to ``BLOCK_M`` activation rows:
 - ``BLOCK_M == 1`` (gemv): multiply and row sums on the CUDA cores. For int4 each code becomes the
   float 1 + q/16 by two integer operations (see ``_nibble_f32``) and the per-group scale is applied
@@ -55,78 +56,78 @@ def _nibble_f32(words, i: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])  # one build for every batch size and split
-def _w4_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, split_k,
+def _w4_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_wr, stride_ym, split_k,
                GROUP: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
-    """w_ptr: int32 words [N, K/8], stride_wn in words. With S = GROUP/8, word j of group g holds the
-    codes of inputs g*GROUP + i*S + j, i = 0..7, in bits 4i..4i+3 (see pack_int4).
+    """w_ptr: int32 words [K/8, N] (see pack_int4): with S = GROUP/8, word row g*S + j holds, for each
+    output n, the codes of inputs g*GROUP + i*S + j, i = 0..7, in bits 4i..4i+3.
 
-    Per group, with f = 1 + q/16 and T = sum x*f:  sum x*(q - 8) = 16 T - 24 sum x, so
-    y += 16 scale T + (zero - 24 scale) sum x."""
+    A program owns BLOCK_N outputs (contiguous words: coalesced loads) and walks its slice of K,
+    R = GROUPS_PER_STEP * S word rows per step. Per group, with f = 1 + q/16 and T = sum x*f:
+    sum x*(q - 8) = 16 T - 24 sum x, so y += 16 scale T + (zero - 24 scale) sum x."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     S: tl.constexpr = GROUP // 8
     NG: tl.constexpr = GROUPS_PER_STEP
+    R: tl.constexpr = NG * S
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     num_groups = K // GROUP
     per_split = tl.cdiv(tl.cdiv(num_groups, split_k), NG) * NG  # this program's groups: whole steps
     g_start = pid_k * per_split  # the last slice may reach past K: masked below
+    rows = tl.arange(0, R)
     grp = tl.arange(0, NG)
-    jj = tl.arange(0, S)
-    w_rows = w_ptr + n[:, None, None].to(tl.int64) * stride_wn
-    sz_rows = sz_ptr + 2 * n[:, None]
     if BLOCK_M == 1:
         x_row = x_ptr + pid_m * stride_xm
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for g0 in range(g_start, g_start + per_split, NG):
-            g = g0 + grp
-            g_ok = g < num_groups
-            words = tl.load(w_rows + (g[None, :, None] * S + jj[None, None, :]),
-                            mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)  # [BLOCK_N, NG, S]
-            x_chunk = x_row + (g[:, None] * GROUP + jj[None, :])  # chunk i of each group: + i*S, contiguous
-            t = tl.zeros([BLOCK_N, NG, S], dtype=tl.float32)
-            xs = tl.zeros([NG], dtype=tl.float32)
+            r_ok = g0 + rows // S < num_groups
+            words = tl.load(w_ptr + (g0 * S + rows)[:, None].to(tl.int64) * stride_wr + n[None, :],
+                            mask=r_ok[:, None] & n_ok[None, :], other=0)  # [R, BLOCK_N]
+            x_chunk = x_row + (g0 + rows // S) * GROUP + rows % S  # chunk i: + i*S
+            t = tl.zeros([R, BLOCK_N], dtype=tl.float32)
+            xs = tl.zeros([R], dtype=tl.float32)
             for i in tl.static_range(8):
-                xi = tl.load(x_chunk + i * S, mask=g_ok[:, None], other=0.0).to(tl.float32)
-                t += _nibble_f32(words, i) * xi[None]
-                xs += tl.sum(xi, axis=1)
-            sz_mask = n_ok[:, None] & g_ok[None, :]
-            s = tl.load(sz_rows + g[None, :] * (2 * N), mask=sz_mask, other=0.0).to(tl.float32)
-            z = tl.load(sz_rows + g[None, :] * (2 * N) + 1, mask=sz_mask, other=0.0).to(tl.float32)
-            acc += tl.sum(16.0 * s * tl.sum(t, axis=2) + (z - 24.0 * s) * xs[None, :], axis=1)
+                xi = tl.load(x_chunk + i * S, mask=r_ok, other=0.0).to(tl.float32)
+                t += _nibble_f32(words, i) * xi[:, None]
+                xs += xi
+            g = g0 + grp
+            sz = sz_ptr + g[:, None] * (2 * N) + 2 * n[None, :]
+            sz_mask = (g < num_groups)[:, None] & n_ok[None, :]
+            s = tl.load(sz, mask=sz_mask, other=0.0).to(tl.float32)  # [NG, BLOCK_N]
+            z = tl.load(sz + 1, mask=sz_mask, other=0.0).to(tl.float32)
+            t_g = tl.sum(tl.reshape(t, (NG, S, BLOCK_N)), axis=1)
+            xs_g = tl.sum(tl.reshape(xs, (NG, S)), axis=1)[:, None]
+            acc += tl.sum(16.0 * s * t_g + (z - 24.0 * s) * xs_g, axis=0)
         out = y_ptr + pid_m * stride_ym + n
         if ATOMIC:
             tl.atomic_add(out, acc, mask=n_ok)
         else:
             tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
-        # Tensor cores, the weight tile as the left operand (it fills the 64-row side of Hopper's
-        # wgmma; the few rows of x are the narrow side): chunk i of NG groups dequantized in
-        # registers, w = 16 scale f + (zero - 24 scale), times x^T [NG*S, BLOCK_M].
+        # Tensor cores: chunk i of the step's groups dequantized in registers,
+        # w = 16 scale f + (zero - 24 scale), then x_i [BLOCK_M, R] @ w [R, BLOCK_N].
         DT: tl.constexpr = x_ptr.dtype.element_ty
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < M
-        kk = tl.arange(0, NG * S)
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for g0 in range(g_start, g_start + per_split, NG):
+            r_ok = g0 + rows // S < num_groups
+            words = tl.load(w_ptr + (g0 * S + rows)[:, None].to(tl.int64) * stride_wr + n[None, :],
+                            mask=r_ok[:, None] & n_ok[None, :], other=0)
             g = g0 + grp
-            g_ok = g < num_groups
-            words = tl.load(w_rows + (g[None, :, None] * S + jj[None, None, :]),
-                            mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
-            sz_mask = n_ok[:, None] & g_ok[None, :]
-            s = tl.load(sz_rows + g[None, :] * (2 * N), mask=sz_mask, other=0.0).to(tl.float32)
-            z = tl.load(sz_rows + g[None, :] * (2 * N) + 1, mask=sz_mask, other=0.0).to(tl.float32)
-            a = (16.0 * s)[:, :, None]
-            b = (z - 24.0 * s)[:, :, None]
-            kg = g0 + kk // S
-            x_chunk = x_ptr + m[None, :] * stride_xm + (kg * GROUP + kk % S)[:, None]
-            x_mask = m_ok[None, :] & (kg < num_groups)[:, None]
+            sz = sz_ptr + g[:, None] * (2 * N) + 2 * n[None, :]
+            sz_mask = (g < num_groups)[:, None] & n_ok[None, :]
+            s = tl.load(sz, mask=sz_mask, other=0.0).to(tl.float32)
+            z = tl.load(sz + 1, mask=sz_mask, other=0.0).to(tl.float32)
+            a = tl.reshape(tl.broadcast_to((16.0 * s)[:, None, :], (NG, S, BLOCK_N)), (R, BLOCK_N))
+            b = tl.reshape(tl.broadcast_to((z - 24.0 * s)[:, None, :], (NG, S, BLOCK_N)), (R, BLOCK_N))
+            x_chunk = x_ptr + m[:, None] * stride_xm + ((g0 + rows // S) * GROUP + rows % S)[None, :]
+            x_mask = m_ok[:, None] & r_ok[None, :]
             for i in tl.static_range(8):
-                w = tl.reshape((_nibble_f32(words, i) * a + b).to(DT), (BLOCK_N, NG * S))
-                xi = tl.load(x_chunk + i * S, mask=x_mask, other=0.0)
-                acc = tl.dot(w, xi, acc)
-        out = y_ptr + m[None, :] * stride_ym + n[:, None]
-        mask = m_ok[None, :] & n_ok[:, None]
+                w = (_nibble_f32(words, i) * a + b).to(DT)
+                acc = tl.dot(tl.load(x_chunk + i * S, mask=x_mask, other=0.0), w, acc)
+        out = y_ptr + m[:, None] * stride_ym + n[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
         if ATOMIC:
             tl.atomic_add(out, acc, mask=mask)
         else:
@@ -201,10 +202,10 @@ def pick_config(fmt: str, m: int, n: int, k: int, group: int, num_sms: int) -> C
     Batch 1 uses gemv; up to 16 rows one tl.dot tile of 16; more rows (prefill) 64-row tiles.
     K is split until there are about two programs per multiprocessor."""
     if m == 1:
-        block_m, block_n = 1, 32 if fmt == "int4" else 16
-        block_k = 256 if fmt == "int4" else 512
+        block_m, block_n = 1, 256 if fmt == "int4" else 16
+        block_k = 128 if fmt == "int4" else 512
     elif m <= 16:
-        block_m, block_n, block_k = 16, 64, 256 if fmt == "int4" else 128
+        block_m, block_n, block_k = 16, 128 if fmt == "int4" else 64, 128
     else:
         block_m, block_n, block_k = 64, 64, 128 if fmt == "int4" else 64
     if fmt == "int4":  # whole groups per step; the dot path needs >= 16 inputs per chunk (block_k >= 128)
@@ -236,9 +237,9 @@ def w4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor
               cfg: Config | None = None) -> torch.Tensor:
     """x [M, K] @ dequant(qweight)^T for eight-chunk int4 (module docstring); returns [M, N] in x.dtype."""
     x = _rows(x)
-    n, k = qweight.shape[0], qweight.shape[1] * 2
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
     cfg = cfg or pick_config("int4", x.shape[0], n, k, group, _num_sms(x.device))
-    return _launch(_w4_kernel, x, n, k, cfg, (qweight.view(torch.int32), scales_zeros), GROUP=group,
+    return _launch(_w4_kernel, x, n, k, cfg, (qweight, scales_zeros), GROUP=group,
                    GROUPS_PER_STEP=cfg.block_k // group)
 
 
@@ -259,15 +260,17 @@ def w16_matmul(x: torch.Tensor, weight: torch.Tensor, cfg: Config | None = None)
 
 
 def pack_int4(q: torch.Tensor, group: int) -> torch.Tensor:
-    """Codes q [N, K] (0..15) -> uint8 [N, K/2]: per group, 32-bit word j (little-endian) holds the codes of
-    inputs i*S + j, i = 0..7, S = group/8, in bits 4i..4i+3 (module docstring)."""
+    """Codes q [N, K] (0..15) -> int32 words [K/8, N]: with S = group/8, word row g*S + j holds for each
+    output the codes of inputs g*group + i*S + j, i = 0..7, in bits 4i..4i+3 (module docstring)."""
     n, k = q.shape
-    v = q.reshape(n, k // group, 4, 2, group // 8).to(torch.uint8)  # [.., byte b, nibble h, word j]: i = 2b + h
-    return (v[:, :, :, 0] | (v[:, :, :, 1] << 4)).transpose(2, 3).reshape(n, k // 2)
+    v = q.reshape(n, k // group, 4, 2, group // 8).to(torch.uint8)  # [n, g, byte b, nibble h, j]: i = 2b + h
+    b = v[:, :, :, 0] | (v[:, :, :, 1] << 4)  # [n, g, b, j]
+    return b.permute(1, 3, 0, 2).contiguous().view(torch.int32).reshape(k // 8, n)  # little-endian bytes
 
 
 def unpack_int4(packed: torch.Tensor, group: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: uint8 [N, K/2] -> codes [N, K] (uint8)."""
-    n, half_k = packed.shape
-    v = packed.reshape(n, half_k * 2 // group, group // 8, 4).transpose(2, 3)  # [.., byte b, word j]
-    return torch.stack([v & 15, v >> 4], dim=3).reshape(n, half_k * 2)
+    """Inverse of :func:`pack_int4`: int32 words [K/8, N] -> codes [N, K] (uint8)."""
+    k8, n = packed.shape
+    b = packed.reshape(k8 // (group // 8), group // 8, n).unsqueeze(-1).view(torch.uint8)  # [g, j, n, b]
+    b = b.permute(2, 0, 3, 1)  # [n, g, b, j]
+    return torch.stack([b & 15, b >> 4], dim=3).reshape(n, k8 * 8)
