@@ -166,9 +166,13 @@ def main() -> None:
             b.synchronize()
             times.append(a.elapsed_time(b))
         res["servelm"]["graph_replay_ms"] = statistics.median(times[5:])
-    from servelm.engine.quant import model_weight_bytes
+    from servelm.engine.quant import kernels, model_weight_bytes
 
     weight_bytes = model_weight_bytes(engine.model)
+    # which kernel each measured (layer shape, batch bucket) took, and the int4 layouts on CUDA
+    res["kernel_choices"] = {",".join(map(str, k)): v for k, v in kernels.chosen().items()}
+    res["int4_layouts"] = sorted({f"{m.out_features}x{m.in_features}:{m.layout}" for m in engine.model.modules()
+                                  if getattr(m, "method", None) == "int4"})
     res["quantization"] = args.quantization
     res["weight_bytes"] = weight_bytes  # this rank's: under tensor parallelism each GPU reads its share
     engine.shutdown()

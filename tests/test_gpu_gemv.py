@@ -77,16 +77,22 @@ def test_w8_and_w16_match_reference(n, k, dtype):
                 check(tg.w16_matmul(x, w16, cfg), x.float() @ w16.float().t(), m, n, dtype)
 
 
-def test_strided_rows_and_modules():
-    """Int4Linear/Int8Linear on CUDA take the Triton kernels and match their own dequantize();
-    a non-contiguous input (a column slice) is handled."""
-    lin = torch.nn.Linear(1024, 3000, bias=True, device=DEV, dtype=torch.bfloat16)
-    x = torch.randn(4, 2048, device=DEV, dtype=torch.bfloat16)[:, ::2]
-    for mod in (Int4Linear(lin, 64), Int8Linear(lin)):
-        ref = x.float() @ mod.dequantize().t() + lin.bias.float()
-        for rows in (1, 4):
-            assert rel(mod(x[:rows]), ref[:rows]) < TOL
-    assert Int4Linear(lin, 64).layout == "gemv"
+@pytest.mark.parametrize("kernel", ["triton_w4", "triton_w8", None])
+def test_modules_match_their_dequantized_weight(kernel):
+    """Int4Linear/Int8Linear on CUDA, through the Triton kernels (forced) or whatever measured fastest,
+    match their own dequantize(); a non-contiguous input (a column slice) is handled."""
+    kernels.force(kernel)
+    try:
+        lin = torch.nn.Linear(1024, 3000, bias=True, device=DEV, dtype=torch.bfloat16)
+        x = torch.randn(4, 2048, device=DEV, dtype=torch.bfloat16)[:, ::2]
+        int4 = Int4Linear(lin, 64)
+        assert int4.layout == "gemv" if kernel == "triton_w4" else int4.layout in ("gemv", "tinygemm")
+        for mod in (int4, Int8Linear(lin)):
+            ref = x.float() @ mod.dequantize().t() + lin.bias.float()
+            for rows in (1, 4):
+                assert rel(mod(x[:rows]), ref[:rows]) < TOL
+    finally:
+        kernels.force(None)
 
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [100, 200, 300], [4242] * 12, [17, 99, 1234, 5, 42]]

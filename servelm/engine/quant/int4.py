@@ -39,6 +39,38 @@ def on_int4_grid(w: torch.Tensor, group_size: int = 32, tol: float = 0.05) -> bo
     return bool((err / scale).mean() < tol)
 
 
+_CUDA_LAYOUTS: dict[tuple, str] = {}
+
+
+def cuda_layout(n: int, k: int, group_size: int, device: torch.device) -> str:
+    """Returns "gemv" (the Triton kernels of triton_gemv.py) or "tinygemm" (torch's
+    aten._weight_int4pack_mm) for an [n, k] layer on CUDA: whichever multiplies one row (batch-1
+    decode) faster, timed once per shape on random codes. The two store the weight differently, so
+    the choice is made per layer at load, not per batch; Triton's is the faster from 4 rows up
+    (docs/quantization.md). SERVELM_QUANT_KERNEL / kernels.force() set to "triton_w4" or
+    "tinygemm" override the measurement."""
+    forced = kernels.forced()
+    if triton_gemv is None or forced == "tinygemm":
+        return "tinygemm"
+    if forced == "triton_w4":
+        return "gemv"
+    key = (n, k, group_size, str(device))
+    if key not in _CUDA_LAYOUTS:
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32, device=device)
+        sz = (torch.rand(k // group_size, n, 2, device=device) * 0.01).to(torch.bfloat16)
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        mine = triton_gemv.pack_int4(q, group_size)
+        times = {"gemv": kernels.time_kernel(lambda: triton_gemv.w4_matmul(x, mine, sz, group_size), device)}
+        try:
+            theirs = torch.ops.aten._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
+            times["tinygemm"] = kernels.time_kernel(
+                lambda: torch.ops.aten._weight_int4pack_mm(x, theirs, group_size, sz), device)
+        except (RuntimeError, NotImplementedError):  # tinygemm missing on this build or card
+            pass
+        _CUDA_LAYOUTS[key] = min(times, key=times.get)
+    return _CUDA_LAYOUTS[key]
+
+
 def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     # Layout of aten._convert_weight_to_int4pack_for_cpu: rows in blocks of 64; for each input
     # column, byte j of a block holds row j (low nibble) and row j+32 (high nibble).
@@ -49,8 +81,9 @@ def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 class Int4Linear(QuantLinear):
     """Kernels: CPU aten._weight_int4pack_mm_for_cpu (bf16 activations); CUDA the Triton kernels of
-    triton_gemv.py (their own "gemv" layout; SERVELM_QUANT_KERNEL=tinygemm keeps torch's tinygemm
-    aten._weight_int4pack_mm instead); or dequantize+matmul. Picked per device/dtype/batch by measurement."""
+    triton_gemv.py or torch's tinygemm aten._weight_int4pack_mm, each in its own layout (chosen per
+    layer shape at load by :func:`cuda_layout`); or dequantize+matmul. Picked per device/dtype/batch
+    by measurement."""
 
     method = "int4"
 
@@ -70,7 +103,7 @@ class Int4Linear(QuantLinear):
         if dev.type == "cpu" and n % 64 == 0:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             self.layout = "cpu"
-        elif dev.type == "cuda" and kernels.forced() != "tinygemm" and triton_gemv is not None:
+        elif dev.type == "cuda" and cuda_layout(n, k, group_size, dev) == "gemv":
             packed = triton_gemv.pack_int4(q, group_size)  # int32 [K/8, N], the Triton kernels' order
             self.layout = "gemv"
         elif dev.type == "cuda":

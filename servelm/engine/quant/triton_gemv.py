@@ -197,24 +197,31 @@ def _num_sms(device: torch.device) -> int:
 
 
 def pick_config(fmt: str, m: int, n: int, k: int, group: int, num_sms: int) -> Config:
-    """Block sizes for one product. `fmt` is "int4", "int8" or "w16".
-
-    Batch 1 uses gemv; up to 16 rows one tl.dot tile of 16; more rows (prefill) 64-row tiles.
-    K is split until there are about two programs per multiprocessor."""
-    if m == 1:
-        block_m, block_n = 1, 256 if fmt == "int4" else 16
-        block_k = 128 if fmt == "int4" else 512
+    """Block sizes for one product; `fmt` is "int4", "int8" or "w16". The table is the best of
+    ``bench/gemv.py --sweep`` on an H200 for the Llama-3-8B shapes (docs/gpu_runs/gemv_sweep_*.json):
+    batch 1 uses gemv, up to 16 rows one 16-row tl.dot tile, more rows (prefill) 64-row tiles."""
+    if fmt == "int4":
+        groups = k // group
+        if m == 1:  # wide column blocks; K split to one group a program (the small layers need the programs)
+            cols = triton.cdiv(n, 512 if n > 4096 else 256)
+            split = min(groups, 32 if cols < 2 * num_sms else 16)
+            return Config(1, 512 if n > 4096 else 256, max(128, group), split, 4, 3 if n >= 16384 else 1)
+        if m <= 16:
+            return Config(16, 128 if n >= 16384 else 64, max(128, group), min(8, groups), 4, 2)
+        return Config(64, 64, max(128, group), 1, 4, 3)
+    if m == 1 and fmt == "int8":
+        block_n, block_k, warps, stages = (16 if n <= 6144 else 32), 512, 8, 1
+    elif m == 1:
+        block_n, block_k, warps, stages = 16, (1024 if n <= 4096 else 512), (8 if n < 65536 else 4), 3
     elif m <= 16:
-        block_m, block_n, block_k = 16, 128 if fmt == "int4" else 64, 128
+        block_n, block_k, warps, stages = 32, 256, 4, 4
     else:
-        block_m, block_n, block_k = 64, 64, 128 if fmt == "int4" else 64
-    if fmt == "int4":  # whole groups per step; the dot path needs >= 16 inputs per chunk (block_k >= 128)
-        block_k = max(block_k, group)
-    split = 1
-    programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+        block_n, block_k, warps, stages = 64, 64, 4, 3
+    split = 1  # split K until there are about two programs per multiprocessor
+    programs = triton.cdiv(n, block_n) * triton.cdiv(m, 16)
     while m <= 16 and programs * split < 2 * num_sms and k // (block_k * split * 2) >= 2:
         split *= 2
-    return Config(block_m, block_n, block_k, split)
+    return Config(1 if m == 1 else (16 if m <= 16 else 64), block_n, block_k, split, warps, stages)
 
 
 def _launch(kernel, x: torch.Tensor, n: int, k: int, cfg: Config, args: tuple, **meta) -> torch.Tensor:
