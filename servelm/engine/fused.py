@@ -5,25 +5,16 @@ embedding (gathers, casts, halves, concatenations, four multiplies) and SiLU-and
 about 25 launches per layer; at batch 1 those launches, not the bytes, dominate after the
 matrix products. :func:`install_fused_kernels` swaps each for one kernel on a loaded model's
 modules (instance ``forward`` overrides: ``llama.py`` stays plain PyTorch, and CPU never sees these).
-It also gives each unquantized Linear a second kernel for decode-sized batches, the Triton weight
-streamer of ``quant/triton_gemv.py``, taken only where it measures faster than cuBLAS for that shape.
 """
 from __future__ import annotations
 
 import types
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch import nn
 
 from servelm.engine.models.llama import MLP, LlamaForCausalLM, RMSNorm, RotaryEmbedding
-from servelm.engine.quant import kernels
-from servelm.engine.quant.triton_gemv import w16_matmul
-
-# Rows up to which an unquantized Linear also tries the Triton kernel (decode batches); prefill is cuBLAS's.
-GEMV_MAX_ROWS = 16
 
 
 @triton.jit
@@ -116,21 +107,8 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``F.linear`` whose small-batch products take cuBLAS or Triton's w16 kernel, whichever measured faster
-    for this shape and batch bucket (see ``quant/kernels.choose``; cuBLAS is listed first, so a shape first
-    seen inside a CUDA-graph capture keeps it)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > GEMV_MAX_ROWS or self.bias is not None or x2.shape[0] == 0:
-        return F.linear(x, self.weight, self.bias)
-    cands = {"cublas": lambda: F.linear(x2, self.weight), "triton_w16": lambda: w16_matmul(x2, self.weight)}
-    key = ("w16", str(x.dtype), self.out_features, self.in_features, kernels.batch_bucket(x2.shape[0]))
-    y = cands[kernels.choose(key, cands, x.device)]()
-    return y.reshape(*x.shape[:-1], self.out_features)
-
-
 def install_fused_kernels(model: LlamaForCausalLM) -> None:
-    """Route the model's RMSNorms, rotary embedding, MLP activation and small-batch Linears through the kernels above.
+    """Route the model's RMSNorms, rotary embedding and MLP activation through the kernels above.
 
     Only for a CUDA model in float16/bfloat16; raises ValueError otherwise.
     """
@@ -143,7 +121,5 @@ def install_fused_kernels(model: LlamaForCausalLM) -> None:
         elif isinstance(m, RotaryEmbedding):
             # the fused kernel reads the full tables itself; the model's per-step cos/sin lookup is not needed
             m.forward = types.MethodType(lambda self, pos, q, k, cos_sin=None: rope(pos, q, k, self.cos, self.sin), m)
-        elif isinstance(m, nn.Linear):
-            m.forward = types.MethodType(linear, m)
         elif isinstance(m, MLP):
             m.forward = types.MethodType(lambda self, x: self.down_proj(silu_mul(self.gate_up_proj(x))), m)

@@ -142,8 +142,9 @@ class Int4Linear(QuantLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         g = self.group_size
-        if self.layout == "tinygemm":
-            return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, g, self.scales_zeros)
+        if self.layout == "tinygemm":  # needs a contiguous A (a column slice of x is not)
+            return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.qweight, g,
+                                                      self.scales_zeros)
         cands = {}
         if self.layout == "gemv":  # listed first: taken as is if first seen inside a CUDA-graph capture
             cands["triton_w4"] = lambda: triton_gemv.w4_matmul(x, self.qweight, self.scales_zeros, g)
