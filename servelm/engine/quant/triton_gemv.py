@@ -10,7 +10,8 @@ Weight formats (what :class:`Int4Linear` / :class:`Int8Linear` store on CUDA):
   contiguous. Codes q are 0..15 with one (scale, zero) pair per group, stored ``[K/G, N, 2]``:
   ``w = (q - 8) * scale + zero``.
 - int8: int8 ``[N, K]`` and one float scale per row: ``w = q * scale[n]``.
-- 16-bit: the weight itself (for unquantized Linears at batch 1, where it measures faster than cuBLAS).
+- 16-bit: the weight itself (``w16_matmul``; measured against cuBLAS by ``bench/gemv.py``, not used by the
+  engine: it did not win end to end, docs/gpu.md).
 
 At decode every weight is read once per token, so these kernels are about bytes. Each program owns
 ``BLOCK_N`` outputs of one of ``SPLIT_K`` slices of K, streams its weight tile once and multiplies it
@@ -22,7 +23,7 @@ with up to ``BLOCK_M`` activation rows:
 Where N alone gives too few programs to fill the GPU (the 4096-wide projections of an 8B model), K is
 split and the partial sums are added atomically into a zeroed fp32 buffer that is cast at the end.
 
-Block sizes come from :func:`pick_config`, a table measured with ``bench/gemv.py`` on an H100/H200.
+Block sizes come from :func:`pick_config`, a table measured with ``bench/gemv.py --sweep`` on an H200.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import triton.language as tl
 
 class Config(NamedTuple):
     block_m: int  # 1: gemv on CUDA cores; >= 16: tl.dot
-    block_n: int  # output rows per program
+    block_n: int  # outputs per program
     block_k: int  # inputs per loop step (int4: a multiple of the group size, >= 128 for the dot path)
     split_k: int  # slices of K, summed atomically in fp32 when > 1
     num_warps: int = 4
