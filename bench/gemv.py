@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.latency import copy_bandwidth, replay_ms  # noqa: E402
 from servelm.engine.quant import triton_gemv as tg  # noqa: E402
 from servelm.engine.quant.int4 import quantize_int4  # noqa: E402
 
@@ -39,23 +40,6 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
           "lm_head": (128256, 4096)}
 GROUP = 128
 DEV = torch.device("cuda")
-
-
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Bytes/s of a device-to-device copy, read + written (median of 20), as bench/latency.py measures it."""
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=DEV)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * nbytes / statistics.median(times)
 
 
 def make_weights(fmt: str, n: int, k: int) -> dict:
@@ -95,18 +79,9 @@ def time_graph(fn, x, copies: list[dict]) -> float:
     with torch.cuda.graph(g):
         for c in copies:
             fn(x, c)
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+    times = replay_ms(g, 23)[3:]
     del g
-    return statistics.median(times) / len(copies)
+    return statistics.median(times) / 1e3 / len(copies)
 
 
 def reference(fmt: str, x: torch.Tensor, c: dict) -> torch.Tensor:
@@ -171,7 +146,7 @@ def main() -> None:
         jobs = [(f, cfg) for f in formats for m in (1, 16) for cfg in sweep_grid(f, m)]
         precompile(jobs, min(16, os.cpu_count() or 4))
     torch.manual_seed(0)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(DEV)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_TBps": bw / 1e12,
            "group_size": GROUP, "results": [], "sweep": []}
     table = []

@@ -56,6 +56,22 @@ def _nibble_f32(words, i: tl.constexpr):
     return ((v & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def _write(ptrs, acc, mask, ATOMIC: tl.constexpr):
+    """Store fp32 sums to the output, or add them into the fp32 split-K buffer."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=mask)
+    else:
+        tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_zero(sz_ptr, g, n, N, mask):
+    """The (scale, zero) pairs [NG, BLOCK_N] of groups g and outputs n, as fp32."""
+    sz = sz_ptr + g[:, None] * (2 * N) + 2 * n[None, :]
+    return tl.load(sz, mask=mask, other=0.0).to(tl.float32), tl.load(sz + 1, mask=mask, other=0.0).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["M", "split_k"])  # one build for every batch size and split
 def _w4_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_wr, stride_ym, split_k,
                GROUP: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -92,18 +108,12 @@ def _w4_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_wr, strid
                 t += _nibble_f32(words, i) * xi[:, None]
                 xs += xi
             g = g0 + grp
-            sz = sz_ptr + g[:, None] * (2 * N) + 2 * n[None, :]
-            sz_mask = (g < num_groups)[:, None] & n_ok[None, :]
-            s = tl.load(sz, mask=sz_mask, other=0.0).to(tl.float32)  # [NG, BLOCK_N]
-            z = tl.load(sz + 1, mask=sz_mask, other=0.0).to(tl.float32)
+            s, z = _scale_zero(sz_ptr, g, n, N, (g < num_groups)[:, None] & n_ok[None, :])  # [NG, BLOCK_N]
             t_g = tl.sum(tl.reshape(t, (NG, S, BLOCK_N)), axis=1)
             xs_g = tl.sum(tl.reshape(xs, (NG, S)), axis=1)[:, None]
             acc += tl.sum(16.0 * s * t_g + (z - 24.0 * s) * xs_g, axis=0)
         out = y_ptr + pid_m * stride_ym + n
-        if ATOMIC:
-            tl.atomic_add(out, acc, mask=n_ok)
-        else:
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+        _write(out, acc, n_ok, ATOMIC)
     else:
         # Tensor cores: chunk i of the step's groups dequantized in registers,
         # w = 16 scale f + (zero - 24 scale), then x_i [BLOCK_M, R] @ w [R, BLOCK_N].
@@ -116,10 +126,7 @@ def _w4_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_wr, strid
             words = tl.load(w_ptr + (g0 * S + rows)[:, None].to(tl.int64) * stride_wr + n[None, :],
                             mask=r_ok[:, None] & n_ok[None, :], other=0)
             g = g0 + grp
-            sz = sz_ptr + g[:, None] * (2 * N) + 2 * n[None, :]
-            sz_mask = (g < num_groups)[:, None] & n_ok[None, :]
-            s = tl.load(sz, mask=sz_mask, other=0.0).to(tl.float32)
-            z = tl.load(sz + 1, mask=sz_mask, other=0.0).to(tl.float32)
+            s, z = _scale_zero(sz_ptr, g, n, N, (g < num_groups)[:, None] & n_ok[None, :])  # [NG, BLOCK_N]
             a = tl.reshape(tl.broadcast_to((16.0 * s)[:, None, :], (NG, S, BLOCK_N)), (R, BLOCK_N))
             b = tl.reshape(tl.broadcast_to((z - 24.0 * s)[:, None, :], (NG, S, BLOCK_N)), (R, BLOCK_N))
             x_chunk = x_ptr + m[:, None] * stride_xm + ((g0 + rows // S) * GROUP + rows % S)[None, :]
@@ -129,10 +136,7 @@ def _w4_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_wr, strid
                 acc = tl.dot(tl.load(x_chunk + i * S, mask=x_mask, other=0.0), w, acc)
         out = y_ptr + m[:, None] * stride_ym + n[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
-        if ATOMIC:
-            tl.atomic_add(out, acc, mask=mask)
-        else:
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        _write(out, acc, mask, ATOMIC)
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
@@ -163,10 +167,7 @@ def _w8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride
         if HAS_SCALE:
             acc *= tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
         out = y_ptr + pid_m * stride_ym + n
-        if ATOMIC:
-            tl.atomic_add(out, acc, mask=n_ok)
-        else:
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+        _write(out, acc, n_ok, ATOMIC)
     else:
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < M
@@ -181,10 +182,7 @@ def _w8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride
             acc *= tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         out = y_ptr + m[:, None] * stride_ym + n[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
-        if ATOMIC:
-            tl.atomic_add(out, acc, mask=mask)
-        else:
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        _write(out, acc, mask, ATOMIC)
 
 
 _NUM_SMS: dict[int, int] = {}
