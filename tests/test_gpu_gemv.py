@@ -27,7 +27,8 @@ ROWS = [1, 2, 3, 5, 8, 13, 16, 40]
 # (N, K): odd N, K not a multiple of any block size (but of the int4 group), one 8B shape
 SHAPES = [(37, 384), (1001, 1408), (4096, 4096), (333, 2176)]
 # explicit blocks: gemv and dot, with and without split-K (the last slice of K partly empty)
-CONFIGS = [None, tg.Config(1, 16, 512, 3), tg.Config(1, 256, 128, 8), tg.Config(16, 32, 256, 4, 4, 2), tg.Config(64, 64, 128, 2)]
+CONFIGS = [None, tg.Config(1, 16, 512, 3), tg.Config(1, 256, 128, 8), tg.Config(16, 32, 256, 4, 4, 2),
+           tg.Config(64, 64, 128, 2)]
 
 
 def rel(a, b):

@@ -47,8 +47,8 @@ def cuda_layout(n: int, k: int, group_size: int, device: torch.device) -> str:
     aten._weight_int4pack_mm) for an [n, k] layer on CUDA: whichever multiplies one row (batch-1
     decode) faster, timed once per shape on random codes. The two store the weight differently, so
     the choice is made per layer at load, not per batch. On an H200 tinygemm wins at 1-4 rows on
-    most 8B shapes and Triton from 8 rows up (2-3x at 16; docs/quantization.md). SERVELM_QUANT_KERNEL / kernels.force() set to "triton_w4" or
-    "tinygemm" override the measurement."""
+    most 8B shapes and Triton from 8 rows up (2-3x at 16; docs/quantization.md).
+    SERVELM_QUANT_KERNEL / kernels.force() set to "triton_w4" or "tinygemm" override the measurement."""
     forced = kernels.forced()
     if triton_gemv is None or forced == "tinygemm":
         return "tinygemm"

@@ -78,7 +78,8 @@ class Int8Linear(QuantLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         cands = {}
         if x.device.type == "cuda" and triton_gemv is not None and x.dtype in (torch.bfloat16, torch.float16):
-            cands["triton_w8"] = lambda: triton_gemv.w8_matmul(x, self.qweight, self.scale)  # listed first: see kernels.choose
+            # listed first: the one taken if a shape is first seen inside a CUDA-graph capture (kernels.choose)
+            cands["triton_w8"] = lambda: triton_gemv.w8_matmul(x, self.qweight, self.scale)
         cands |= {
             "int8pack_bf16": lambda: self._packed(x, torch.bfloat16),
             "int8pack_native": lambda: self._packed(x, x.dtype),
