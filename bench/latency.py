@@ -104,6 +104,19 @@ def hf_decode(m, prompt: list[int], new_tokens: int, device) -> dict:
     return {"ttft_ms": t1 * 1e3, "decode_tok_s": (n - 1) / (tn - t1), "tokens": n}
 
 
+def replay_ms(graph, reps: int) -> list[float]:
+    """Milliseconds of each of `reps` replays of a CUDA graph, timed with events."""
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return times
+
+
 def copy_bandwidth(device, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written (median of 20)."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
@@ -156,19 +169,15 @@ def main() -> None:
                       "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
                       "ms_per_token": 1e3 / statistics.median(r["decode_tok_s"] for r in runs)}
     if engine.runner.cuda_graph is not None and args.tensor_parallel_size == 1:  # GPU time of one decode step
-        g = engine.runner.cuda_graph.graphs[1]
-        times = []
-        for _ in range(30):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
+        times = replay_ms(engine.runner.cuda_graph.graphs[1], 30)
         res["servelm"]["graph_replay_ms"] = statistics.median(times[5:])
-    from servelm.engine.quant import model_weight_bytes
+    from servelm.engine.quant import kernels, model_weight_bytes
 
     weight_bytes = model_weight_bytes(engine.model)
+    # which kernel each measured (layer shape, batch bucket) took, and the int4 layouts on CUDA
+    res["kernel_choices"] = {",".join(map(str, k)): v for k, v in kernels.chosen().items()}
+    res["int4_layouts"] = sorted({f"{m.out_features}x{m.in_features}:{m.layout}" for m in engine.model.modules()
+                                  if getattr(m, "method", None) == "int4"})
     res["quantization"] = args.quantization
     res["weight_bytes"] = weight_bytes  # this rank's: under tensor parallelism each GPU reads its share
     engine.shutdown()

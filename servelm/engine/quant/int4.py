@@ -13,6 +13,11 @@ from torch import nn
 from . import kernels
 from .base import QuantLinear, dtype_key
 
+try:  # the GPU kernels; CPU-only installs may lack Triton
+    from . import triton_gemv
+except ImportError:
+    triton_gemv = None
+
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (q int32 [N,K] in 0..15, scale [N,K/g], zero [N,K/g]) float32, w ≈ (q-8)*scale+zero."""
@@ -34,6 +39,38 @@ def on_int4_grid(w: torch.Tensor, group_size: int = 32, tol: float = 0.05) -> bo
     return bool((err / scale).mean() < tol)
 
 
+_CUDA_LAYOUTS: dict[tuple, str] = {}
+
+
+def cuda_layout(n: int, k: int, group_size: int, device: torch.device) -> str:
+    """Returns "gemv" (the Triton kernels of triton_gemv.py) or "tinygemm" (torch's
+    aten._weight_int4pack_mm) for an [n, k] layer on CUDA: whichever multiplies one row (batch-1
+    decode) faster, timed once per shape on random codes. The two store the weight differently, so
+    the choice is made per layer at load, not per batch. On an H200 tinygemm wins at 1-4 rows on
+    most 8B shapes and Triton from 8 rows up (2-3x at 16; docs/quantization.md).
+    SERVELM_QUANT_KERNEL / kernels.force() set to "triton_w4" or "tinygemm" override the measurement."""
+    forced = kernels.forced()
+    if triton_gemv is None or forced == "tinygemm":
+        return "tinygemm"
+    if forced == "triton_w4":
+        return "gemv"
+    key = (n, k, group_size, str(device))
+    if key not in _CUDA_LAYOUTS:
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32, device=device)
+        sz = (torch.rand(k // group_size, n, 2, device=device) * 0.01).to(torch.bfloat16)
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        mine = triton_gemv.pack_int4(q, group_size)
+        times = {"gemv": kernels.time_kernel(lambda: triton_gemv.w4_matmul(x, mine, sz, group_size), device)}
+        try:
+            theirs = torch.ops.aten._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
+            times["tinygemm"] = kernels.time_kernel(
+                lambda: torch.ops.aten._weight_int4pack_mm(x, theirs, group_size, sz), device)
+        except (RuntimeError, NotImplementedError):  # tinygemm missing on this build or card
+            pass
+        _CUDA_LAYOUTS[key] = min(times, key=times.get)
+    return _CUDA_LAYOUTS[key]
+
+
 def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     # Layout of aten._convert_weight_to_int4pack_for_cpu: rows in blocks of 64; for each input
     # column, byte j of a block holds row j (low nibble) and row j+32 (high nibble).
@@ -43,8 +80,10 @@ def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 class Int4Linear(QuantLinear):
-    """Kernels: CPU aten._weight_int4pack_mm_for_cpu (bf16 activations), CUDA tinygemm
-    aten._weight_int4pack_mm, or dequantize+matmul; picked per device/dtype/batch by measurement."""
+    """Kernels: CPU aten._weight_int4pack_mm_for_cpu (bf16 activations); CUDA the Triton kernels of
+    triton_gemv.py or torch's tinygemm aten._weight_int4pack_mm, each in its own layout (chosen per
+    layer shape at load by :func:`cuda_layout`); or dequantize+matmul. Picked per device/dtype/batch
+    by measurement."""
 
     method = "int4"
 
@@ -64,6 +103,9 @@ class Int4Linear(QuantLinear):
         if dev.type == "cpu" and n % 64 == 0:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             self.layout = "cpu"
+        elif dev.type == "cuda" and cuda_layout(n, k, group_size, dev) == "gemv":
+            packed = triton_gemv.pack_int4(q, group_size)  # int32 [K/8, N], the Triton kernels' order
+            self.layout = "gemv"
         elif dev.type == "cuda":
             try:
                 u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).to(dev)
@@ -80,6 +122,8 @@ class Int4Linear(QuantLinear):
         n, k = self.out_features, self.in_features
         if self.layout == "cpu":
             return _unpack_cpu(self.qweight, n, k)
+        if self.layout == "gemv":
+            return triton_gemv.unpack_int4(self.qweight, self.group_size)
         p = self.qweight
         return torch.stack([p & 15, p >> 4], dim=-1).reshape(n, k)
 
@@ -98,9 +142,12 @@ class Int4Linear(QuantLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         g = self.group_size
-        if self.layout == "tinygemm":
-            return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, g, self.scales_zeros)
+        if self.layout == "tinygemm":  # needs a contiguous A (a column slice of x is not)
+            return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.qweight, g,
+                                                      self.scales_zeros)
         cands = {}
+        if self.layout == "gemv":  # listed first: taken as is if first seen inside a CUDA-graph capture
+            cands["triton_w4"] = lambda: triton_gemv.w4_matmul(x, self.qweight, self.scales_zeros, g)
         if self.layout == "cpu":
             cands["int4pack_bf16"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.to(torch.bfloat16), self.qweight, g, self.scales_zeros)

@@ -14,6 +14,11 @@ from torch import nn
 from . import kernels
 from .base import QuantLinear, dtype_key
 
+try:  # the GPU kernels; CPU-only installs may lack Triton
+    from . import triton_gemv
+except ImportError:
+    triton_gemv = None
+
 
 # Fractions of each row's absmax tried as the clipping point (1.0 = plain absmax).
 CLIP_FACTORS = tuple(1.0 - 0.01 * i for i in range(31))
@@ -42,8 +47,8 @@ def quantize_int8(w: torch.Tensor, clip_factors: tuple[float, ...] = CLIP_FACTOR
 
 
 class Int8Linear(QuantLinear):
-    """y = x (q * s)^T. Kernels: torch._weight_int8pack_mm (CPU, bf16 activations fast) or
-    dequantize+matmul; picked per device/dtype/batch by measurement."""
+    """y = x (q * s)^T. Kernels: the Triton kernel of triton_gemv.py (CUDA), torch._weight_int8pack_mm
+    (CPU, bf16 activations fast) or dequantize+matmul; picked per device/dtype/batch by measurement."""
 
     method = "int8"
 
@@ -71,7 +76,11 @@ class Int8Linear(QuantLinear):
         return F.linear(x.to(dt), self.qweight.to(dt)) * self._scales(dt)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        cands = {
+        cands = {}
+        if x.device.type == "cuda" and triton_gemv is not None and x.dtype in (torch.bfloat16, torch.float16):
+            # listed first: the one taken if a shape is first seen inside a CUDA-graph capture (kernels.choose)
+            cands["triton_w8"] = lambda: triton_gemv.w8_matmul(x, self.qweight, self.scale)
+        cands |= {
             "int8pack_bf16": lambda: self._packed(x, torch.bfloat16),
             "int8pack_native": lambda: self._packed(x, x.dtype),
             "dequant_matmul": lambda: self._dequant(x),

@@ -33,9 +33,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def forced() -> str | None:
+    """Returns the kernel forced by SERVELM_QUANT_KERNEL or :func:`force` (benchmarks, tests), or None."""
+    return _FORCE
+
+
+def force(name: str | None) -> None:
+    """Take kernel `name` wherever it is a candidate (None: measure again), from now on; forgets past
+    choices. A format's storage layout is fixed when a layer is quantized ("tinygemm" keeps torch's
+    CUDA int4 layout), so force before loading."""
+    global _FORCE
+    _FORCE = name
+    reset()
+
+
+def _time_cuda(fn: Callable[[], torch.Tensor], reps: int) -> float:
+    """GPU seconds per call, launch gaps excluded. Decode replays CUDA graphs, where a kernel's host
+    launch cost is gone, so a wall clock would favour the candidate with the cheapest launch (one
+    cuBLAS call over a Triton kernel). A GPU-side sleep holds the stream while the calls are queued,
+    then they run back to back between the two events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(2_000_000)  # ~1 ms: longer than queueing `reps` launches on the host
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def time_kernel(fn: Callable[[], torch.Tensor], device: torch.device, reps: int = 3) -> float:
+    """Seconds one call of `fn` takes (best of `reps`; on CUDA GPU time without launch gaps)."""
+    return _time(fn, device, reps)
+
+
 def _time(fn: Callable[[], torch.Tensor], device: torch.device, reps: int) -> float:
     fn()  # warm-up: first calls pay for allocation and lazy init
     _sync(device)
+    if device.type == "cuda":
+        return min(_time_cuda(fn, 10) for _ in range(reps))
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
