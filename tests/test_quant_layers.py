@@ -49,12 +49,14 @@ def test_3d_input_keeps_shape():
     assert q(x).shape == (2, 3, lin.out_features)
 
 
-def test_nf4_dq_stores_fewer_bytes_than_nf4():
-    _, a = _make("nf4")
-    _, b = _make("nf4-dq")
+@pytest.mark.parametrize("g", [16, 32, 64])
+def test_nf4_dq_stores_fewer_bytes_than_nf4(g):
+    _, a = _make("nf4", g=g)
+    _, b = _make("nf4-dq", g=g)
     assert b.weight_nbytes() < a.weight_nbytes()
     n, k = a.out_features, a.in_features
-    assert a.weight_nbytes() < n * k * 2 * 0.3  # well under a third of bf16
+    assert a.weight_nbytes() < n * k * 2 * 0.4  # well under half of bf16
+    assert b.weight_nbytes() * 8 / (n * k) < 4 + 9 / g  # 4-bit codes + an 8-bit scale per group + a little
 
 
 def test_int8_row_scale_search_beats_absmax_on_an_outlier_row():
@@ -90,6 +92,40 @@ def test_nf4_scale_search_weighted_by_calibration_statistics(dq):
     assert searched.weight_nbytes() == plain.weight_nbytes()
     y, yref = searched(x[:5]), x[:5] @ searched.dequantize().t()
     assert (y - yref).abs().max() / yref.abs().max() < TOL[torch.float32]
+
+
+def test_nf4_dq_search_sees_the_8_bit_scale_it_stores():
+    # Double quantization rounds every searched scale to an int8 code; searching the codes next
+    # to it (and picking the NF4 codes for the stored scale) is never worse per group than plain
+    # rounding, and better overall. The module decodes exactly the scale it searched.
+    from servelm.engine.quant.nf4 import NF4_CODE, dequantize_scales, double_quantize, search_scales
+
+    torch.manual_seed(4)
+    lin = nn.Linear(512, 96, bias=False)
+    with torch.no_grad():  # rows of very different size, as in real layers: coarse int8 scale steps
+        lin.weight.mul_(torch.exp(torch.randn(96, 1) * 1.5))
+    imp = torch.rand(512) ** 4 * 10
+    w = lin.weight.detach()
+    q, step, mean = double_quantize(search_scales(w, 32, imp), 256)
+    plain = dequantize_scales(q, step, mean, 96 * 16).reshape(96, 16, 1)
+    wg = w.reshape(96, 16, 32)
+    plain_w = NF4_CODE[torch.bucketize(wg / plain, (NF4_CODE[1:] + NF4_CODE[:-1]) / 2)] * plain
+    searched = NF4Linear(lin, 32, double_quant=True, importance=imp)
+    group_err = lambda v: (imp.reshape(16, 32) * (v.reshape(96, 16, 32) - wg) ** 2).sum(-1)
+    e_searched, e_plain = group_err(searched.dequantize()), group_err(plain_w)
+    assert (e_searched <= e_plain * (1 + 1e-6)).all()
+    assert (e_searched / e_plain).mean() < 0.95, (e_searched / e_plain).mean()  # small rows gain most
+    assert searched.absmax_q.dtype == torch.int8
+
+
+def test_nf4_group_size_errors_name_the_fix():
+    with pytest.raises(ValueError, match="positive even number"):
+        QuantConfig.parse("nf4-dq:g15")
+    model = nn.Sequential(nn.Linear(80, 64))
+    with pytest.raises(ValueError, match=r"nf4-dq group_size 64 does not divide in_features 80"):
+        quantize_model(model, "nf4-dq:g64")
+    with pytest.raises(ValueError, match=r"nf4 group_size 32 does not divide in_features 80"):
+        NF4Linear(model[0], 32)
 
 
 def test_calibration_text_that_cannot_be_used_is_a_clear_error(tmp_path):
@@ -178,7 +214,7 @@ def test_parse_spellings():
 def test_ladder_computed_bytes_match_measured_modules():
     from servelm.engine.quant.report import linear_bytes
 
-    for method, g in [("int8", None), ("int4", 64), ("nf4", 64), ("nf4-dq", 64)]:
+    for method, g in [("int8", None), ("int4", 64), ("nf4", 64), ("nf4-dq", 64), ("nf4", 16), ("nf4-dq", 16)]:
         _, q = _make(method, g=g)
         assert linear_bytes(method, q.out_features, q.in_features, g) == q.weight_nbytes(), method
 
@@ -193,6 +229,11 @@ def test_quantize_cli_prints_the_ladder(capsys):
     assert r["fp16"]["computed_bytes"] / 1e9 == pytest.approx(13.48, abs=0.05)
     assert r["int8"]["computed_bytes"] / 1e9 < 7.2 and r["int4"]["computed_bytes"] / 1e9 < 3.8
     assert r["nf4-dq"]["computed_bytes"] < r["nf4"]["computed_bytes"]
+    assert main(["--report", "dummy:llama-2-7b", "--group-size", "16", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["formats"]
+    assert r["nf4-dq"]["group_size"] == 16 and r["int4"]["group_size"] == 128  # int4 has no g16 kernel
+    assert r["nf4-dq"]["projection_bits_per_weight"] == pytest.approx(4.5, abs=0.01)
+    assert r["nf4"]["projection_bits_per_weight"] == pytest.approx(6.0)
     assert main(["--report", "/no/such/model"]) == 2
     assert "model path not found" in capsys.readouterr().err
 

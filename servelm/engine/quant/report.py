@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import QuantConfig
+from .config import INT4_GROUP_SIZES, QuantConfig
 
 LADDER = ("fp32", "fp16", "bf16", "int8", "int4", "nf4", "nf4-dq")
 _GGUF_BLOCK32 = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "IQ4_NL"}
@@ -103,14 +103,19 @@ def ladder(model: str | None, group_size: int | None = None, include_lm_head: bo
     head_n, head_k = s.lm_head
     for fmt in LADDER:
         quant = fmt in ("int8", "int4", "nf4", "nf4-dq")
-        g = (group_size or auto_group(fmt, s.linears, s.source_qtype)) if quant and fmt != "int8" else None
+        # a requested group size int4's kernels cannot take (e.g. 16 for nf4) leaves int4 on its own
+        asked = group_size if fmt != "int4" or group_size in INT4_GROUP_SIZES else None
+        g = (asked or auto_group(fmt, s.linears, s.source_qtype)) if quant and fmt != "int8" else None
         keep = 4 if fmt == "fp32" else 2  # bytes per unquantized parameter
-        total = sum(linear_bytes(fmt if quant else fmt, n, k, g) for n, k in s.linears) + s.other_params * keep
+        proj = sum(linear_bytes(fmt, n, k, g) for n, k in s.linears)
+        total = proj + s.other_params * keep
         if quant and include_lm_head:
             total += linear_bytes(fmt, head_n, head_k, g)
         elif not s.lm_head_tied:
             total += head_n * head_k * keep
-        out["formats"][fmt] = {"computed_bytes": total, "group_size": g}
+        # bits per projection weight, scales and double-quantization constants included
+        bits = 8 * proj / sum(n * k for n, k in s.linears)
+        out["formats"][fmt] = {"computed_bytes": total, "group_size": g, "projection_bits_per_weight": round(bits, 4)}
     if measure:
         from servelm.engine.models.loader import load_model
 
@@ -127,13 +132,15 @@ def ladder(model: str | None, group_size: int | None = None, include_lm_head: bo
 
 
 def format_ladder(r: dict) -> str:
-    """Returns the ladder as an aligned text table (GB = 1e9 bytes)."""
+    """Returns the ladder as an aligned text table (GB = 1e9 bytes; bits/w: stored bits per weight of
+    the projections, their scales included)."""
     lines = [f"{r['model']}: {r['params'] / 1e6:.1f}M parameters"
              + (f" (source {r['source_qtype']})" if r.get("source_qtype") else ""),
-             f"{'format':8} {'group':>5} {'computed':>12} {'measured':>12} {'vs fp16':>8}"]
+             f"{'format':8} {'group':>5} {'bits/w':>7} {'computed':>12} {'measured':>12} {'vs fp16':>8}"]
     fp16 = r["formats"]["fp16"]["computed_bytes"]
     for fmt, v in r["formats"].items():
         meas = v.get("measured_bytes")
-        lines.append(f"{fmt.upper():8} {v['group_size'] or '-':>5} {v['computed_bytes'] / 1e9:>10.3f}GB "
+        lines.append(f"{fmt.upper():8} {v['group_size'] or '-':>5} {v['projection_bits_per_weight']:>7.3f} "
+                     f"{v['computed_bytes'] / 1e9:>10.3f}GB "
                      f"{(f'{meas / 1e9:.3f}GB') if meas else '-':>12} {v['computed_bytes'] / fp16:>7.2f}x")
     return "\n".join(lines)
