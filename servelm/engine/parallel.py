@@ -160,33 +160,32 @@ def unpack_items(packed: list[tuple]) -> list[tuple[StepSeq, int]]:
 
 
 class StepChannel:
-    """Rank 0 → workers, one message at a time, through shared memory and two events per worker.
+    """Rank 0 → workers, one message at a time, through shared memory and two semaphores per worker.
 
     ``ready[r]`` says a message waits; ``free[r]`` says worker r has read the previous one (rank 0 may
-    otherwise run ahead by a step whose GPU work it does not wait for).
+    otherwise run ahead by a step whose GPU work it does not wait for). Semaphores, not Events: a
+    multiprocessing ``Event.set()`` waits until every sleeper has woken, so setting the event of a
+    worker that died while waiting on it would block rank 0 forever; ``Semaphore.release()`` never blocks.
     """
 
     def __init__(self, ctx, world: int):
         self.shm = shared_memory.SharedMemory(create=True, size=SHM_BYTES)
-        self.ready = [ctx.Event() for _ in range(world - 1)]
-        self.free = [ctx.Event() for _ in range(world - 1)]
-        for e in self.free:
-            e.set()
+        self.ready = [ctx.Semaphore(0) for _ in range(world - 1)]
+        self.free = [ctx.Semaphore(1) for _ in range(world - 1)]
 
     def send(self, method: str, args: tuple, alive) -> None:
         """Write one message once every worker has read the last; raises RuntimeError if ``alive()`` turns False."""
         data = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         if len(data) + 4 > SHM_BYTES:
             raise ValueError(f"a tensor-parallel step message of {len(data)} bytes exceeds {SHM_BYTES}")
-        for e in self.free:
-            while not e.wait(5.0):
+        for sem in self.free:
+            while not sem.acquire(timeout=5.0):
                 if not alive():
                     raise RuntimeError("a tensor-parallel worker process died; see its traceback above")
-            e.clear()
         self.shm.buf[:4] = struct.pack("<I", len(data))
         self.shm.buf[4:4 + len(data)] = data
-        for e in self.ready:
-            e.set()
+        for sem in self.ready:
+            sem.release()
 
     def close(self) -> None:
         self.shm.close()
@@ -194,11 +193,10 @@ class StepChannel:
 
 
 def _recv(shm, ready, free):
-    ready.wait()
-    ready.clear()
+    ready.acquire()
     (n,) = struct.unpack("<I", bytes(shm.buf[:4]))
     method, args = pickle.loads(shm.buf[4:4 + n])
-    free.set()
+    free.release()
     return method, args
 
 
