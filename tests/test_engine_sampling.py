@@ -113,3 +113,51 @@ def test_penalties_change_repetitive_output(smol):
                                                  repetition_penalty=1.8))[0].outputs[0]
     assert len(set(pen.token_ids)) > len(set(base.token_ids))
     assert len(set(rep.token_ids)) > len(set(base.token_ids))
+
+
+def test_prompt_logprobs_score_every_prompt_token_like_the_scoring_path(smol):
+    """prompt_logprobs (vLLM's field): the logprob of each prompt token given the ones before it, equal to a
+    log-softmax over the full-prompt logits, whether the prompt is prefilled whole, in 16-token chunks, or
+    after another request cached its prefix (which a scoring request must not reuse)."""
+    import torch
+
+    eng = smol.engine
+    prompt = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome and"
+    ids = eng.tokenizer.encode(prompt)
+    ref = torch.log_softmax(eng.prompt_logits(ids), dim=-1)
+    smol.generate([prompt], SamplingParams(max_tokens=2))  # its prompt blocks are now cached
+    outs = smol.generate([prompt, prompt], [SamplingParams(max_tokens=2, prompt_logprobs=3),
+                                            SamplingParams(max_tokens=2, prompt_logprobs=0, n=2)])
+    for out in outs:
+        lp = out.prompt_logprobs
+        assert len(lp) == len(ids) and lp[0] is None
+        for i in range(1, len(ids)):
+            assert lp[i].chosen.token_id == ids[i]
+            assert abs(lp[i].chosen.logprob - ref[i - 1, ids[i]].item()) < 1e-4
+    top = outs[0].prompt_logprobs
+    for i in range(1, len(ids)):  # the 3 most likely tokens at each position (values: ties may swap ids)
+        want = ref[i - 1].topk(3).values.tolist()
+        assert all(abs(t.logprob - w) < 1e-4 for t, w in zip(top[i].top, want)) and len(top[i].top) == 3
+    assert all(not t.top for t in outs[1].prompt_logprobs[1:])
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids  # generation itself is unchanged
+    plain = smol.generate([prompt], SamplingParams(max_tokens=2))[0]
+    assert plain.prompt_logprobs is None
+
+
+def test_prompt_logprobs_survive_chunked_prefill():
+    import torch
+
+    from servelm.engine import EngineConfig, LLMEngine
+
+    eng = LLMEngine(EngineConfig(max_num_batched_tokens=48, prefill_chunk_size=16))
+    ids = eng.tokenizer.encode("Seven bridges cross the river that runs through the old town, and every one of "
+                               "them was built in a different century by a different hand.")
+    ref = torch.log_softmax(eng.prompt_logits(ids), dim=-1)
+    eng.add_request("a", ids, SamplingParams(max_tokens=1, prompt_logprobs=1))
+    eng.add_request("b", ids[:20], SamplingParams(max_tokens=4))
+    done = {}
+    while eng.has_unfinished_requests():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    lp = done["a"].prompt_logprobs
+    assert len(lp) == len(ids) and len(ids) > 16  # at least two chunks
+    assert max(abs(lp[i].chosen.logprob - ref[i - 1, ids[i]].item()) for i in range(1, len(ids))) < 1e-4

@@ -205,3 +205,37 @@ def test_fields_real_clients_send_are_served(srv, key, client):
     assert r.json()["usage"]["completion_tokens"] == 16
     r = _post(srv, key, "/v1/completions", {"prompt": "Hi", "best_of": 3, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+
+
+# ------------------------------------------------------------------ scoring a prompt (echo + logprobs)
+def test_echo_with_max_tokens_0_scores_the_prompt_like_generation_does(client, tokenizer):
+    """lm-evaluation-harness's loglikelihood request: max_tokens=0, echo, logprobs. Every prompt token after
+    the first gets its logprob, and a continuation scores exactly what the model gave it when generating."""
+    ctx = "The capital of France is"
+    gen = client.completions.create(model=MODEL, prompt=ctx, max_tokens=1, temperature=0, logprobs=1)
+    cont = gen.choices[0].text
+    full = ctx + cont
+    ids = tokenizer.encode(full)
+    assert len(ids) == len(tokenizer.encode(ctx)) + 1  # the continuation is one token here
+    r = client.completions.create(model=MODEL, prompt=full, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    c, lp = r.choices[0], r.choices[0].logprobs
+    assert c.text == full and c.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
+    assert len(lp.tokens) == len(ids) and "".join(lp.tokens) == full
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    assert abs(lp.token_logprobs[-1] - gen.choices[0].logprobs.token_logprobs[0]) < 1e-3
+    # is_greedy, as lm-eval reads it: the continuation is the most likely token at its position
+    assert max(lp.top_logprobs[-1], key=lp.top_logprobs[-1].get) == cont
+    # echo with generation: the prompt's logprobs, then the generated tokens' own
+    both = client.completions.create(model=MODEL, prompt=ctx, max_tokens=3, echo=True, logprobs=0, temperature=0)
+    assert len(both.choices[0].logprobs.tokens) == len(ids) - 1 + 3
+    assert both.choices[0].text.startswith(full)
+
+
+def test_max_tokens_0_is_only_for_scoring_a_prompt(srv, key):
+    for body in ({"prompt": "Hi", "max_tokens": 0},
+                 {"prompt": "Hi", "max_tokens": 0, "echo": True, "stream": True}):
+        r = _post(srv, key, "/v1/completions", {"model": MODEL, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text

@@ -74,8 +74,8 @@ class KVCacheManager:
 
         At least one token is always left to compute, because its logits are needed.
         """
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
+            return []  # prompt logprobs need the logits at every prompt position: compute them all
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self._hashes_upto(seq, max_blocks)
         hits = []

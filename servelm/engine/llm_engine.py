@@ -170,6 +170,9 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use.", "request_id")
         params.validate()
+        if params.prompt_logprobs is not None and self.tp is not None:
+            raise InvalidRequestError("prompt_logprobs is not supported with tensor parallelism yet.",
+                                      "prompt_logprobs")
         if prompt_ids:  # already tokenized by the caller (AsyncEngine does it off the step thread)
             text, ids = (prompt if isinstance(prompt, str) else None), prompt_ids
         else:
@@ -212,6 +215,8 @@ class LLMEngine:
                 self.prompt_tokens_computed += min(seq.num_computed_tokens, seq.num_prompt_tokens) - prev
             self.kv.cache_full_blocks(seq, prev)
         touched: dict[str, None] = {}
+        for seq, entries in result.prompt_logprobs:
+            self.output.append_prompt_logprobs(seq, entries)
         if result.sample is not None:
             for seq, tok, lp in zip(result.seqs, result.sample.token_ids, result.sample.logprobs):
                 self.output.append_token(seq, tok, lp)

@@ -47,6 +47,12 @@ class OutputProcessor:
         if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
+    def append_prompt_logprobs(self, seq: Sequence, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> None:
+        """Record the logprobs of the next prompt tokens of ``seq``: (token, logprob, top alternatives) each."""
+        for tok, lp, top in entries:
+            seq.prompt_logprobs.append(TokenLogprobs(
+                self._logprob(tok, lp), [self._logprob(t, v, r + 1) for r, (t, v) in enumerate(top)]))
+
     def _logprob(self, token_id: int, logprob: float, rank: int | None = None) -> Logprob:
         return Logprob(token_id, logprob, self.tok.decode([token_id], skip_special_tokens=False), rank,
                        self.tok.token_bytes(token_id))
@@ -78,4 +84,5 @@ class OutputProcessor:
             finished_time=time.monotonic() if finished else None,
             num_cached_prompt_tokens=first.num_cached_prompt_tokens)
         return RequestOutput(request_id, prompt, prompt_ids, outs, finished, metrics,
-                             num_cached_tokens=first.num_cached_prompt_tokens)
+                             num_cached_tokens=first.num_cached_prompt_tokens,
+                             prompt_logprobs=first.prompt_logprobs)

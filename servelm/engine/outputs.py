@@ -72,3 +72,5 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (vLLM's shape).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -7,7 +7,7 @@ tokens this step (a chunk in the middle of a prompt samples nothing).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,8 @@ class StepResult:
 
     seqs: list[Sequence]
     sample: SampleResult | None
+    # (sequence, [(prompt token, its logprob, top alternatives)]) for sequences that asked for prompt logprobs
+    prompt_logprobs: list[tuple[Sequence, list]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -55,21 +57,42 @@ class ModelRunner:
         """
         if self.workers is not None:  # tensor parallel: the other ranks run this same step
             self.workers.call("run", pack_items(items))
-        logits, samplers = self._logits(items)
+        logits, samplers, prompt_lp = self._logits(items)
         if not samplers or self.sampler is None:
-            return StepResult([], None)
-        return StepResult(samplers, self.sampler(logits, samplers))
+            return StepResult([], None, prompt_lp)
+        return StepResult(samplers, self.sampler(logits, samplers), prompt_lp)
 
     def _logits(self, items: list[tuple[Sequence, int]]):
-        """(logits of the rows to sample, their sequences); (None, []) when no sequence samples."""
-        if self.cuda_graph is not None:
+        """(logits of the rows to sample, their sequences, prompt logprobs); (None, [], ...) when none samples."""
+        wants_prompt = any(s.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens
+                           for s, _ in items)
+        if self.cuda_graph is not None and not wants_prompt:  # graphs compute only the sampled rows
             out = self.cuda_graph.run(items)  # None unless the step's rows fit a captured size
             if out is not None:
-                return out
-        hidden, sample_rows, samplers = self._forward(items)
+                return (*out, [])
+        hidden, sample_rows, samplers, prompt_rows = self._forward(items)
+        prompt_lp = [(seq, self._prompt_logprobs(seq, hidden[row:row + count], pos))
+                     for seq, row, pos, count in prompt_rows]
         if not samplers:
-            return None, []
-        return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)]), samplers
+            return None, [], prompt_lp
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        return logits, samplers, prompt_lp
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, pos: int, chunk: int = 256) -> list:
+        """(token, logprob, top-k) of prompt tokens ``pos + 1 ...`` from the hidden states at ``pos ...``."""
+        k = seq.params.prompt_logprobs
+        out = []
+        for i in range(0, hidden.shape[0], chunk):  # bounded memory: chunk x vocab floats at a time
+            lp = torch.log_softmax(self.model.compute_logits(hidden[i:i + chunk]), dim=-1)
+            targets = seq.token_ids[pos + 1 + i: pos + 1 + i + lp.shape[0]]
+            chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+            if k:
+                vals, ids = lp.topk(k, dim=-1)
+                tops = [list(zip(r_ids, r_vals)) for r_ids, r_vals in zip(ids.tolist(), vals.tolist())]
+            else:
+                tops = [[] for _ in targets]
+            out.extend(zip(targets, chosen, tops))
+        return out
 
     @torch.inference_mode()
     def all_logits(self, seq: Sequence) -> torch.Tensor:
@@ -77,7 +100,7 @@ class ModelRunner:
         n = seq.num_tokens - seq.num_computed_tokens
         if self.workers is not None:
             self.workers.call("all_logits", pack_items([(seq, n)]))
-        hidden, _, _ = self._forward([(seq, n)])
+        hidden, _, _, _ = self._forward([(seq, n)])
         return self.model.compute_logits(hidden)
 
     def _forward(self, items: list[tuple[Sequence, int]]):
@@ -88,10 +111,15 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         query_lens, context_lens, tables, sample_rows, samplers = [], [], [], [], []
+        prompt_rows = []  # (seq, first row, first position, rows) whose logits score the next prompt tokens
         bs = self.block_size
         for seq, n in ordered:
             start = seq.num_computed_tokens
             end = start + n
+            if seq.prompt_logprobs is not None:  # positions first..last-1 predict prompt tokens not yet scored
+                first, last = max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)
+                if last > first:
+                    prompt_rows.append((seq, len(input_ids) + first - start, first, last - first))
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
@@ -117,4 +145,4 @@ class ModelRunner:
         ctx = self.backend.make_context(layout, self.kv_caches, self.scale)
         ids_t = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
         pos_t = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
-        return self.model(ids_t, pos_t, ctx), sample_rows, samplers
+        return self.model(ids_t, pos_t, ctx), sample_rows, samplers, prompt_rows

@@ -36,6 +36,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top logprobs per generated token (0 = only the chosen one)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring, echo)
     min_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -74,6 +75,9 @@ class SamplingParams:
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.", "frequency_penalty")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequestError(f"logprobs must be in [0, 20], got {self.logprobs}.", "logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidRequestError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}.",
+                                      "prompt_logprobs")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings.", "stop")
         if len(self.stop) > 16:

@@ -28,7 +28,7 @@ class Sequence:
     __slots__ = ("seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
                  "num_cached_prompt_tokens", "block_table", "block_hashes", "params", "status", "generator",
                  "wait_for", "output_text", "emitted_text_len", "emitted_token_count", "prefix_offset",
-                 "read_offset", "finish_reason", "stop_reason", "logprobs", "cumulative_logprob",
+                 "read_offset", "finish_reason", "stop_reason", "logprobs", "prompt_logprobs", "cumulative_logprob",
                  "arrival_time", "first_scheduled_time", "first_token_time", "last_token_time", "max_tokens")
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
@@ -60,6 +60,10 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        # Position i holds the logprobs of prompt token i (None for the first, which nothing predicts).
+        # Only the first of n sequences computes them, and it never reuses cached prefix blocks.
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
+            [None] if params.prompt_logprobs is not None and index == 0 else None)
         self.cumulative_logprob = 0.0
         self.arrival_time = arrival_time
         self.first_scheduled_time: float | None = None

@@ -37,6 +37,22 @@ class TextOffsets:
         return at
 
 
+def prompt_completion_logprobs(prompt_ids: list[int], items: list[TokenLogprobs | None], k: int,
+                               tokenizer) -> CompletionLogprobs:
+    """Completions-style logprobs of the prompt's tokens (``echo``): the first token has none (nothing
+    predicts it), as in OpenAI's and vLLM's answers; offsets count from the start of the echoed text."""
+    out, offsets = CompletionLogprobs(), TextOffsets(0)
+    first = prompt_ids[0]
+    out.tokens.append(tokenizer.decode([first], skip_special_tokens=False))
+    out.token_logprobs.append(None)
+    out.top_logprobs.append(None)
+    out.text_offset.append(offsets.advance(tokenizer.token_bytes(first)))
+    rest = completion_logprobs([t for t in items[1:] if t is not None], k, offsets)
+    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        getattr(out, name).extend(getattr(rest, name))
+    return out
+
+
 def completion_logprobs(items: list[TokenLogprobs], k: int, offsets: TextOffsets) -> CompletionLogprobs:
     """Returns completions-style logprobs; ``offsets`` continues from the choice's previous tokens."""
     out = CompletionLogprobs()

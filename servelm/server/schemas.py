@@ -212,7 +212,8 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         ..., description="Text or token ids, or a batch of either (up to 256, and no more than the "
                          "server admits at once): choice j of prompt i has index i * n + j.")
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0, description="Most tokens to generate; 0 with echo scores the "
+                                                         "prompt only (logprobs of every prompt token).")
     best_of: int | None = Field(None, ge=1, description="Accepted only equal to n.")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False

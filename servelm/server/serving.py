@@ -301,8 +301,8 @@ def refuse_unsupported(body) -> None:
         raise invalid("logit_bias is not supported by this server.", "logit_bias", "unsupported_parameter")
 
 
-def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_size: int | None = None
-                    ) -> SamplingParams:
+def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_size: int | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """Returns SamplingParams from an OpenAI body; raises APIError(400) for values the engine refuses."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     # top_k at or above the vocabulary keeps every token: the same as no top_k.
@@ -318,6 +318,6 @@ def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_si
                               top_k=top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               seed=seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
-                              min_tokens=body.min_tokens)
+                              min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs)
     except InvalidRequestError as e:
         raise from_engine(e) from None

@@ -18,7 +18,7 @@ from servelm.server import sse
 from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import APIError, invalid
-from servelm.server.logprobs import TextOffsets, completion_logprobs
+from servelm.server.logprobs import TextOffsets, completion_logprobs, prompt_completion_logprobs
 from servelm.server.pipeline import Answer, run_stream_stages
 from servelm.server.schemas import Completion, CompletionChoice, CompletionRequest
 from servelm.safety import FallbackResult
@@ -98,11 +98,21 @@ async def create_completion(body: CompletionRequest, request: Request,
     if body.best_of is not None and body.best_of != body.n:
         raise invalid("best_of is not supported; use n (every choice is returned).", "best_of",
                       "unsupported_parameter")
+    # max_tokens=0 with echo scores the prompt (lm-evaluation-harness's loglikelihood requests): the
+    # engine generates one token, which the answer leaves out.
+    score_only = body.max_tokens == 0
+    if score_only and not body.echo:
+        raise invalid("max_tokens must be at least 1 (0 is only for scoring the prompt, with echo=true).",
+                      "max_tokens")
+    if score_only and body.stream:
+        raise invalid("max_tokens=0 (scoring the prompt) is not supported with stream=true.", "max_tokens")
     prompts = _prompts(ctx, body)
     info = request.scope["servelm"]
     if ctx.settings.log_prompts:
         info["prompt"] = prompts[0][1] if len(prompts) == 1 else [text for _, text in prompts]
-    params = sampling_params(body, body.max_tokens, body.logprobs, getattr(ctx.engine.tokenizer, "vocab_size", None))
+    prompt_lp = body.logprobs if body.echo and not body.stream else None  # streams echo the text only
+    params = sampling_params(body, 1 if score_only else body.max_tokens, body.logprobs,
+                             getattr(ctx.engine.tokenizer, "vocab_size", None), prompt_logprobs=prompt_lp)
     # a prompt the model cannot take gets its precise 400 before any scanning
     _check_lengths(ctx, prompts, params.max_tokens)
     rid_req, rid = info["request_id"], "cmpl-" + uuid.uuid4().hex
@@ -118,7 +128,7 @@ async def create_completion(body: CompletionRequest, request: Request,
         gens = await run_stream()
         try:
             return gens, await until_disconnect(request, gather_all(
-                [_collect(gen, body, echo[i]) for gen, i in zip(gens, run)]))
+                [_collect(ctx, gen, body, echo[i], score_only) for gen, i in zip(gens, run)]))
         finally:
             await finish_all(gens)  # a generation whose collector never ran (client gone) is released too
 
@@ -143,7 +153,10 @@ async def create_completion(body: CompletionRequest, request: Request,
             await _scan(ctx, c, echo[i], rid_req, principal.name, prompts[i][1])
             c.index += i * body.n
         choices += cs
-    out = Completion(id=rid, model=ctx.model_name, servelm=note, usage=usage(gens),
+    used = usage(gens)
+    if score_only:  # the one generated token is not part of the answer
+        used.completion_tokens, used.total_tokens = 0, used.prompt_tokens
+    out = Completion(id=rid, model=ctx.model_name, servelm=note, usage=used,
                      choices=sorted(choices, key=lambda c: c.index))
     return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
 
@@ -173,15 +186,22 @@ async def _scan(ctx: ServerContext, c: CompletionChoice, echo: str, request_id: 
     c.finish_reason = a.finish_reason or c.finish_reason
 
 
-async def _collect(gen: Generation, body: CompletionRequest, echo: str) -> list[CompletionChoice]:
+async def _collect(ctx: ServerContext, gen: Generation, body: CompletionRequest, echo: str,
+                   score_only: bool = False) -> list[CompletionChoice]:
     last = await gen.final()
     choices = []
     for c in sorted(last.outputs, key=lambda c: c.index):
         lp = None
         if body.logprobs is not None:
-            lp = completion_logprobs(c.logprobs or [], body.logprobs, TextOffsets(len(echo)))
-        choices.append(CompletionChoice(index=c.index, text=echo + c.text, logprobs=lp,
-                                        finish_reason="stop" if c.finish_reason == "abort" else c.finish_reason))
+            lp = completion_logprobs([] if score_only else c.logprobs or [], body.logprobs, TextOffsets(len(echo)))
+            if last.prompt_logprobs is not None:  # echo: the prompt's tokens come first
+                head = prompt_completion_logprobs(gen.prompt_ids, last.prompt_logprobs, body.logprobs,
+                                                  ctx.engine.tokenizer)
+                for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    setattr(lp, name, getattr(head, name) + getattr(lp, name))
+        text = echo if score_only else echo + c.text
+        reason = "length" if score_only else "stop" if c.finish_reason == "abort" else c.finish_reason
+        choices.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason))
     return choices
 
 
