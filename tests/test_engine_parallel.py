@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from servelm.engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from servelm.engine import LLM, EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
 from servelm.engine.models.config import preset
 from servelm.engine.parallel import check_shardable
 
@@ -54,6 +54,9 @@ def test_tp_with_quantization_is_refused_before_loading():
 def test_dead_worker_is_an_error_not_a_hang():
     engine = LLMEngine(EngineConfig(model=MODEL, device="cpu", tensor_parallel_size=2, kv_cache_memory_bytes=64 << 20))
     try:
+        with pytest.raises(InvalidRequestError) as e:  # refused up front, not a hang in the collectives
+            engine.add_request("scores", PROMPTS[0], SamplingParams(prompt_logprobs=1))
+        assert e.value.param == "prompt_logprobs"
         worker = engine.tp.procs[0]
         worker.kill()
         worker.join()

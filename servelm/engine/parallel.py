@@ -143,6 +143,7 @@ class StepSeq:
     """The part of a :class:`Sequence` the model runner reads for one step."""
 
     __slots__ = ("num_computed_tokens", "num_tokens", "block_table", "token_ids")
+    prompt_logprobs = None  # tensor parallelism refuses prompt logprobs (LLMEngine.add_request)
 
     def __init__(self, start: int, num_tokens: int, block_table: list[int], tail: list[int]):
         self.num_computed_tokens, self.num_tokens, self.block_table = start, num_tokens, block_table
