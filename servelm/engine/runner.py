@@ -64,9 +64,9 @@ class ModelRunner:
 
     def _logits(self, items: list[tuple[Sequence, int]]):
         """(logits of the rows to sample, their sequences, prompt logprobs); (None, [], ...) when none samples."""
-        wants_prompt = any(s.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens
-                           for s, _ in items)
-        if self.cuda_graph is not None and not wants_prompt:  # graphs compute only the sampled rows
+        # graphs compute only the sampled rows: a step that scores prompt tokens runs eagerly
+        if self.cuda_graph is not None and not any(
+                s.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens for s, _ in items):
             out = self.cuda_graph.run(items)  # None unless the step's rows fit a captured size
             if out is not None:
                 return (*out, [])

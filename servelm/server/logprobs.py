@@ -47,15 +47,14 @@ def prompt_completion_logprobs(prompt_ids: list[int], items: list[TokenLogprobs 
     out.token_logprobs.append(None)
     out.top_logprobs.append(None)
     out.text_offset.append(offsets.advance(tokenizer.token_bytes(first)))
-    rest = completion_logprobs([t for t in items[1:] if t is not None], k, offsets)
-    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-        getattr(out, name).extend(getattr(rest, name))
-    return out
+    return completion_logprobs([t for t in items[1:] if t is not None], k, offsets, into=out)
 
 
-def completion_logprobs(items: list[TokenLogprobs], k: int, offsets: TextOffsets) -> CompletionLogprobs:
-    """Returns completions-style logprobs; ``offsets`` continues from the choice's previous tokens."""
-    out = CompletionLogprobs()
+def completion_logprobs(items: list[TokenLogprobs], k: int, offsets: TextOffsets,
+                        into: CompletionLogprobs | None = None) -> CompletionLogprobs:
+    """Returns completions-style logprobs (appended to ``into`` when given); ``offsets`` continues from
+    the choice's previous tokens."""
+    out = into if into is not None else CompletionLogprobs()
     for t in items:
         out.tokens.append(t.chosen.decoded)
         out.token_logprobs.append(t.chosen.logprob)

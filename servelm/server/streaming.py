@@ -79,5 +79,5 @@ def usage(gens: list[Generation]) -> Usage:
 
 
 def _note_error(gens: list[Generation], code: str | None) -> None:
-    for gen in gens[:1]:  # they share the request's access-log fields
-        gen.info["error"] = code
+    if gens:  # they share the request's access-log fields
+        gens[0].info["error"] = code

@@ -189,16 +189,15 @@ async def _scan(ctx: ServerContext, c: CompletionChoice, echo: str, request_id: 
 async def _collect(ctx: ServerContext, gen: Generation, body: CompletionRequest, echo: str,
                    score_only: bool = False) -> list[CompletionChoice]:
     last = await gen.final()
+    head = None  # echo: the prompt's tokens come first in every choice's logprobs (computed once)
+    if body.logprobs is not None and last.prompt_logprobs is not None:
+        head = prompt_completion_logprobs(gen.prompt_ids, last.prompt_logprobs, body.logprobs, ctx.engine.tokenizer)
     choices = []
     for c in sorted(last.outputs, key=lambda c: c.index):
         lp = None
         if body.logprobs is not None:
-            lp = completion_logprobs([] if score_only else c.logprobs or [], body.logprobs, TextOffsets(len(echo)))
-            if last.prompt_logprobs is not None:  # echo: the prompt's tokens come first
-                head = prompt_completion_logprobs(gen.prompt_ids, last.prompt_logprobs, body.logprobs,
-                                                  ctx.engine.tokenizer)
-                for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                    setattr(lp, name, getattr(head, name) + getattr(lp, name))
+            lp = completion_logprobs([] if score_only else c.logprobs or [], body.logprobs, TextOffsets(len(echo)),
+                                     into=head.model_copy(deep=True) if head is not None else None)
         text = echo if score_only else echo + c.text
         reason = "length" if score_only else "stop" if c.finish_reason == "abort" else c.finish_reason
         choices.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason))
