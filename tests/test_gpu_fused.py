@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
 
-from servelm.engine.fused import rms_norm, rope, silu_mul  # noqa: E402
+from servelm.engine.fused import add_rms_norm, rms_norm, rope, silu_mul  # noqa: E402
 from servelm.engine.models.config import preset  # noqa: E402
 from servelm.engine.models.llama import RMSNorm, RotaryEmbedding  # noqa: E402
 
@@ -31,6 +31,21 @@ def test_rms_norm(tokens, hidden, dtype):
     ref = norm(x.float())
     out = rms_norm(x, norm.weight.to(dtype), 1e-5)
     assert out.shape == x.shape and rel(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("tokens", "hidden"), [(1, 4096), (7, 576), (300, 896)])
+def test_add_rms_norm(tokens, hidden, dtype):
+    """The residual add fused into the norm: the stream is exactly the eager ``x + residual``, the norm of it
+    matches the float32 reference."""
+    x = torch.randn(tokens, 2 * hidden, device=DEV, dtype=dtype)[:, :hidden]  # strided, as a split output is
+    res = torch.randn(tokens, hidden, device=DEV, dtype=dtype) * 4
+    norm = RMSNorm(hidden, 1e-5).to(DEV)
+    norm.weight.data = torch.randn(hidden, device=DEV)
+    out, stream = add_rms_norm(x, res, norm.weight.to(dtype), 1e-5)
+    assert torch.equal(stream, x + res)
+    ref, ref_stream = norm(x.float(), res.float())
+    assert out.shape == x.shape and rel(out, ref) < 1e-2 and rel(stream, ref_stream) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

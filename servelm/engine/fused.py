@@ -1,10 +1,12 @@
 """Fused Triton kernels for the decoder's small element-wise stages on CUDA.
 
 In eager PyTorch, RMSNorm (float32 upcast, square, mean, rsqrt, two multiplies, casts), rotary
-embedding (gathers, casts, halves, concatenations, four multiplies) and SiLU-and-multiply cost
-about 25 launches per layer; at batch 1 those launches, not the bytes, dominate after the
+embedding (gathers, casts, halves, concatenations, four multiplies), SiLU-and-multiply and the
+residual adds cost about 27 launches per layer; at batch 1 those launches, not the bytes, dominate after the
 matrix products. :func:`install_fused_kernels` swaps each for one kernel on a loaded model's
 modules (instance ``forward`` overrides: ``llama.py`` stays plain PyTorch, and CPU never sees these).
+Each residual add runs inside the next RMSNorm (``add_rms_norm``), so a layer is 10 launches at decode:
+2 norms, 4 matrix products, RoPE, the K/V store, attention (2 with split contexts) and SiLU-and-multiply.
 """
 from __future__ import annotations
 
@@ -43,6 +45,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), eps, N=n, BLOCK=block,
                                      num_warps=min(16, max(1, block // 256)))
     return out.view(x.shape)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, stride_x, stride_r, eps, N: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+    s = (x.to(tl.float32) + r.to(tl.float32)).to(r_out_ptr.dtype.element_ty)  # the stream, rounded as x + r is
+    tl.store(r_out_ptr + row * N + offs, s, mask=mask)
+    sf = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(sf * sf, 0) / N + eps)
+    y = (sf * rstd).to(out_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + row * N + offs, (y.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``(rms_norm(x + residual), x + residual)`` for [T, N] tensors in one kernel (the layer's residual add
+    fused into the next norm); both results are new tensors."""
+    x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, residual.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if r2.stride(-1) != 1:
+        r2 = r2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    r_out = torch.empty(x2.shape, dtype=residual.dtype, device=x.device)
+    n = x2.shape[1]
+    block = triton.next_power_of_2(n)
+    if x2.shape[0]:
+        _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, r_out, x2.stride(0), r2.stride(0), eps, N=n,
+                                             BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return out.view(x.shape), r_out.view(x.shape)
 
 
 @triton.jit
@@ -117,7 +155,9 @@ def install_fused_kernels(model: LlamaForCausalLM) -> None:
         raise ValueError("fused kernels need a float16/bfloat16 model on CUDA")
     for m in model.modules():
         if isinstance(m, RMSNorm):
-            m.forward = types.MethodType(lambda self, x: rms_norm(x, self.weight, self.eps), m)
+            m.forward = types.MethodType(
+                lambda self, x, residual=None: rms_norm(x, self.weight, self.eps) if residual is None
+                else add_rms_norm(x, residual, self.weight, self.eps), m)
         elif isinstance(m, RotaryEmbedding):
             # the fused kernel reads the full tables itself; the model's per-step cos/sin lookup is not needed
             m.forward = types.MethodType(lambda self, pos, q, k, cos_sin=None: rope(pos, q, k, self.cos, self.sin), m)

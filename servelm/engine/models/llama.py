@@ -22,10 +22,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``: the residual stream's add
+        and the next norm in one call, so a GPU kernel can fuse them (``fused.py``)."""
+        if residual is not None:
+            x = x + residual
         # Normalise in float32 as the reference implementation does, then cast back.
         # F.rms_norm is one fused op (bitwise equal to x * rsqrt(mean(x^2) + eps) here).
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        out = self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        return out if residual is None else (out, x)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -121,9 +126,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, cos_sin, rope, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cos_sin, rope, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, cos_sin, rope, ctx):
+        """(this layer's MLP output, the residual stream before it); the stream is ``x + residual``.
+
+        The residual add is deferred into the next norm (vLLM's layout): x + attn(norm(x)) + mlp(...)
+        computed as the same additions in the same order, one kernel each on CUDA."""
+        if residual is None:  # first layer: the stream is the embeddings
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, cos_sin, rope, ctx)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -143,9 +157,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos_sin = self.rope.tables(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, cos_sin, self.rope, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, cos_sin, self.rope, ctx)
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
