@@ -87,7 +87,8 @@ class LLMEngine:
             calib = None
             if config.quant_calibration:
                 calib = calibration_windows(self.tokenizer, config.quant_calibration)
-            self.quant_report = quantize_model(self.model, config.quantization, loaded.source_qtypes, calib)
+            self.quant_report = quantize_model(self.model, config.quantization, loaded.source_qtypes, calib,
+                                               max_rows=config.max_num_seqs)
         self.max_model_len = self.model_config.max_position_embeddings
         self.model_name = config.served_model_name or _model_name(config.model, loaded.config.name)
         self.tp = None

@@ -110,13 +110,15 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 @torch.no_grad()
 def quantize_model(model: nn.Module, cfg: QuantConfig | str | None,
                    source_qtypes: dict[str, str] | None = None,
-                   calibration: list[torch.Tensor] | None = None) -> QuantReport:
+                   calibration: list[torch.Tensor] | None = None, max_rows: int = 1) -> QuantReport:
     """Replace the model's nn.Linear layers by quantized ones, in place.
 
     `source_qtypes` (param name -> GGUF type, from the loader) lets an automatic group size line
     up with a GGUF source's blocks, so a Q4_1 model quantized to int4 keeps its own grid.
     `calibration` (token-id windows of text that is not the evaluation text) gives nf4/nf4-dq the
     input statistics for their weighted block-scale search (calibrate.py); other formats ignore it.
+    `max_rows` (the engine's max_num_seqs) lets int4 on CUDA pick the weight layout for the batch sizes
+    it will serve (`int4.cuda_layout`).
 
     Returns a QuantReport with bytes per layer before/after. Raises ValueError (before touching
     the model) for an unknown format or a group size that does not divide a layer's in_features."""
@@ -134,7 +136,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | str | None,
         if cfg.method == "int8":
             q = Int8Linear(lin)
         elif cfg.method == "int4":
-            q = Int4Linear(lin, group)
+            q = Int4Linear(lin, group, max_rows)
         else:
             q = NF4Linear(lin, group, double_quant=cfg.method == "nf4-dq", dq_block=cfg.dq_block,
                           importance=importance.get(name))

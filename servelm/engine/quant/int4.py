@@ -42,29 +42,33 @@ def on_int4_grid(w: torch.Tensor, group_size: int = 32, tol: float = 0.05) -> bo
 _CUDA_LAYOUTS: dict[tuple, str] = {}
 
 
-def cuda_layout(n: int, k: int, group_size: int, device: torch.device) -> str:
+def cuda_layout(n: int, k: int, group_size: int, device: torch.device, max_rows: int = 1) -> str:
     """Returns "gemv" (the Triton kernels of triton_gemv.py) or "tinygemm" (torch's
-    aten._weight_int4pack_mm) for an [n, k] layer on CUDA: whichever multiplies one row (batch-1
-    decode) faster, timed once per shape on random codes. The two store the weight differently, so
-    the choice is made per layer at load, not per batch. On an H200 tinygemm wins at 1-4 rows on
-    most 8B shapes and Triton from 8 rows up (2-3x at 16; docs/quantization.md).
+    aten._weight_int4pack_mm) for an [n, k] layer on CUDA, timed once per shape on random codes. The
+    two store the weight differently, so the choice is made per layer at load, not per step: it is the
+    layout with the smaller sum of its times at one row and at ``min(max_rows, 16)`` rows (the engine
+    passes its ``max_num_seqs``), so a server that batches does not pay tinygemm's 2-3x at 16 rows for
+    a few percent at one. On an H200 tinygemm wins at 1-4 rows on most 8B shapes and Triton from 8 rows
+    up (docs/quantization.md).
     SERVELM_QUANT_KERNEL / kernels.force() set to "triton_w4" or "tinygemm" override the measurement."""
     forced = kernels.forced()
     if triton_gemv is None or forced == "tinygemm":
         return "tinygemm"
     if forced == "triton_w4":
         return "gemv"
-    key = (n, k, group_size, str(device))
+    rows = sorted({1, max(1, min(max_rows, 16))})
+    key = (n, k, group_size, str(device), rows[-1])
     if key not in _CUDA_LAYOUTS:
         q = torch.randint(0, 16, (n, k), dtype=torch.int32, device=device)
         sz = (torch.rand(k // group_size, n, 2, device=device) * 0.01).to(torch.bfloat16)
-        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        xs = [torch.randn(m, k, device=device, dtype=torch.bfloat16) for m in rows]
         mine = triton_gemv.pack_int4(q, group_size)
-        times = {"gemv": kernels.time_kernel(lambda: triton_gemv.w4_matmul(x, mine, sz, group_size), device)}
+        times = {"gemv": sum(kernels.time_kernel(lambda x=x: triton_gemv.w4_matmul(x, mine, sz, group_size), device)
+                             for x in xs)}
         try:
             theirs = torch.ops.aten._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
-            times["tinygemm"] = kernels.time_kernel(
-                lambda: torch.ops.aten._weight_int4pack_mm(x, theirs, group_size, sz), device)
+            times["tinygemm"] = sum(kernels.time_kernel(
+                lambda x=x: torch.ops.aten._weight_int4pack_mm(x, theirs, group_size, sz), device) for x in xs)
         except (RuntimeError, NotImplementedError):  # tinygemm missing on this build or card
             pass
         _CUDA_LAYOUTS[key] = min(times, key=times.get)
@@ -87,7 +91,8 @@ class Int4Linear(QuantLinear):
 
     method = "int4"
 
-    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+    def __init__(self, linear: nn.Linear, group_size: int, max_rows: int = 1) -> None:
+        """``max_rows``: the most rows a product will multiply at once (decode batch), for the CUDA layout."""
         super().__init__(linear)
         n, k = self.out_features, self.in_features
         if k % group_size:
@@ -103,7 +108,7 @@ class Int4Linear(QuantLinear):
         if dev.type == "cpu" and n % 64 == 0:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             self.layout = "cpu"
-        elif dev.type == "cuda" and cuda_layout(n, k, group_size, dev) == "gemv":
+        elif dev.type == "cuda" and cuda_layout(n, k, group_size, dev, max_rows) == "gemv":
             packed = triton_gemv.pack_int4(q, group_size)  # int32 [K/8, N], the Triton kernels' order
             self.layout = "gemv"
         elif dev.type == "cuda":
