@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from servelm.safety.metrics import GuardMetrics, log_event
 from servelm.safety.normalise import normalise
 from servelm.safety.pii import DEFAULT_ENTITIES, PiiSpan, get_pii_detector, redact
-from servelm.safety.policy import Policy
+from servelm.safety.policy import Policy, PolicyError
 from servelm.safety.review_queue import ReviewQueue
 from servelm.safety.scanners import (
     INPUT_SCANNERS, OUTPUT_SCANNERS, ScanContext, ScanResult, scan_harmful_output,
@@ -116,9 +116,17 @@ class Guard:
         (self.input_scanners if stage == "input" else self.output_scanners)[name] = fn
 
     def warmup(self) -> None:
-        """Load the classifiers and Presidio/spaCy now instead of on the first request."""
+        """Load the classifiers now instead of on the first request, and Presidio/spaCy where the policy
+        (the deployment's or a key's) runs the pii scanner; with it off everywhere they never load."""
         self.check_input("warm up", request_id="warmup")
-        get_pii_detector()
+        if any(self._runs_pii(k) for k in [None, *self.policy.api_keys]):
+            get_pii_detector()
+
+    def _runs_pii(self, api_key: str | None) -> bool:
+        try:
+            return self.policy.for_api_key(api_key).scanner("pii").enabled
+        except PolicyError:  # a bad key override fails that key's requests, not the start: load to be safe
+            return True
 
     def _policy(self, api_key: str | None, overrides: dict | None) -> Policy:
         p = self.policy.for_api_key(api_key)
