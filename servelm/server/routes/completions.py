@@ -248,8 +248,9 @@ def _stream(ctx: ServerContext, gens: list[Generation], run: list[int], answers:
 
     # echo: each choice's first chunk is its prompt, with the prompt's logprobs when asked (as non-streamed:
     # the first token's is null). The prompt is the client's own text, so a guard does not hold these back.
-    head = [CompletionChoice(index=i * n + j, text=echo[i], logprobs=_echo_logprobs(ctx, gen, gen.first, body))
-            for gen, i in zip(gens, run) for j in range(n) if echo[i]]
+    prompt_lps = [_echo_logprobs(ctx, gen, gen.first, body) if echo[i] else None for gen, i in zip(gens, run)]
+    head = [CompletionChoice(index=i * n + j, text=echo[i], logprobs=lp)
+            for lp, i in zip(prompt_lps, run) for j in range(n) if echo[i]]
     head += _fixed_choices(answers, n, echo)
     events = [sse.event(Completion(id=rid, created=created, model=ctx.model_name, choices=head, servelm=note))
               ] if head or note else []
