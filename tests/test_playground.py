@@ -29,7 +29,21 @@ WIDE, NARROW = {"width": 1280, "height": 860}, {"width": 375, "height": 740}
 
 
 @pytest.fixture(scope="module")
-def srv():
+def bare():
+    """A second server without RAG and guardrails (its parts show "not enabled"); it starts beside ``srv``
+    (which asks for it first), so its model load overlaps the other tests."""
+    root = tempfile.mkdtemp(prefix="servelm-playground-bare-")
+    s = Server("playground-bare", root, "--no-embeddings", "--no-rag", "--no-guard", "--max-num-seqs", "2")
+    s.keys = {"root": create_key(root, "root", "admin")}
+    try:
+        yield s
+    finally:
+        s.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def srv(bare):
     root = tempfile.mkdtemp(prefix="servelm-playground-")
     keys = {name: create_key(root, name, scopes, rpm=rpm) for name, scopes, rpm in
             [("root", "admin", 0), ("alice", "chat,embeddings,models", 0), ("reviewed", "chat", 0),
@@ -316,6 +330,26 @@ def test_a_non_admin_key_sees_no_admin_parts(open_page):
     view(page, "rag")  # without the rag scope: ask, but no create/upload forms that would only fail
     expect(page.locator("#rag-readonly")).to_be_visible()
     expect(page.locator("#rag-upload")).to_be_hidden()
+
+
+def test_parts_the_server_runs_without_say_not_enabled(bare, browser):
+    bare.wait_ready()
+    ctx = browser.new_context(viewport=WIDE)  # its own context: this server is another origin than srv's
+    try:
+        page = ctx.new_page()
+        page.goto(bare.url + "/playground")
+        sign_in(page, bare.keys["root"])
+        view(page, "rag")  # --no-rag: a note instead of forms that would only fail
+        expect(page.locator("#rag-off")).to_be_visible()
+        expect(page.locator("#rag-off")).to_contain_text("--no-rag")
+        expect(page.locator("#rag-on")).to_be_hidden()
+        view(page, "review")  # --no-guard: no review queue
+        expect(page.locator("#review-off")).to_be_visible()
+        expect(page.locator("#review-off")).to_contain_text("--no-guard")
+        expect(page.locator("#review-error")).to_be_empty()
+        shot(page, "not-enabled-review")
+    finally:
+        ctx.close()
 
 
 @pytest.mark.parametrize("size", ["narrow", "wide"])

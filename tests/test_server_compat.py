@@ -189,6 +189,20 @@ def test_a_contract_the_server_cannot_keep_gets_a_clear_400(client, extra, param
     assert e.value.body["code"] == "unsupported_parameter" and e.value.body["param"] == param
 
 
+def test_stream_options_without_stream_is_refused_as_openai_does(srv, key, client):
+    for create, args in ((client.chat.completions.create, {"messages": JAPANESE}),
+                         (client.completions.create, {"prompt": "Hi"})):
+        for stream in (False, None):  # stream false, or not sent at all
+            extra = {} if stream is None else {"stream": stream}
+            with pytest.raises(openai.BadRequestError) as e:
+                create(model=MODEL, max_tokens=2, stream_options={"include_usage": True}, **args, **extra)
+            err = e.value.body
+            assert e.value.status_code == 400 and err["param"] == "stream_options", err
+            assert "only allowed when stream is true" in err["message"], err
+    r = _post(srv, key, "/v1/chat/completions", {"messages": JAPANESE, "max_tokens": 2, "stream_options": None})
+    assert r.status_code == 200, r.text  # null means not set
+
+
 def test_fields_real_clients_send_are_served(srv, key, client):
     msgs = [{"role": "user", "content": "Hi"}]
     served = [{"tools": TOOLS}, {"tools": TOOLS, "tool_choice": "auto", "parallel_tool_calls": False},
@@ -232,6 +246,30 @@ def test_echo_with_max_tokens_0_scores_the_prompt_like_generation_does(client, t
     both = client.completions.create(model=MODEL, prompt=ctx, max_tokens=3, echo=True, logprobs=0, temperature=0)
     assert len(both.choices[0].logprobs.tokens) == len(ids) - 1 + 3
     assert both.choices[0].text.startswith(full)
+
+
+def test_streamed_echo_with_logprobs_equals_the_non_streamed_answer(unguarded):
+    """echo + logprobs + stream (as OpenAI and vLLM): each choice's first chunk is its prompt with the prompt's
+    logprobs, the generated text follows; joined, they are the non-streamed choice."""
+    prompts = ["The capital of France is", "Water boils at"]
+    kw = dict(model=MODEL, prompt=prompts, max_tokens=4, echo=True, logprobs=2, temperature=0)
+    whole = {c.index: c for c in unguarded.completions.create(**kw).choices}
+    text, lps, first = {i: "" for i in whole}, {i: [] for i in whole}, {}
+    for ch in unguarded.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            first.setdefault(c.index, c)
+            text[c.index] += c.text
+            if c.logprobs:
+                lps[c.index] += list(zip(c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.top_logprobs,
+                                         c.logprobs.text_offset))
+    for i, c in whole.items():
+        assert first[i].text == prompts[i] and first[i].logprobs.token_logprobs[0] is None
+        assert text[i] == c.text and c.text.startswith(prompts[i]) and len(c.text) > len(prompts[i])
+        want = list(zip(c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.top_logprobs, c.logprobs.text_offset))
+        assert len(want) > len(first[i].logprobs.tokens) > 1
+        assert [(t, o) for t, _, _, o in lps[i]] == [(t, o) for t, _, _, o in want]
+        for (_, lp, top, _), (_, lp0, top0, _) in zip(lps[i][1:], want[1:]):
+            assert lp == pytest.approx(lp0, abs=1e-4) and top.keys() == top0.keys()
 
 
 def test_max_tokens_0_is_only_for_scoring_a_prompt(srv, key):

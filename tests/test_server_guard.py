@@ -163,9 +163,10 @@ def kb(env):
     return "guarded"
 
 
-def rag_query(env, key: str, query: str, stream: bool = False) -> tuple[int, dict]:
+def rag_query(env, key: str, query: str, stream: bool = False, collection: str = "guarded",
+              max_tokens: int = 24) -> tuple[int, dict]:
     """Returns the status and the final answer object (the last event of a stream)."""
-    body = {"collection": "guarded", "query": query, "max_tokens": 24, "temperature": 0, "stream": stream}
+    body = {"collection": collection, "query": query, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     if not stream:
         r = call(env, "POST", "/v1/rag/query", key, body)
         return r.status_code, r.json()
@@ -197,6 +198,49 @@ def test_rag_answer_passes_the_output_guard(env, kb, stream):
     assert body["found"] is True and body["sources"] and "finish_reason" not in body
     for d in body.get("deltas", []):  # streamed: not even a fragment leaves the server
         assert "john" not in d and "example" not in d and "@" not in d, body["deltas"]
+
+
+PHONE, MAIL = "+44 20 7946 0958", "harbour.master@example.org"
+HARBOUR = f"Moorings are booked with the harbour office. The harbour office answers on {PHONE} or at {MAIL} on weekdays."
+ASK_HARBOUR = "Which phone number does the harbour office answer on?"
+
+
+def rag_sources(env, key: str) -> dict[str, list[dict]]:
+    """Returns the sources of one question asked four ways (query, streamed query, chat, streamed chat)."""
+    out = {}
+    for stream in (False, True):
+        status, body = rag_query(env, key, ASK_HARBOUR, stream, collection="harbour", max_tokens=4)
+        assert status == 200 and body["found"] is True, body
+        out["query-stream" if stream else "query"] = body["sources"]
+    client, rag = sdk(env, key), {"rag": {"collection": "harbour", "k": 2}}
+    messages = [{"role": "user", "content": ASK_HARBOUR}]
+    out["chat"] = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                                 extra_body=rag).model_extra["sources"]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                                 stream=True, extra_body=rag))
+    out["chat-stream"] = chunks[-1].model_extra["sources"]
+    return out
+
+
+def test_rag_sources_and_chunks_pass_the_output_pii_policy(env):
+    assert call(env, "POST", "/v1/collections", "root", {"name": "harbour"}).status_code == 201
+    r = httpx.post(env.url + "/v1/collections/harbour/documents", files=[("file", ("harbour.md", HARBOUR.encode()))],
+                   headers={"Authorization": f"Bearer {env.keys['root']}"}, timeout=120)
+    assert r.status_code == 200, r.text
+    # PII allowed for this key: the cited sentence and the chunk come back as written
+    for way, sources in rag_sources(env, "pii-off").items():
+        assert any(PHONE in s["snippet"] and MAIL in s["snippet"] for s in sources), (way, sources)
+    chunk_id = sources[0]["chunk_id"]
+    chunk = call(env, "GET", f"/v1/collections/harbour/chunks/{chunk_id}", "pii-off").json()
+    assert PHONE in chunk["text"] and MAIL in chunk["text"]
+    # the shipped policy redacts PII in answers, so in the quoted sources and chunks too
+    for way, sources in rag_sources(env, "alice").items():
+        assert sources, way
+        text = json.dumps(sources)
+        assert "<PHONE_NUMBER>" in text and "<EMAIL_ADDRESS>" in text, (way, sources)
+        assert "7946" not in text and "harbour.master" not in text, (way, sources)
+    chunk = call(env, "GET", f"/v1/collections/harbour/chunks/{chunk_id}", "alice").json()
+    assert "7946" not in chunk["text"] and "<PHONE_NUMBER>" in chunk["text"] and "<EMAIL_ADDRESS>" in chunk["text"]
 
 
 # ------------------------------------------------------------------ human review through the API

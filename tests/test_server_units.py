@@ -213,3 +213,19 @@ def test_tools_reach_a_chat_template_that_renders_them():
     msgs = [{"role": "user", "content": "hi"}]
     assert tok.renders_tools and render_prompt(tok, msgs, tools) == "TOOLS: get_weatheruser: hi\n"
     assert render_prompt(tok, msgs) == "user: hi\n"
+
+
+def test_presidio_loads_only_where_pii_filtering_runs():
+    """Start-up pays for Presidio and spaCy only when some policy runs the pii scanner (docs/performance.md)."""
+    import subprocess
+    import sys
+
+    from server_harness import ENV, ROOT
+
+    code = ("import sys; import servelm.server.app; from servelm.safety import Guard\n"
+            "g = Guard.from_policy({'scanners': {'pii': {'enabled': False}}}); g.warmup()\n"
+            "d = g.check_output('Mail anna.lee@mail.org'); assert d.text.endswith('mail.org'), d\n"
+            "print(sorted(m for m in ('presidio_analyzer', 'spacy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -12,6 +12,8 @@ class CollectionCreate(BaseModel):
 
 
 class Collection(BaseModel):
+    """A collection: the stores' record and the body of ``GET/POST /v1/collections[/{name}]``."""
+
     object: str = "collection"
     name: str
     dim: int

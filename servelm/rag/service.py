@@ -83,17 +83,15 @@ class RagService:
     # -- collections ---------------------------------------------------------
     async def create_collection(self, req: CollectionCreate) -> Collection:
         """Create a collection for this embedding model; raises Conflict if the name is taken."""
-        info = await asyncio.to_thread(self.store.create_collection, req.name, self.embedder.dim,
-                                       self.embedder.name)
-        return Collection(**_info(info))
+        return await asyncio.to_thread(self.store.create_collection, req.name, self.embedder.dim, self.embedder.name)
 
     async def list_collections(self) -> CollectionList:
         """Return every collection."""
-        return CollectionList(data=[Collection(**_info(c)) for c in await asyncio.to_thread(self.store.list_collections)])
+        return CollectionList(data=await asyncio.to_thread(self.store.list_collections))
 
     async def get_collection(self, name: str) -> Collection:
         """Return one collection; raises NotFound."""
-        return Collection(**_info(await asyncio.to_thread(self.store.get_collection, name)))
+        return await asyncio.to_thread(self.store.get_collection, name)
 
     async def delete_collection(self, name: str) -> Deleted:
         """Delete a collection and all its vectors; raises NotFound."""
@@ -201,8 +199,3 @@ class RagService:
     def close(self) -> None:
         """Flush indexes and close the store."""
         self.store.close()
-
-
-def _info(c) -> dict:
-    return {"name": c.name, "dim": c.dim, "model": c.model, "created": c.created,
-            "num_documents": c.num_documents, "num_chunks": c.num_chunks}

@@ -28,8 +28,8 @@ from prometheus_client import CollectorRegistry
 
 from servelm.safety.metrics import GuardMetrics, log_event
 from servelm.safety.normalise import normalise
-from servelm.safety.pii import DEFAULT_ENTITIES, PiiSpan, get_pii_detector
-from servelm.safety.policy import Policy
+from servelm.safety.pii import DEFAULT_ENTITIES, PiiSpan, get_pii_detector, redact
+from servelm.safety.policy import Policy, PolicyError
 from servelm.safety.review_queue import ReviewQueue
 from servelm.safety.scanners import (
     INPUT_SCANNERS, OUTPUT_SCANNERS, ScanContext, ScanResult, scan_harmful_output,
@@ -116,9 +116,17 @@ class Guard:
         (self.input_scanners if stage == "input" else self.output_scanners)[name] = fn
 
     def warmup(self) -> None:
-        """Load the classifiers and Presidio/spaCy now instead of on the first request."""
+        """Load the classifiers now instead of on the first request, and Presidio/spaCy where the policy
+        (the deployment's or a key's) runs the pii scanner; with it off everywhere they never load."""
         self.check_input("warm up", request_id="warmup")
-        get_pii_detector()
+        if any(self._runs_pii(k) for k in [None, *self.policy.api_keys]):
+            get_pii_detector()
+
+    def _runs_pii(self, api_key: str | None) -> bool:
+        try:
+            return self.policy.for_api_key(api_key).scanner("pii").enabled
+        except PolicyError:  # a bad key override fails that key's requests, not the start: load to be safe
+            return True
 
     def _policy(self, api_key: str | None, overrides: dict | None) -> Policy:
         p = self.policy.for_api_key(api_key)
@@ -239,6 +247,40 @@ class Guard:
         d = self._decide("output", text, results, policy, request_id, api_key, prompt)
         self.metrics.latency.labels("output").observe(time.perf_counter() - t0)
         return d
+
+    def redact_pii(self, texts: list[str], request_id: str | None = None, api_key: str | None = None) -> list[str]:
+        """Return ``texts`` (returned beside an answer, e.g. RAG sources) with the output PII policy applied.
+
+        Such text cannot be held or blocked on its own, so the pii scanner's redact, block and review
+        actions all redact it to ``<ENTITY_TYPE>``; allow (or pii disabled) returns it as is. A detector
+        error fails per policy: closed gives "" for every text, open the texts unchanged. Never raises.
+        """
+        policy = self._policy(api_key, None)
+        sp = policy.scanner("pii")
+        if not sp.enabled or sp.action == "allow":
+            return list(texts)
+        entities = tuple(sp.entities) if sp.entities else DEFAULT_ENTITIES
+        out, found = [], 0
+        try:
+            for text in map(_clean, texts):
+                spans = get_pii_detector().detect(text, entities, sp.threshold)
+                out.append(redact(text, spans) if spans else text)
+                found += len(spans)
+        except Exception as exc:
+            mode = policy.fail_mode_for("pii")
+            self.metrics.scanner_errors.labels("pii", mode).inc()
+            log_event("scanner_error", request_id, level=logging.ERROR, stage="sources", scanner="pii",
+                      fail_mode=mode, error=repr(exc))
+            return [""] * len(texts) if mode == "closed" else list(texts)
+        if found:
+            self.metrics.decisions.labels("sources", "pii", "redact").inc(found)
+            log_event("guard_decision", request_id, stage="sources", action="redact", scanner="pii",
+                      reason=f"PII in {found} span(s) of returned sources")
+        return out
+
+    async def aredact_pii(self, texts: list[str], **kw) -> list[str]:
+        """:meth:`redact_pii` in a worker thread."""
+        return await asyncio.to_thread(self.redact_pii, texts, **kw)
 
     async def acheck_input(self, text: str, **kw) -> Decision:
         """:meth:`check_input` in a worker thread, so the event loop keeps serving (CPU-bound, ~1-6 ms)."""

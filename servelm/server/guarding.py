@@ -129,6 +129,13 @@ class Guarding:
             return Answer("", "content_filter", servelm={"content_filter": {"scanner": d.scanner, "reason": d.reason}})
         return Answer(d.text)
 
+    async def redact_sources(self, texts: list[str], request_id: str, key_name: str) -> list[str]:
+        """Returns retrieved text sent beside an answer (RAG sources, chunks) with the output PII policy
+        applied: PII the policy does not allow becomes ``<ENTITY_TYPE>`` (servelm.safety.Guard.redact_pii)."""
+        if self.guard is None or not texts:
+            return texts
+        return await self.guard.aredact_pii(texts, request_id=request_id, api_key=key_name)
+
     def stream_scanner(self, request_id: str, key_name: str, prompt: str | None) -> "ChoiceStream":
         """Returns a stream stage guarding one streamed completion choice (no strategy)."""
         return ChoiceStream(self, ChatTurn([], None, None, key_name, request_id), prompt=prompt)

@@ -83,8 +83,8 @@ class _SourceRecorder:
 
     passthrough = True  # the text is not changed, so the chat route may keep sending token logprobs
 
-    def __init__(self, turn: ChatTurn):
-        self.turn = turn
+    def __init__(self, turn: ChatTurn, guarding):
+        self.turn, self.guarding = turn, guarding
         self.parts: list[str] = []
 
     async def feed(self, delta: str) -> str:
@@ -92,12 +92,12 @@ class _SourceRecorder:
         return delta
 
     async def end(self) -> str:
-        _record(self.turn, "".join(self.parts))
+        await _record(self.turn, "".join(self.parts), self.guarding)
         return ""
 
 
-def _record(turn: ChatTurn, answer: str) -> None:
-    # Sources of every choice, first-cited first, each chunk once.
+async def _record(turn: ChatTurn, answer: str, guarding) -> None:
+    # Sources of every choice, first-cited first, each chunk once; their snippets pass the output PII policy.
     from servelm.rag.answer import cited_sources
 
     hits = turn.metadata.get("rag_hits")
@@ -105,7 +105,11 @@ def _record(turn: ChatTurn, answer: str) -> None:
         return
     sources = turn.metadata.setdefault("sources", [])
     seen = {s["chunk_id"] for s in sources}
-    sources.extend(s for s in cited_sources(answer, hits) if s["chunk_id"] not in seen)
+    new = [s for s in cited_sources(answer, hits) if s["chunk_id"] not in seen]
+    snippets = await guarding.redact_sources([s["snippet"] for s in new], turn.request_id, turn.key_name)
+    for s, snippet in zip(new, snippets):
+        s["snippet"] = snippet
+    sources.extend(new)
 
 
 def install(pipeline: RequestPipeline, ctx) -> None:
@@ -140,11 +144,11 @@ def install(pipeline: RequestPipeline, ctx) -> None:
         turn.metadata["rag_hits"] = hits
 
     async def post(turn: ChatTurn, text: str) -> str:
-        _record(turn, text)
+        await _record(turn, text, ctx.guarding)
         return text
 
     def stream(turn: ChatTurn):
-        return _SourceRecorder(turn)
+        return _SourceRecorder(turn, ctx.guarding)
 
     pipeline.pre.append(pre)
     pipeline.post.append(post)

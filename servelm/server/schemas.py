@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 
 
@@ -57,6 +57,14 @@ class _SamplingFields(_Request):
         fields = cls.model_fields
         return {k: v for k, v in data.items()
                 if v is not None or k not in fields or fields[k].default in (None, PydanticUndefined)}
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, v, info: ValidationInfo):
+        # OpenAI answers 400 here too, rather than ignoring options that would never apply.
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
 
     model: str | None = Field(None, description="Model id from /v1/models; default: the served model.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")

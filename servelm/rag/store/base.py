@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from servelm.rag.schemas import Collection  # the routes' model is the stores' record too: one shape
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -28,16 +30,6 @@ def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"invalid collection name {name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a letter or digit")
     return name
-
-
-@dataclass(slots=True)
-class CollectionInfo:
-    name: str
-    dim: int
-    model: str
-    created: float
-    num_documents: int = 0
-    num_chunks: int = 0
 
 
 @dataclass(slots=True)
@@ -90,15 +82,15 @@ class VectorStore(ABC):
     """Collections of documents and their chunk vectors."""
 
     @abstractmethod
-    def create_collection(self, name: str, dim: int, model: str) -> CollectionInfo:
+    def create_collection(self, name: str, dim: int, model: str) -> Collection:
         """Create a collection; raises Conflict if it exists, ValueError for a bad name."""
 
     @abstractmethod
-    def get_collection(self, name: str) -> CollectionInfo:
+    def get_collection(self, name: str) -> Collection:
         """Return a collection's info with counts; raises NotFound."""
 
     @abstractmethod
-    def list_collections(self) -> list[CollectionInfo]:
+    def list_collections(self) -> list[Collection]:
         """Return every collection, sorted by name."""
 
     @abstractmethod

@@ -26,7 +26,8 @@ import time
 import faiss
 import numpy as np
 
-from servelm.rag.store.base import (ChunkRecord, CollectionInfo, Conflict, DocumentRecord, NotFound,
+from servelm.rag.schemas import Collection
+from servelm.rag.store.base import (ChunkRecord, Conflict, DocumentRecord, NotFound,
                                     VectorStore, check_name, check_vectors, pack_f16, unpack_f16)
 
 _SCHEMA = """
@@ -104,7 +105,7 @@ class FaissStore(VectorStore):
             dim, model, created, _ = self._need(name)
             nd, = self.db.execute("SELECT COUNT(*) FROM documents WHERE collection=?", (name,)).fetchone()
             nc, = self.db.execute("SELECT COUNT(*) FROM chunks WHERE collection=?", (name,)).fetchone()
-        return CollectionInfo(name, dim, model, created, nd, nc)
+        return Collection(name=name, dim=dim, model=model, created=created, num_documents=nd, num_chunks=nc)
 
     def list_collections(self):
         with self.lock:

@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from servelm.rag.store.base import (ChunkRecord, CollectionInfo, Conflict, DocumentRecord, NotFound,
+from servelm.rag.schemas import Collection
+from servelm.rag.store.base import (ChunkRecord, Conflict, DocumentRecord, NotFound,
                                     VectorStore, check_name, check_vectors, pack_f16, unpack_f16)
 from servelm.rag.store.faiss_store import where_sql
 
@@ -97,7 +98,7 @@ class PgVectorStore(VectorStore):
             dim, model, created, _ = self._need(name)
             nd = self._q("SELECT COUNT(*) FROM rag_documents WHERE collection=%s", (name,)).fetchone()[0]
             nc = self._q("SELECT COUNT(*) FROM rag_chunks WHERE collection=%s", (name,)).fetchone()[0]
-        return CollectionInfo(name, dim, model, created, nd, nc)
+        return Collection(name=name, dim=dim, model=model, created=created, num_documents=nd, num_chunks=nc)
 
     def list_collections(self):
         with self.lock:

@@ -110,7 +110,7 @@ async def create_completion(body: CompletionRequest, request: Request,
     info = request.scope["servelm"]
     if ctx.settings.log_prompts:
         info["prompt"] = prompts[0][1] if len(prompts) == 1 else [text for _, text in prompts]
-    prompt_lp = body.logprobs if body.echo and not body.stream else None  # streams echo the text only
+    prompt_lp = body.logprobs if body.echo else None  # echo + logprobs: the prompt's tokens are scored too
     params = sampling_params(body, 1 if score_only else body.max_tokens, body.logprobs,
                              getattr(ctx.engine.tokenizer, "vocab_size", None), prompt_logprobs=prompt_lp)
     # a prompt the model cannot take gets its precise 400 before any scanning
@@ -189,9 +189,7 @@ async def _scan(ctx: ServerContext, c: CompletionChoice, echo: str, request_id: 
 async def _collect(ctx: ServerContext, gen: Generation, body: CompletionRequest, echo: str,
                    score_only: bool = False) -> list[CompletionChoice]:
     last = await gen.final()
-    head = None  # echo: the prompt's tokens come first in every choice's logprobs (computed once)
-    if body.logprobs is not None and last.prompt_logprobs is not None:
-        head = prompt_completion_logprobs(gen.prompt_ids, last.prompt_logprobs, body.logprobs, ctx.engine.tokenizer)
+    head = _echo_logprobs(ctx, gen, last, body)  # echo: the prompt's tokens come first in every choice's logprobs
     choices = []
     for c in sorted(last.outputs, key=lambda c: c.index):
         lp = None
@@ -202,6 +200,16 @@ async def _collect(ctx: ServerContext, gen: Generation, body: CompletionRequest,
         reason = "length" if score_only else "stop" if c.finish_reason == "abort" else c.finish_reason
         choices.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason))
     return choices
+
+
+def _echo_logprobs(ctx: ServerContext, gen: Generation, out, body: CompletionRequest):
+    """Returns the logprobs of the echoed prompt's tokens (None unless echo and logprobs were asked).
+
+    ``out`` is any engine output after the prefill: the engine sends none before the first token is
+    sampled, by which time every prompt token is scored."""
+    if body.logprobs is None or out is None or out.prompt_logprobs is None:
+        return None
+    return prompt_completion_logprobs(gen.prompt_ids, out.prompt_logprobs, body.logprobs, ctx.engine.tokenizer)
 
 
 def _stream(ctx: ServerContext, gens: list[Generation], run: list[int], answers: list[Answer | None],
@@ -238,7 +246,11 @@ def _stream(ctx: ServerContext, gens: list[Generation], run: list[int], answers:
         return CompletionChoice(index=i * n + j, text=text, logprobs=lp, finish_reason=reason,
                                 servelm=servelm), ended
 
-    head = [CompletionChoice(index=i * n + j, text=echo[i]) for i in run for j in range(n) if echo[i]]
+    # echo: each choice's first chunk is its prompt, with the prompt's logprobs when asked (as non-streamed:
+    # the first token's is null). The prompt is the client's own text, so a guard does not hold these back.
+    prompt_lps = [_echo_logprobs(ctx, gen, gen.first, body) if echo[i] else None for gen, i in zip(gens, run)]
+    head = [CompletionChoice(index=i * n + j, text=echo[i], logprobs=lp)
+            for lp, i in zip(prompt_lps, run) for j in range(n) if echo[i]]
     head += _fixed_choices(answers, n, echo)
     events = [sse.event(Completion(id=rid, created=created, model=ctx.model_name, choices=head, servelm=note))
               ] if head or note else []

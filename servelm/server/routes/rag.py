@@ -81,7 +81,8 @@ async def delete_document(name: str, doc_id: str, request: Request, principal: P
 
 @router.get("/v1/collections/{name}/chunks/{chunk_id}", summary="Get a chunk (to show a cited passage)")
 async def get_chunk(name: str, chunk_id: int, request: Request, principal: Principal = Depends(READ)):
-    """Returns ``{chunk_id, doc_id, source, page, start, end, text}``; 404 when unknown."""
+    """Returns ``{chunk_id, doc_id, source, page, start, end, text}`` (``text`` under the output PII policy,
+    as the sources of answers are); 404 when unknown."""
     import asyncio
 
     svc = _svc(request)
@@ -90,8 +91,11 @@ async def get_chunk(name: str, chunk_id: int, request: Request, principal: Princ
     if not chunks:
         raise APIError(404, f"Collection {name!r} has no chunk {chunk_id}.", param="chunk_id", code="chunk_not_found")
     c = chunks[0]
+    # The chunk quotes the document: it leaves under the same output PII policy as the answers' sources.
+    rid = request.scope["servelm"]["request_id"]
+    text, = await get_context(request).guarding.redact_sources([c.text], rid, principal.name)
     return {"object": "chunk", "chunk_id": c.id, "doc_id": c.doc_id, "source": c.source, "page": c.page,
-            "start": c.start, "end": c.end, "text": c.text}
+            "start": c.start, "end": c.end, "text": text}
 
 
 @router.post("/v1/collections/{name}/documents", summary="Upload documents (multipart, field 'file', repeatable)")
@@ -178,12 +182,13 @@ async def rag_query(req: RagQueryRequest, request: Request, principal: Principal
         if answer.found:
             a = await g.scan_output(answer.answer, rid, principal.name, req.query)
             _guarded(answer, a.text, a.finish_reason, a.servelm)
+            await _redact_sources(g, answer, rid, principal.name)
         return _body(answer)
     stage = g.stream_scanner(rid, principal.name, req.query)
     events = svc.query_stream(req, _scanned(generate, stage))
     # The first event comes after retrieval and admission: errors there still get their HTTP status.
     first = await _call(anext(events), "collection")
-    return sse.EventStream(content=_stream(first, events, request, stage))
+    return sse.EventStream(content=_stream(first, events, request, stage, principal.name))
 
 
 def _body(m) -> dict:
@@ -197,6 +202,13 @@ def _guarded(answer: RagQueryResponse, text: str, finish_reason: str | None, not
     answer.answer, answer.finish_reason, answer.servelm = text, finish_reason, note or None
     if finish_reason == "content_filter":
         answer.sources = []
+
+
+async def _redact_sources(g, answer: RagQueryResponse, request_id: str, key_name: str) -> None:
+    """Applies the output PII policy to the cited snippets, which quote the documents verbatim."""
+    snippets = await g.redact_sources([s.snippet for s in answer.sources], request_id, key_name)
+    for s, snippet in zip(answer.sources, snippets):
+        s.snippet = snippet
 
 
 def _scanned(generate, stage):
@@ -222,13 +234,15 @@ def _single(out: RagQueryResponse, headers: dict):
     return sse.EventStream(headers=headers, content=events())
 
 
-async def _stream(first, events, request: Request, stage):
+async def _stream(first, events, request: Request, stage, key_name: str):
     rid = request.scope.get("servelm", {}).get("request_id")
+    g = get_context(request).guarding
     try:
         yield sse.event(_body(first))
         async for ev in events:
             if isinstance(ev, RagQueryResponse) and ev.found:
                 _guarded(ev, ev.answer, stage.finish_reason, stage.servelm)
+                await _redact_sources(g, ev, rid, key_name)
             yield sse.event(_body(ev))
     except APIError as e:
         yield sse.error_event(e.body())
