@@ -12,11 +12,7 @@ import torch.nn.functional as F
 
 from servelm.engine.attention.base import AttentionBackend, AttentionContext, BatchLayout
 
-# Gathered K and V per padded decode attention call: about one core's L2 cache, so the attention
-# kernel reads what the gather just wrote from cache, not memory. Measured on the 2-core EPYC box
-# (64 decodes at context ~375, SmolLM2 fp32, 1 thread): groups of 4 (~2.3 MB) cost 387 ms per step,
-# of 16 (~9 MB) 462 ms, of 1 437 ms.
-DECODE_GROUP_BYTES = 2 << 20
+DECODE_GROUP = 16  # decodes per padded attention call
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -29,20 +25,6 @@ class TorchAttentionBackend(AttentionBackend):
 
     def make_context(self, layout, kv_caches, scale):
         return TorchAttentionContext(layout, kv_caches, scale)
-
-
-def _decode_groups(lens: list[int], kv_bytes_per_token: int) -> list[list[int] | None]:
-    """Rows of the decode batch per attention call, by ascending context, each group's padded K/V
-    within ``DECODE_GROUP_BYTES``; ``[None]`` when one call takes them all."""
-    order = sorted(range(len(lens)), key=lens.__getitem__)
-    groups, cur = [], []
-    for r in order:  # ascending: the row being added sets the group's padded length
-        if cur and (len(cur) + 1) * lens[r] * kv_bytes_per_token > DECODE_GROUP_BYTES:
-            groups.append(cur)
-            cur = []
-        cur.append(r)
-    groups.append(cur)
-    return [None] if len(groups) == 1 else groups
 
 
 class TorchAttentionContext(AttentionContext):
@@ -60,7 +42,11 @@ class TorchAttentionContext(AttentionContext):
             tables = lay.block_tables[lay.num_prefills:].long()  # int32 indexing takes a slow path
             lens = lay.context_lens[lay.num_prefills:]
             ctx = lay.context_lens_tensor[lay.num_prefills:]
-            chunks = _decode_groups(lens, 2 * kv_caches[0][0, 0].nbytes // self.block_size)
+            if self.num_decodes <= DECODE_GROUP:
+                chunks = [None]
+            else:
+                order = sorted(range(self.num_decodes), key=lens.__getitem__)
+                chunks = [order[i:i + DECODE_GROUP] for i in range(0, self.num_decodes, DECODE_GROUP)]
             for rows in chunks:
                 g_lens = lens if rows is None else [lens[r] for r in rows]
                 idx = None if rows is None else torch.tensor(rows, device=tables.device)
