@@ -172,3 +172,14 @@ def test_langchain_structured_output_returns_the_model_instance(srv, key):
     llm = ChatOpenAI(base_url=srv.url + "/v1", api_key=key, model=MODEL, temperature=0, max_tokens=40, max_retries=0)
     out = llm.with_structured_output(City, method="json_schema").invoke("Name a city and its population, as JSON.")
     assert isinstance(out, City) and out.city
+
+
+def test_redaction_inside_a_json_answer_keeps_it_json_or_withholds_it(client):
+    def answer(schema):
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        return _chat(client, "Fill in the form.", response_format=fmt, max_tokens=40).choices[0]
+
+    c = answer({"type": "object", "properties": {"email": {"const": "ann.lee@example.com"}}, "required": ["email"]})
+    assert json.loads(c.message.content) == {"email": "<EMAIL_ADDRESS>"}  # redacted inside the string: still JSON
+    c = answer({"type": "object", "properties": {"card": {"const": 4111111111111111}}, "required": ["card"]})
+    assert c.finish_reason == "content_filter" and not c.message.content  # a redacted number is no JSON: withheld
