@@ -119,6 +119,19 @@ def test_tool_choice_required_calls_one_of_the_tools(client):
     _check_call(call, call.function.name, WEATHER if call.function.name == "get_weather" else TIME)
 
 
+def test_a_streamed_required_call_comes_whole_at_the_end(client):
+    stream = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+                                            parallel_tool_calls=False, temperature=0, max_tokens=40, stream=True)
+    calls, reasons = [], []
+    for chunk in stream:
+        for c in chunk.choices:
+            calls += c.delta.tool_calls or []
+            reasons.append(c.finish_reason)
+    assert len(calls) == 1 and reasons[-1] == "tool_calls"
+    params = WEATHER if calls[0].function.name == "get_weather" else TIME
+    _check_call(calls[0], calls[0].function.name, params)
+
+
 def test_legacy_function_call_names_the_function(client):
     r = client.chat.completions.create(model=MODEL, messages=ASK, functions=[WEATHER["function"]],
                                        function_call={"name": "get_weather"}, temperature=0, max_tokens=24)
