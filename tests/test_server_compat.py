@@ -171,12 +171,7 @@ def test_completion_text_offsets_count_the_characters_the_text_has(unguarded, to
 
 # ------------------------------------------------------------------ fields the server cannot honour
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-REFUSED = [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
-    ({"functions": [TOOLS[0]["function"]], "function_call": {"name": "get_weather"}}, "function_call"),
+REFUSED = [  # JSON modes and forced tool calls are served (tests/test_server_structured.py)
     ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"modalities": ["text", "audio"]}, "modalities"),
 ]

@@ -5,7 +5,8 @@ from servelm.engine.llm import LLM
 from servelm.engine.llm_engine import EngineStats, LLMEngine
 from servelm.engine.models.config import ModelLoadError
 from servelm.engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
-from servelm.engine.sampling_params import InvalidRequestError, SamplingParams
+from servelm.engine.sampling_params import InvalidRequestError, SamplingParams, StructuredOutputParams
 
 __all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "EngineDeadError", "EngineStats", "InvalidRequestError",
-           "LLM", "LLMEngine", "Logprob", "ModelLoadError", "RequestOutput", "SamplingParams", "TokenLogprobs"]
+           "LLM", "LLMEngine", "Logprob", "ModelLoadError", "RequestOutput", "SamplingParams", "StructuredOutputParams",
+           "TokenLogprobs"]

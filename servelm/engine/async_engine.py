@@ -100,6 +100,8 @@ class AsyncEngine:
         eng = self.engine
         text, ids = await asyncio.to_thread(eng.tokenize_prompt, prompt)
         eng.resolve_max_tokens(len(ids), params)
+        if params.structured_output is not None:  # compile off the step thread; add_request hits the cache
+            await asyncio.to_thread(eng.grammars.compile, params.structured_output)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = stream
         self._inbox.put(("add", rid, text if text is not None else prompt, ids, params, time.monotonic()))

@@ -25,6 +25,7 @@ from servelm.engine.sampling import Sampler
 from servelm.engine.sampling_params import InvalidRequestError, SamplingParams
 from servelm.engine.scheduler import Scheduler, SchedulerConfig
 from servelm.engine.sequence import Sequence
+from servelm.engine.structured_output import GrammarCompiler
 from servelm.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("servelm.engine")
@@ -105,6 +106,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk_size), self.kv)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.output = OutputProcessor(self.tokenizer, self.tokenizer.eos_token_ids, self.max_model_len)
         self.requests: dict[str, _Request] = {}
         self.steps = 0
@@ -179,8 +181,11 @@ class LLMEngine:
         else:
             text, ids = self.tokenize_prompt(prompt)
         max_tokens = self.resolve_max_tokens(len(ids), params)
+        grammar = self.grammars.compile(params.structured_output) if params.structured_output else None
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [Sequence(request_id, i, ids, params, arrival, max_tokens) for i in range(params.n)]
+        for s in seqs if grammar is not None else ():
+            s.grammar = self.grammars.matcher(grammar)  # one per completion: each walks its own path
         for s in seqs[1:]:
             s.wait_for = seqs[0]
         self.requests[request_id] = _Request(text, ids, seqs, arrival)

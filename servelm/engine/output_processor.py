@@ -6,6 +6,7 @@ import time
 from servelm.engine.detokenizer import detokenize_new_text, find_stop_string, stop_string_holdback
 from servelm.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, TokenLogprobs
 from servelm.engine.sequence import Sequence
+from servelm.engine.structured_output import accept_token
 from servelm.engine.tokenizer import Tokenizer
 
 
@@ -28,6 +29,10 @@ class OutputProcessor:
             seq.cumulative_logprob += chosen
             seq.logprobs.append(TokenLogprobs(
                 self._logprob(token_id, chosen), [self._logprob(t, v, r + 1) for r, (t, v) in enumerate(top)]))
+        if seq.grammar is not None and accept_token(seq, token_id):
+            # the grammar is complete (it accepted EOS) or refused the token (masking rules that out)
+            seq.finish_reason = "stop"
+            return
         if not p.ignore_eos and token_id in self.eos_token_ids:
             seq.finish_reason = "stop"
             return

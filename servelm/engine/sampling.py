@@ -1,6 +1,6 @@
 """Batched sampling with per-request parameters, in one pass over the batch's logits.
 
-Order: penalties → (raw logprobs) → greedy argmax, or temperature → top-k → top-p →
+Order: penalties → structured-output masks → (raw logprobs) → greedy argmax, or temperature → top-k → top-p →
 min-p → draw. Draws use the exponential race (``argmax(p / Exp(1))``), which lets a
 seeded request draw its noise from its own generator while the rest share one call.
 """
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from servelm.engine.sequence import Sequence
+from servelm.engine.structured_output import apply_grammar_masks
 
 
 @dataclass(slots=True)
@@ -29,6 +30,8 @@ class Sampler:
         logits = logits.float()
         self._apply_penalties(logits, seqs)
         self._suppress_early_eos(logits, seqs)
+        if any(s.grammar is not None for s in seqs):
+            apply_grammar_masks(logits, seqs)
         params = [s.params for s in seqs]
         want_lp = [p.logprobs is not None for p in params]
         logprobs_all = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
@@ -70,7 +73,8 @@ class Sampler:
 
     def _suppress_early_eos(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for i, s in enumerate(seqs):
-            if s.num_output_tokens < s.params.min_tokens:
+            # a grammar decides where EOS may come: masking it out where the grammar needs it would leave no token
+            if s.num_output_tokens < s.params.min_tokens and s.grammar is None:
                 ids = list(self.eos_token_ids) + list(s.params.stop_token_ids)
                 logits[i, ids] = float("-inf")
 

@@ -14,11 +14,51 @@ class InvalidRequestError(ValueError):
 
 
 @dataclass(slots=True)
+class StructuredOutputParams:
+    """Constrain the output to exactly one of: a JSON schema, any JSON object, a regex, one of a list of
+    strings, or an EBNF grammar (xgrammar's dialect). Shaped like vLLM's ``StructuredOutputsParams``;
+    see ``servelm.engine.structured_output`` for how it is enforced."""
+
+    json: dict | str | None = None  # a JSON schema, as a dict or its JSON text
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """The one constraint set: "json", "json_object", "regex", "choice" or "grammar"."""
+        return next(k for k in ("json", "json_object", "regex", "choice", "grammar") if getattr(self, k))
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidRequestError` naming the field unless exactly one well-typed kind is set."""
+        given = [k for k in ("json", "json_object", "regex", "choice", "grammar")
+                 if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "structured_output needs exactly one of json, json_object, regex, choice or grammar; "
+                f"got {', '.join(given) or 'none'}.", "structured_output")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise InvalidRequestError("structured_output.json must be a JSON schema (an object or its JSON text).",
+                                      "structured_output.json")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InvalidRequestError(f"structured_output.{name} must be a non-empty string.",
+                                          f"structured_output.{name}")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or any(not isinstance(c, str) or not c for c in self.choice)):
+            raise InvalidRequestError("structured_output.choice must be a non-empty list of non-empty strings.",
+                                      "structured_output.choice")
+
+
+@dataclass(slots=True)
 class SamplingParams:
     """How to pick the next token and when to stop.
 
     ``temperature == 0`` means greedy. ``seed`` makes sampling reproducible
     whatever else is in the batch. ``n`` completions share the prompt's KV blocks.
+    ``structured_output`` constrains every completion to a JSON schema, regex, choice or grammar.
     """
 
     n: int = 1
@@ -38,6 +78,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token (0 = only the chosen one)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring, echo)
     min_tokens: int = 0
+    structured_output: StructuredOutputParams | None = None  # constrained decoding (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -84,3 +125,5 @@ class SamplingParams:
             raise InvalidRequestError("at most 16 stop strings are allowed.", "stop")
         if self.min_tokens < 0:
             raise InvalidRequestError(f"min_tokens must be >= 0, got {self.min_tokens}.", "min_tokens")
+        if self.structured_output is not None:
+            self.structured_output.validate()

@@ -29,7 +29,8 @@ class Sequence:
                  "num_cached_prompt_tokens", "block_table", "block_hashes", "params", "status", "generator",
                  "wait_for", "output_text", "emitted_text_len", "emitted_token_count", "prefix_offset",
                  "read_offset", "finish_reason", "stop_reason", "logprobs", "prompt_logprobs", "cumulative_logprob",
-                 "arrival_time", "first_scheduled_time", "first_token_time", "last_token_time", "max_tokens")
+                 "arrival_time", "first_scheduled_time", "first_token_time", "last_token_time", "max_tokens",
+                 "grammar")
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
                  arrival_time: float, max_tokens: int):
@@ -50,6 +51,7 @@ class Sequence:
             # Each completion gets its own stream so n > 1 with a seed gives n different samples,
             # and the stream never depends on which other requests share the batch.
             self.generator = torch.Generator().manual_seed((params.seed * 1_000_003 + index) % (1 << 63))
+        self.grammar = None  # an xgrammar GrammarMatcher when params.structured_output is set (the engine's)
         self.wait_for: Sequence | None = None  # sibling whose prompt must be cached first (n > 1)
         self.output_text = ""
         self.emitted_text_len = 0

@@ -21,7 +21,8 @@ class StreamOptions(_Request):
 
 
 class ResponseFormat(_Request):
-    """Only ``text`` is served: JSON output is not enforced (no constrained decoding), so the others get a 400."""
+    """``json_object``: the answer is a JSON object; ``json_schema``: it follows ``json_schema.schema``
+    (``{"name", "schema", "strict"}``; enforced whatever ``strict`` says). Both by constrained decoding."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict | None = None
@@ -78,8 +79,8 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
-    response_format: ResponseFormat | None = Field(None, description="Only {\"type\": \"text\"}; JSON "
-                                                   "modes are refused (400 unsupported_parameter).")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema "
+                                                   "(enforced by constrained decoding).")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported: a non-empty map is refused.")
     # vLLM-style extras
     top_k: int = Field(0, ge=-1, le=1_000_000)
@@ -87,6 +88,12 @@ class _SamplingFields(_Request):
     repetition_penalty: float = Field(1.0, gt=0.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    guided_json: dict | str | None = Field(None, description="vLLM: a JSON schema the output follows.")
+    guided_regex: str | None = Field(None, description="vLLM: a regex the output matches.")
+    guided_choice: list[str] | None = Field(None, description="vLLM: the output is one of these strings.")
+    guided_grammar: str | None = Field(None, description="vLLM: an EBNF grammar (xgrammar's dialect).")
+    structured_outputs: dict | None = Field(None, description="vLLM's newer form: one of json, regex, choice, "
+                                            "grammar, json_object.")
 
 
 # ---------------------------------------------------------------- chat
@@ -140,12 +147,15 @@ class ChatCompletionRequest(_SamplingFields):
                                                   description="few_shot: demonstrations (servelm extension).")
     rag: RagOptions | None = Field(None, description="Retrieval options (servelm extension).")
     tools: list[Tool] | None = Field(None, max_length=128, description="Passed to the model's chat template when "
-                                     "it renders tools; tool calls are not parsed out of the answer.")
+                                     "it renders tools; with tool_choice auto, calls are not parsed out of the "
+                                     "answer.")
     tool_choice: Literal["none", "auto", "required"] | dict | None = Field(
-        None, description="none or auto; required or a named function is refused (400 unsupported_parameter).")
+        None, description="required or {\"type\": \"function\", \"function\": {\"name\": ...}}: the answer is "
+                          "a call (constrained decoding), returned as message.tool_calls.")
     parallel_tool_calls: bool | None = None
     functions: list[FunctionDefinition] | None = Field(None, max_length=128, description="Legacy form of tools.")
-    function_call: Literal["none", "auto"] | dict | None = Field(None, description="Legacy form of tool_choice.")
+    function_call: Literal["none", "auto"] | dict | None = Field(None, description="Legacy form of tool_choice "
+                                                                 "({\"name\": ...} forces that function).")
     modalities: list[Literal["text", "audio"]] | None = Field(None, description="Only text is served.")
 
 
@@ -183,6 +193,8 @@ class _Response(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict] | None = None  # a forced tool call: [{id, type, function: {name, arguments}}]
+    function_call: dict | None = None  # the legacy form: {name, arguments}
     reasoning_content: str | None = None  # chain_of_thought with include_reasoning (vLLM's field name)
 
 
@@ -201,6 +213,8 @@ class ChatCompletion(_Response):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict] | None = None  # [{index, id?, type?, function: {name?, arguments}}], as OpenAI streams
+    function_call: dict | None = None
 
 
 class ChatChunkChoice(_Choice):

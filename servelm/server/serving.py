@@ -291,18 +291,13 @@ async def _wait_disconnect(request: Request) -> None:
 
 def refuse_unsupported(body) -> None:
     """Raises APIError(400, unsupported_parameter) for a contract the engine cannot keep, rather than
-    answering as if it had been kept: JSON output modes (no constrained decoding) and logit_bias."""
-    fmt = body.response_format
-    if fmt is not None and fmt.type != "text":
-        raise invalid(f"response_format type '{fmt.type}' is not supported: this server does not constrain "
-                      "output to JSON. Ask for JSON in the prompt instead.", "response_format",
-                      "unsupported_parameter")
+    answering as if it had been kept: logit_bias."""
     if body.logit_bias:
         raise invalid("logit_bias is not supported by this server.", "logit_bias", "unsupported_parameter")
 
 
 def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_size: int | None = None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, structured_output=None) -> SamplingParams:
     """Returns SamplingParams from an OpenAI body; raises APIError(400) for values the engine refuses."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     # top_k at or above the vocabulary keeps every token: the same as no top_k.
@@ -318,6 +313,7 @@ def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_si
                               top_k=top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               seed=seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
-                              min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs)
+                              min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs,
+                              structured_output=structured_output)
     except InvalidRequestError as e:
         raise from_engine(e) from None

@@ -7,12 +7,12 @@ import uuid
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from servelm.server import sse
+from servelm.server import sse, structured
 from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import invalid
 from servelm.server.logprobs import chat_logprobs
-from servelm.server.pipeline import ChatTurn, run_stream_stages
+from servelm.server.pipeline import Answer, ChatTurn, run_stream_stages
 from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatMessage, ChatChunkChoice, ChatCompletion,
                                     ChatCompletionChunk, ChatCompletionRequest, DeltaMessage, Tool, Usage)
 from servelm.safety import FallbackResult
@@ -34,6 +34,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     ctx.check_model(body.model)
     refuse_unsupported(body)
     tools = _tools(body)
+    spec, spec_param, forced = structured.from_request(body, _given_tools(body))
+    await structured.check(ctx.engine, spec, spec_param)
     info = request.scope["servelm"]
     turn = ChatTurn(messages=turn_messages(body.messages), strategy=body.strategy, rag=body.rag,
                     key_name=principal.name, request_id=info["request_id"])
@@ -55,7 +57,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         raise invalid("top_logprobs requires logprobs=true.", "top_logprobs")
     k = body.top_logprobs or 0
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens, k if body.logprobs else None,
-                             getattr(tok, "vocab_size", None))
+                             getattr(tok, "vocab_size", None), structured_output=spec)
 
     async def run_stream():
         return await start(ctx, request, principal, prompt_ids, params, prompt_param="messages")
@@ -71,7 +73,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
             return _fallback(ctx, rid, body, gen, info)
         response.headers.update(gen.rate_headers)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.EventStream(headers=gen.rate_headers, content=_stream(ctx, gen, turn, body, rid, k, include_usage))
+        return sse.EventStream(headers=gen.rate_headers,
+                               content=_stream(ctx, gen, turn, body, rid, k, include_usage, forced))
     result = await call_engine(ctx.guarding, turn.request_id, run_collect)
     if isinstance(result, FallbackResult):
         return _fallback(ctx, rid, body, result, info)
@@ -79,16 +82,38 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     choices = []
     for index, c_text, reason, logprobs in raw:
         a = await ctx.pipeline.answer(turn, c_text)
+        if structured.is_json(spec) and not a.finish_reason and not structured.still_json(c_text, a.text):
+            a = _broken_json()
         if (a.text not in (c_text, c_text.strip())) or a.finish_reason:
             logprobs = None  # token logprobs would give the redacted or filtered text away
-        choices.append(ChatChoice(index=index, message=AssistantMessage(content=a.text, **a.extras),
-                                  logprobs=logprobs, finish_reason=a.finish_reason or reason,
-                                  servelm=a.servelm or None))
+        message = AssistantMessage(content=a.text, **a.extras)
+        calls = forced.calls(a.text) if forced is not None and not a.finish_reason else None
+        if calls:
+            reason = "function_call" if forced.legacy else "tool_calls"
+            message = (AssistantMessage(function_call=calls[0]["function"]) if forced.legacy
+                       else AssistantMessage(tool_calls=calls))
+        choices.append(ChatChoice(index=index, message=message, logprobs=logprobs,
+                                  finish_reason=a.finish_reason or reason, servelm=a.servelm or None))
     note = next((c.servelm for c in choices if c.servelm and "review_id" in c.servelm), None)
     if note:
         response.headers["x-servelm-review-id"] = note["review_id"]
-    return ChatCompletion(id=rid, model=ctx.model_name, choices=choices, servelm=note,
-                          usage=usage([gen]), sources=turn.metadata.get("sources"))
+    out = ChatCompletion(id=rid, model=ctx.model_name, choices=choices, servelm=note,
+                         usage=usage([gen]), sources=turn.metadata.get("sources"))
+    if forced is None:
+        return out
+    # OpenAI sends "content": null beside tool calls; the route's exclude_none would drop the key
+    data = out.model_dump(exclude_none=True)
+    for c in data["choices"]:
+        c["message"].setdefault("content", None)
+    headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+    return JSONResponse(data, headers=headers)
+
+
+def _broken_json() -> Answer:
+    """The answer when the output guard's redaction left a JSON answer unparseable (see docs/server.md)."""
+    return Answer("", "content_filter", servelm={"content_filter": {
+        "scanner": "structured_output", "reason": "the output guard redacted part of the JSON answer where JSON "
+                                                  "has no string, so it is withheld"}})
 
 
 def turn_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -111,19 +136,18 @@ def turn_messages(messages: list[ChatMessage]) -> list[dict]:
 
 
 def _tools(body: ChatCompletionRequest) -> list[dict] | None:
-    """Returns the tools for the chat template (None with tool_choice "none"); raises APIError(400) for a
-    tool_choice this server cannot enforce (it does not constrain or parse tool calls)."""
-    for name in ("tool_choice", "function_call"):
-        choice = getattr(body, name)
-        if choice == "required" or isinstance(choice, dict):
-            raise invalid(f"{name} 'required' or a named function is not supported: this server does not force "
-                          "tool calls. Use 'auto' or 'none'.", name, "unsupported_parameter")
+    """Returns the tools for the chat template (None with tool_choice "none"); raises APIError(400) for
+    audio output. A forced call (tool_choice "required" or named) is enforced by :mod:`structured`."""
     if body.modalities and "audio" in body.modalities:
         raise invalid("Audio output is not supported; this model writes text.", "modalities", "unsupported_parameter")
-    tools = body.tools or [Tool(function=f) for f in body.functions or []]
+    tools = _given_tools(body)
     if not tools or "none" in (body.tool_choice, body.function_call):
         return None
-    return [t.model_dump(exclude_none=True) for t in tools]
+    return tools
+
+
+def _given_tools(body: ChatCompletionRequest) -> list[dict]:
+    return [t.model_dump(exclude_none=True) for t in body.tools or [Tool(function=f) for f in body.functions or []]]
 
 
 def render_prompt(tok, messages: list[dict], tools: list[dict] | None = None) -> str:
@@ -202,7 +226,7 @@ def _finish(reason: str | None) -> str | None:
 
 
 def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompletionRequest, rid: str,
-            k: int, include_usage: bool):
+            k: int, include_usage: bool, forced: structured.ForcedTools | None = None):
     created = int(time.time())
     model = ctx.model_name
 
@@ -211,6 +235,7 @@ def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompl
                                              **extra))
 
     stages = {i: ctx.pipeline.stream_stages(turn) for i in range(body.n)}
+    calls = {i: structured.ToolCallStream(forced) for i in range(body.n)} if forced is not None else {}
 
     async def step(index, c):
         delta, ended = c.delta_text, False
@@ -223,9 +248,14 @@ def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompl
         # a stage that holds or rewrites text would have its tokens given away by logprobs
         lp = (chat_logprobs(c.delta_logprobs or [], k) if body.logprobs and c.delta_logprobs
               and all(getattr(s, "passthrough", False) for s in stages[index]) else None)
-        if not delta and lp is None and reason is None:
+        fields = {"content": delta}
+        if index in calls and not ended:
+            fields, complete = calls[index].feed(delta, c.finished)
+            if complete:
+                reason = "function_call" if forced.legacy else "tool_calls"
+        if not any(fields.values()) and lp is None and reason is None:
             return None, ended  # a guard is holding this text back: no empty chunk
-        return ChatChunkChoice(index=index, delta=DeltaMessage(content=delta), logprobs=lp,
+        return ChatChunkChoice(index=index, delta=DeltaMessage(**fields), logprobs=lp,
                                finish_reason=reason, servelm=note), ended
 
     def sources() -> list[bytes]:  # with 'rag': the cited chunks, once, after the answer

@@ -14,7 +14,7 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from servelm.server import sse
+from servelm.server import sse, structured
 from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import APIError, invalid
@@ -106,13 +106,18 @@ async def create_completion(body: CompletionRequest, request: Request,
                       "max_tokens")
     if score_only and body.stream:
         raise invalid("max_tokens=0 (scoring the prompt) is not supported with stream=true.", "max_tokens")
+    spec, spec_param, _ = structured.from_request(body)
+    if spec is not None and score_only:
+        raise invalid("max_tokens=0 (scoring the prompt) generates nothing to constrain.", spec_param)
+    await structured.check(ctx.engine, spec, spec_param)
     prompts = _prompts(ctx, body)
     info = request.scope["servelm"]
     if ctx.settings.log_prompts:
         info["prompt"] = prompts[0][1] if len(prompts) == 1 else [text for _, text in prompts]
     prompt_lp = body.logprobs if body.echo else None  # echo + logprobs: the prompt's tokens are scored too
     params = sampling_params(body, 1 if score_only else body.max_tokens, body.logprobs,
-                             getattr(ctx.engine.tokenizer, "vocab_size", None), prompt_logprobs=prompt_lp)
+                             getattr(ctx.engine.tokenizer, "vocab_size", None), prompt_logprobs=prompt_lp,
+                             structured_output=spec)
     # a prompt the model cannot take gets its precise 400 before any scanning
     _check_lengths(ctx, prompts, params.max_tokens)
     rid_req, rid = info["request_id"], "cmpl-" + uuid.uuid4().hex
