@@ -119,8 +119,12 @@ class Guard:
         """Load the classifiers now instead of on the first request, and Presidio/spaCy where the policy
         (the deployment's or a key's) runs the pii scanner; with it off everywhere they never load."""
         self.check_input("warm up", request_id="warmup")
-        if any(self._runs_pii(k) for k in [None, *self.policy.api_keys]):
+        if self.runs_pii():
             get_pii_detector()
+
+    def runs_pii(self) -> bool:
+        """True when the deployment's policy or some key's override runs the pii scanner."""
+        return any(self._runs_pii(k) for k in [None, *self.policy.api_keys])
 
     def _runs_pii(self, api_key: str | None) -> bool:
         try:

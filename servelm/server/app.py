@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import sys
 from contextlib import asynccontextmanager
@@ -46,6 +47,11 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if guarding.guard is not None and guarding.guard.runs_pii():
+            # Import Presidio/spaCy before the concurrent loads, not inside them: imported in the warm-up
+            # thread beside the model load it made a PII-on start 1.0 s slower on 2 cores (11.88 vs
+            # 10.77 s, bench/startup.py, docs/performance.md). With PII off it is never imported.
+            await asyncio.to_thread(importlib.import_module, "servelm.safety.pii_analyzer")
         # The two models load at once: each spends most of its time in file reads and torch init.
         await asyncio.gather(engine.start(), _load_embedder(ctx), _warm_guard(guarding),
                              rag_stage.load(ctx))
