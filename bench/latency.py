@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
+    ap.add_argument("--no-async-scheduling", action="store_true",
+                    help="CUDA: wait for each step's tokens before scheduling the next")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default=None, help="int8, int4, nf4, nf4-dq (weight-only)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over")
@@ -150,6 +152,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     model = args.model or ("dummy:llama-3-8b" if cuda else None)
     cfg = EngineConfig(model=model, max_num_seqs=4, max_model_len=2048, enforce_eager=args.enforce_eager,
+                       async_scheduling=False if args.no_async_scheduling else None,
                        dtype=args.dtype, quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
                        gpu_memory_utilization=0.5, kv_cache_memory_bytes=None if cuda else 256 << 20)
     t = time.perf_counter()
@@ -161,7 +164,8 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": engine.model_name,
            "dtype": str(dtype).removeprefix("torch."), "new_tokens": args.new_tokens,
            "prompt_tokens": args.prompt_tokens, "engine_start_s": round(load_s, 1),
-           "cuda_graphs": engine.runner.cuda_graph is not None, "torch": torch.__version__,
+           "cuda_graphs": engine.runner.cuda_graph is not None, "async_scheduling": engine.async_scheduling,
+           "torch": torch.__version__,
            "tensor_parallel_size": args.tensor_parallel_size}
     servelm_decode(engine, prompt, 8)  # warm-up
     runs = [servelm_decode(engine, prompt, args.new_tokens) for _ in range(args.repeats)]

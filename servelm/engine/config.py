@@ -29,6 +29,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False  # CUDA: skip capturing CUDA graphs for decode
+    async_scheduling: bool | None = None  # overlap host work with the device's decode steps (None: on CUDA)
     tensor_parallel_size: int = 1  # processes (GPUs) the model is split over; see engine/parallel.py
     seed: int = 0
     served_model_name: str | None = None

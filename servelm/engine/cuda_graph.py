@@ -5,7 +5,9 @@ Steps made of decodes and short prefills (each prefill token a decode row, see
 one graph replay instead of ~400 eager launches.
 
 Graphs are captured once at a ladder of batch sizes (1, 2, 4, 8, then every 16 up to
-``max_num_seqs``); a decode batch is padded to the next captured size. Inputs live in
+``max_num_seqs``); a decode batch is padded to the next captured size. Their attention splits the
+context as for the longest one allowed. (Extra one-split graphs for short contexts, one kernel
+fewer per layer, replayed 0.11 ms slower for the 8B shape on an H200, so there are none.) Inputs live in
 persistent device buffers that each step overwrites with one host-to-device copy of a
 pinned staging tensor; padding rows write no K/V (slot -1) and attend to one token. The
 only host synchronisation per step is the sampler reading the chosen token ids.
@@ -43,16 +45,24 @@ class CUDAGraphRunner:
         self.max_bs = self.sizes[-1]
         self.max_blocks = -(-max_model_len // runner.block_size)
         dev = runner.device
-        # Rows of the staging tensor: token id, position, slot, context length.
-        self.staging = torch.zeros(4, self.max_bs, dtype=torch.int64).pin_memory()
+        # Rows of the staging tensor: token id, position, slot, context length. Two sets, used in turn:
+        # under async scheduling step k+1 is staged before step k's copies have surely run, but
+        # after step k-1 finished (its sampled ids were read).
+        self._buffers = [(torch.zeros(4, self.max_bs, dtype=torch.int64).pin_memory(),
+                          torch.zeros(self.max_bs, self.max_blocks, dtype=torch.int32).pin_memory())
+                         for _ in range(2)]
+        self._flip()
         self.meta = torch.zeros(4, self.max_bs, dtype=torch.int64, device=dev)
-        self.table_staging = torch.zeros(self.max_bs, self.max_blocks, dtype=torch.int32).pin_memory()
-        self.staging_np, self.table_staging_np = self.staging.numpy(), self.table_staging.numpy()
         self.tables = torch.zeros(self.max_bs, self.max_blocks, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.num_splits = pick_num_splits(max_model_len)
         self._capture_all()
+
+    def _flip(self) -> None:
+        self._buffers.reverse()
+        self.staging, self.table_staging = self._buffers[0]
+        self.staging_np, self.table_staging_np = self.staging.numpy(), self.table_staging.numpy()
 
     def _forward(self, bs: int) -> torch.Tensor:
         lay = BatchLayout(slot_mapping=self.meta[2, :bs], query_lens=[1] * bs, context_lens=[1] * bs,
@@ -80,26 +90,30 @@ class CUDAGraphRunner:
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
-    def run(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]] | None:
+    def run(self, items: list[tuple[Sequence, int]], prev=None) -> tuple[torch.Tensor, list[Sequence]] | None:
         """(logits of the sampling rows, their sequences) for a step that fits a captured size; else None.
 
         Every scheduled token is one row: a decode is one row, a short prefill (see
         ``attention.base.SHORT_PREFILL``; e.g. the new tokens behind a prefix-cache hit) one row per token.
+        Pending tokens (async scheduling) are copied on the device from ``prev``, the step in flight.
         """
         rows = sum(n for _, n in items)
         if rows > self.max_bs or any(n > SHORT_PREFILL for _, n in items):
             return None
         bs = next(s for s in self.sizes if s >= rows)
         block_size = self.runner.block_size
-        # The previous step's copies finished before its sampler read the token ids, so the
-        # pinned staging buffers are free to overwrite.
+        self._flip()
         st, tab = self.staging_np, self.table_staging_np
         i = widest = 0
         sample_rows, samplers = [], []
+        pending_rows, pending_src = [], []
         for seq, n in items:
             start = seq.num_computed_tokens
             table = seq.block_table
             ids = seq.token_ids[start:start + n]
+            if len(ids) < n:  # the last one was sampled by the step in flight
+                prev.pending_input(seq, i + len(ids), pending_rows, pending_src)
+                ids = ids + [0]
             for pos in range(start, start + n):
                 st[0, i] = ids[pos - start]
                 st[1, i] = pos
@@ -108,7 +122,7 @@ class CUDAGraphRunner:
                 tab[i, :len(table)] = table
                 i += 1
             widest = max(widest, len(table))
-            if start + n == seq.num_tokens:
+            if start + n == seq.num_tokens_incl_pending:
                 sample_rows.append(i - 1)
                 samplers.append(seq)
         st[:2, rows:bs] = 0
@@ -116,6 +130,8 @@ class CUDAGraphRunner:
         st[3, rows:bs] = 1
         self.meta[:, :bs].copy_(self.staging[:, :bs], non_blocking=True)
         self.tables[:rows, :widest].copy_(self.table_staging[:rows, :widest], non_blocking=True)
+        if pending_rows:
+            prev.fill(self.meta[0], pending_rows, pending_src)
         self.graphs[bs].replay()
         logits = self.logits[bs]
         if len(sample_rows) == rows:  # all decodes: the rows are 0..rows-1

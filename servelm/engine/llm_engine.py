@@ -48,6 +48,7 @@ class EngineStats:
     num_preemptions: int
     steps: int
     prompt_tokens_computed: int  # prompt tokens actually run through the model (cache hits excluded)
+    overlapped_steps: int  # steps launched before the previous one's tokens were read (async scheduling)
     healthy: bool = True
 
 
@@ -109,6 +110,12 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.output = OutputProcessor(self.tokenizer, self.tokenizer.eos_token_ids, self.max_model_len)
         self.requests: dict[str, _Request] = {}
+        # Async scheduling pays off where the device runs apart from the host (CUDA); on CPU it would only
+        # hold each token back one step. Tensor-parallel workers receive token ids, so it is off there.
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda") and self.tp is None
+        self._inflight = None  # the launched step whose tokens are not read yet (async scheduling)
+        self.overlapped_steps = 0
         self.steps = 0
         self.prompt_tokens_computed = 0
         log.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d x %d tokens tensor_parallel=%d",
@@ -208,30 +215,104 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return the outputs of requests that changed."""
+        """Run one scheduling step; return the outputs of requests that changed.
+
+        With async scheduling (on by default on CUDA) a run of plain decode steps overlaps: the call
+        that launches step k returns step k-1's tokens, so the host's work (detokenizing, stop rules,
+        scheduling) runs while the device computes. Anything else (a new request, logprobs, penalties,
+        a grammar, a sequence about to reach its length limit) first drains the step in flight.
+        """
+        inflight = self._inflight
+        if inflight is not None and not self._can_continue_overlap():
+            self._inflight = None
+            return self._finish_inflight(inflight)  # nothing new runs in this call
         batch = self.scheduler.schedule()
         if not batch.items:
             return []
         self.steps += 1
-        result = self.runner.run(batch.items)
-        for seq, n in batch.items:
+        if inflight is None and not self._may_overlap(batch.items):
+            result = self.runner.run(batch.items)
+            self._account(batch.items)
+            for seq, entries in result.prompt_logprobs:
+                self.output.append_prompt_logprobs(seq, entries)
+            touched: dict[str, None] = {}
+            if result.sample is not None:
+                for seq, tok, lp in zip(result.seqs, result.sample.token_ids, result.sample.logprobs):
+                    self._append(seq, tok, lp, touched)
+            return self._outputs(touched)
+        if inflight is not None and len(batch.items) != len(self.scheduler.running):
+            # _can_continue_overlap rules this out: a pending token is read only by the very next step
+            raise RuntimeError("async scheduling left a running sequence unscheduled")
+        launched = self.runner.launch(batch.items, inflight)
+        outputs = self._finish_inflight(inflight) if inflight is not None else []
+        live = [(seq, n) for seq, n in batch.items if not seq.finished]  # not stopped by the token just read
+        self._account(live)
+        for seq, _ in live:
+            seq.pending_tokens = 1
+        self._inflight = launched
+        self.overlapped_steps += inflight is not None
+        return outputs
+
+    def _overlappable(self, seq: Sequence) -> bool:
+        """Whether ``seq`` can take part in an overlapped step: its sampling needs nothing the previous
+        token changes on the host, and the token it samples cannot be its last by length."""
+        p = seq.params
+        return (seq.grammar is None and p.logprobs is None and p.prompt_logprobs is None and seq.generator is None
+                and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and seq.num_output_tokens >= p.min_tokens
+                and seq.num_output_tokens + seq.pending_tokens + 1 < seq.max_tokens
+                and seq.num_tokens_incl_pending + 1 < self.max_model_len)
+
+    def _may_overlap(self, items: list[tuple[Sequence, int]]) -> bool:
+        """Whether to launch this (first) step without waiting for it: every item samples and can go on."""
+        return (self.async_scheduling and not self.scheduler.waiting
+                and all(s.num_computed_tokens + n == s.num_tokens and self._overlappable(s) for s, n in items))
+
+    def _can_continue_overlap(self) -> bool:
+        """Whether the next step can be launched before the one in flight is read: plain decodes of the
+        same running sequences, all scheduled at once, with free blocks for all of them (no preemption)."""
+        running = self.scheduler.running
+        if self.scheduler.waiting or not running or len(running) > self.scheduler.config.max_num_batched_tokens:
+            return False
+        bs = self.kv.block_size
+        need = 0
+        for s in running:
+            if s.pending_tokens != 1 or not self._overlappable(s):
+                return False
+            need += len(s.block_table) * bs <= s.num_computed_tokens
+        return need <= self.kv.num_free_blocks
+
+    def _finish_inflight(self, inflight) -> list[RequestOutput]:
+        """Read the step in flight's tokens and apply them (aborted or stopped sequences drop theirs)."""
+        touched: dict[str, None] = {}
+        for seq, tok in zip(inflight.seqs, inflight.token_ids()):
+            if seq.finished:
+                continue
+            seq.pending_tokens = 0
+            self._append(seq, tok, None, touched)
+        return self._outputs(touched)
+
+    def _account(self, items: list[tuple[Sequence, int]]) -> None:
+        """Count the step's computed tokens and register blocks they filled for prefix reuse."""
+        for seq, n in items:
             prev = seq.num_computed_tokens
             seq.num_computed_tokens += n
             if prev < seq.num_prompt_tokens:
                 self.prompt_tokens_computed += min(seq.num_computed_tokens, seq.num_prompt_tokens) - prev
             self.kv.cache_full_blocks(seq, prev)
-        touched: dict[str, None] = {}
-        for seq, entries in result.prompt_logprobs:
-            self.output.append_prompt_logprobs(seq, entries)
-        if result.sample is not None:
-            for seq, tok, lp in zip(result.seqs, result.sample.token_ids, result.sample.logprobs):
-                self.output.append_token(seq, tok, lp)
-                if seq.finish_reason is not None:
-                    self.scheduler.finish(seq)
-                touched[seq.request_id] = None
+
+    def _append(self, seq: Sequence, token: int, lp, touched: dict[str, None]) -> None:
+        self.output.append_token(seq, token, lp)
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+        touched[seq.request_id] = None
+
+    def _outputs(self, touched: dict[str, None]) -> list[RequestOutput]:
         outputs = []
         for rid in touched:
-            req = self.requests[rid]
+            req = self.requests.get(rid)
+            if req is None:  # aborted meanwhile
+                continue
             done = all(s.finished for s in req.seqs)
             outputs.append(self.output.make_output(rid, req.prompt, req.prompt_ids, req.seqs, req.arrival_time, done))
             if done:
@@ -259,7 +340,7 @@ class LLMEngine:
             kv_blocks_free=kv.free, kv_usage=kv.usage, prefix_cache_queries=kv.prefix_queries,
             prefix_cache_hits=kv.prefix_hits, prefix_hit_rate=kv.prefix_hit_rate,
             num_preemptions=self.scheduler.num_preemptions, steps=self.steps,
-            prompt_tokens_computed=self.prompt_tokens_computed)
+            prompt_tokens_computed=self.prompt_tokens_computed, overlapped_steps=self.overlapped_steps)
 
 
 def build_runner(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,

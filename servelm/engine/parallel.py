@@ -144,10 +144,15 @@ class StepSeq:
 
     __slots__ = ("num_computed_tokens", "num_tokens", "block_table", "token_ids")
     prompt_logprobs = None  # tensor parallelism refuses prompt logprobs (LLMEngine.add_request)
+    pending_tokens = 0  # and async scheduling: every token is known on the host
 
     def __init__(self, start: int, num_tokens: int, block_table: list[int], tail: list[int]):
         self.num_computed_tokens, self.num_tokens, self.block_table = start, num_tokens, block_table
         self.token_ids = _Tail(start, tail)
+
+    @property
+    def num_tokens_incl_pending(self) -> int:
+        return self.num_tokens
 
 
 def pack_items(items) -> list[tuple]:

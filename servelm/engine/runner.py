@@ -14,7 +14,7 @@ import torch
 from servelm.engine.attention import BatchLayout, get_backend
 from servelm.engine.models.llama import LlamaForCausalLM
 from servelm.engine.parallel import pack_items
-from servelm.engine.sampling import Sampler, SampleResult
+from servelm.engine.sampling import Sampler, SampleResult, host_to_device
 from servelm.engine.sequence import Sequence
 
 
@@ -26,6 +26,40 @@ class StepResult:
     sample: SampleResult | None
     # (sequence, [(prompt token, its logprob, top alternatives)]) for sequences that asked for prompt logprobs
     prompt_logprobs: list[tuple[Sequence, list]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class InflightStep:
+    """A launched step whose sampled token ids are still on their way to the host (async scheduling)."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # [rows] on the device; the next step reads its pending input tokens from here
+    host: torch.Tensor  # their copy on the host (pinned), valid once ``event`` has completed
+    event: torch.cuda.Event | None
+    rows: dict[int, int]  # seq_id -> row of ``tokens``
+
+    def token_ids(self) -> list[int]:
+        """The sampled ids, in ``seqs`` order; waits for the step to finish on the device."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+    def pending_input(self, seq: Sequence, row: int, rows: list[int], src: list[int]) -> None:
+        """Record that batch row ``row`` takes ``seq``'s pending token from this step's output."""
+        rows.append(row)
+        src.append(self.rows[seq.seq_id])
+
+    def fill(self, input_ids: torch.Tensor, rows: list[int], src: list[int]) -> None:
+        """Write the recorded pending tokens into ``input_ids`` on the device (no host sync)."""
+        if not rows:
+            return
+        n = len(rows)
+        if rows == src == list(range(n)):  # steady decode: the same sequences in the same order
+            input_ids[:n].copy_(self.tokens[:n])
+            return
+        dev = input_ids.device
+        input_ids.index_copy_(0, host_to_device(rows, torch.int64, dev),
+                              self.tokens.index_select(0, host_to_device(src, torch.int64, dev)))
 
 
 class ModelRunner:
@@ -62,15 +96,32 @@ class ModelRunner:
             return StepResult([], None, prompt_lp)
         return StepResult(samplers, self.sampler(logits, samplers), prompt_lp)
 
-    def _logits(self, items: list[tuple[Sequence, int]]):
+    @torch.inference_mode()
+    def launch(self, items: list[tuple[Sequence, int]], prev: InflightStep | None) -> InflightStep:
+        """Queue this step's compute and sampling on the device and return without waiting for it.
+
+        Pending tokens (``seq.pending_tokens``) are read from ``prev`` on the device. Every item must
+        sample this step and need no host-side sampling state (``LLMEngine._overlappable``).
+        """
+        logits, samplers, _ = self._logits(items, prev)
+        tokens = self.sampler.sample_on_device(logits, samplers)
+        host, event = tokens, None
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return InflightStep(samplers, tokens, host, event, {s.seq_id: i for i, s in enumerate(samplers)})
+
+    def _logits(self, items: list[tuple[Sequence, int]], prev: InflightStep | None = None):
         """(logits of the rows to sample, their sequences, prompt logprobs); (None, [], ...) when none samples."""
         # graphs compute only the sampled rows: a step that scores prompt tokens runs eagerly
         if self.cuda_graph is not None and not any(
                 s.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens for s, _ in items):
-            out = self.cuda_graph.run(items)  # None unless the step's rows fit a captured size
+            out = self.cuda_graph.run(items, prev)  # None unless the step's rows fit a captured size
             if out is not None:
                 return (*out, [])
-        hidden, sample_rows, samplers, prompt_rows = self._forward(items)
+        hidden, sample_rows, samplers, prompt_rows = self._forward(items, prev)
         prompt_lp = [(seq, self._prompt_logprobs(seq, hidden[row:row + count], pos))
                      for seq, row, pos, count in prompt_rows]
         if not samplers:
@@ -103,7 +154,7 @@ class ModelRunner:
         hidden, _, _, _ = self._forward([(seq, n)])
         return self.model.compute_logits(hidden)
 
-    def _forward(self, items: list[tuple[Sequence, int]]):
+    def _forward(self, items: list[tuple[Sequence, int]], prev: InflightStep | None = None):
         prefills = [(s, n) for s, n in items if n > 1]
         decodes = [(s, n) for s, n in items if n == 1]
         ordered = prefills + decodes
@@ -112,6 +163,7 @@ class ModelRunner:
         slots: list[int] = []
         query_lens, context_lens, tables, sample_rows, samplers = [], [], [], [], []
         prompt_rows = []  # (seq, first row, first position, rows) whose logits score the next prompt tokens
+        pending_rows, pending_src = [], []  # rows whose token is still on the device, and where it is in prev
         bs = self.block_size
         for seq, n in ordered:
             start = seq.num_computed_tokens
@@ -120,14 +172,18 @@ class ModelRunner:
                 first, last = max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)
                 if last > first:
                     prompt_rows.append((seq, len(input_ids) + first - start, first, last - first))
-            input_ids.extend(seq.token_ids[start:end])
+            toks = seq.token_ids[start:end]
+            if len(toks) < n:  # the last one was sampled by the step in flight (async scheduling)
+                prev.pending_input(seq, len(input_ids) + len(toks), pending_rows, pending_src)
+                toks = toks + [0]
+            input_ids.extend(toks)
             positions.extend(range(start, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             query_lens.append(n)
             context_lens.append(end)
             tables.append(table)
-            if end == seq.num_tokens:
+            if end == seq.num_tokens_incl_pending:
                 sample_rows.append(len(input_ids) - 1)
                 samplers.append(seq)
         dev = self.device
@@ -144,5 +200,7 @@ class ModelRunner:
         )
         ctx = self.backend.make_context(layout, self.kv_caches, self.scale)
         ids_t = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        if pending_rows:
+            prev.fill(ids_t, pending_rows, pending_src)
         pos_t = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         return self.model(ids_t, pos_t, ctx), sample_rows, samplers, prompt_rows

@@ -27,24 +27,12 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        logits = logits.float()
-        self._apply_penalties(logits, seqs)
-        self._suppress_early_eos(logits, seqs)
-        if any(s.grammar is not None for s in seqs):
-            apply_grammar_masks(logits, seqs)
+        logits = self._process(logits, seqs)
+        token_list = self._choose(logits, seqs).tolist()  # the step's one host synchronisation
         params = [s.params for s in seqs]
-        want_lp = [p.logprobs is not None for p in params]
-        logprobs_all = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-
-        greedy = torch.tensor([p.greedy for p in params])
-        tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
-            rows = (~greedy).nonzero().flatten()
-            tokens[rows] = self._draw(logits[rows], [seqs[i] for i in rows.tolist()])
-        token_list = tokens.tolist()
-
         lps: list = [None] * len(seqs)
-        if logprobs_all is not None:
+        if any(p.logprobs is not None for p in params):
+            logprobs_all = torch.log_softmax(logits, dim=-1)
             for i, p in enumerate(params):
                 if p.logprobs is None:
                     continue
@@ -55,6 +43,35 @@ class Sampler:
                     top = list(zip(ids.tolist(), vals.tolist()))
                 lps[i] = (float(row[token_list[i]]), top)
         return SampleResult(token_list, lps)
+
+    @torch.inference_mode()
+    def sample_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The chosen token ids (``[rows]`` int64, on the logits' device), without waiting for the device.
+
+        For async scheduling: the rows must need no host state that this step changes (no penalties,
+        grammar, logprobs or seeded generator; see ``LLMEngine._overlappable``).
+        """
+        return self._choose(self._process(logits, seqs), seqs)
+
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Float32 logits after penalties, early-EOS suppression and structured-output masks."""
+        logits = logits.float()
+        self._apply_penalties(logits, seqs)
+        self._suppress_early_eos(logits, seqs)
+        if any(s.grammar is not None for s in seqs):
+            apply_grammar_masks(logits, seqs)
+        return logits
+
+    def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Greedy rows take the argmax, the others a draw; no host synchronisation on CUDA."""
+        greedy = [s.params.greedy for s in seqs]
+        tokens = _argmax(logits)
+        if all(greedy):
+            return tokens
+        drawn = self._draw(logits, seqs)
+        if not any(greedy):
+            return drawn
+        return torch.where(host_to_device(greedy, torch.bool, logits.device), tokens, drawn)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for i, s in enumerate(seqs):
@@ -79,7 +96,9 @@ class Sampler:
                 logits[i, ids] = float("-inf")
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device)
+        """One sampled token per row (greedy rows draw too, at temperature 1, and are discarded)."""
+        dev = logits.device
+        temps = host_to_device([s.params.temperature or 1.0 for s in seqs], torch.float32, dev)
         logits = logits / temps[:, None]
         top_k = [s.params.top_k for s in seqs]
         top_p = [s.params.top_p for s in seqs]
@@ -88,25 +107,46 @@ class Sampler:
             logits = _top_k_top_p(logits, top_k, top_p)
         probs = torch.softmax(logits, dim=-1)
         if any(m > 0 for m in min_p):
-            mp = torch.tensor(min_p, device=probs.device)[:, None]
+            mp = host_to_device(min_p, torch.float32, dev)[:, None]
             probs = probs.masked_fill(probs < mp * probs.max(dim=-1, keepdim=True).values, 0.0)
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[-1], device=probs.device).exponential_()
+        noise = torch.empty_like(probs).exponential_()
         for i, s in enumerate(seqs):
-            if s.generator is not None:
-                noise[i] = torch.empty(probs.shape[-1]).exponential_(generator=s.generator).to(probs.device)
+            if s.generator is not None and not s.params.greedy:  # its own stream: independent of batch mates
+                noise[i] = torch.empty(probs.shape[-1]).exponential_(generator=s.generator).to(dev)
         return (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
+
+
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of ``values`` on ``device``; on CUDA copied from pinned memory without a sync
+    (``torch.tensor(..., device=...)`` would wait for the queued steps to finish, defeating async scheduling)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax; on CUDA in two passes (``torch.argmax`` runs a whole vocabulary row in one block).
+
+    Both passes keep the first of equal maxima, so the result is ``logits.argmax(-1)``'s."""
+    rows, vocab = logits.shape
+    chunks = 256
+    while vocab % chunks:
+        chunks //= 2
+    if logits.device.type != "cuda" or chunks < 16:
+        return logits.argmax(dim=-1)
+    vals, idx = logits.view(rows, chunks, vocab // chunks).max(dim=-1)
+    best = vals.argmax(dim=-1, keepdim=True)
+    return (best * (vocab // chunks) + idx.gather(1, best))[:, 0]
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    k = torch.tensor([min(kk, vocab) if kk > 0 else vocab for kk in top_k], device=logits.device)
+    k = host_to_device([min(kk, vocab) if kk > 0 else vocab for kk in top_k], torch.int64, logits.device)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     remove = ranks >= k[:, None]
-    p = torch.tensor(top_p, device=logits.device)[:, None]
+    p = host_to_device(top_p, torch.float32, logits.device)[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
     cum = probs.cumsum(dim=-1)
     remove |= (cum - probs) >= p  # keep the smallest prefix whose mass reaches top_p (always >= 1 token)

@@ -62,7 +62,7 @@ class Scheduler:
         self.kv.free(seq)
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        n = min(seq.num_tokens_incl_pending - seq.num_computed_tokens, budget)
         if self.config.prefill_chunk_size and n > 1:
             n = min(n, self.config.prefill_chunk_size)
         return n

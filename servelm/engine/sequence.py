@@ -30,7 +30,7 @@ class Sequence:
                  "wait_for", "output_text", "emitted_text_len", "emitted_token_count", "prefix_offset",
                  "read_offset", "finish_reason", "stop_reason", "logprobs", "prompt_logprobs", "cumulative_logprob",
                  "arrival_time", "first_scheduled_time", "first_token_time", "last_token_time", "max_tokens",
-                 "grammar")
+                 "grammar", "pending_tokens")
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
                  arrival_time: float, max_tokens: int):
@@ -40,6 +40,9 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Async scheduling: 1 while a token sampled on the device has not reached ``token_ids`` yet (the
+        # next step already computes it, reading it on the device); 0 otherwise.
+        self.pending_tokens = 0
         self.num_cached_prompt_tokens = 0
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
@@ -75,6 +78,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens_incl_pending(self) -> int:
+        """Tokens the engine knows of, the one still on the device (async scheduling) included."""
+        return len(self.token_ids) + self.pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
