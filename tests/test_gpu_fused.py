@@ -1,4 +1,5 @@
-"""Fused RMSNorm / RoPE / SiLU-and-multiply kernels against the model's PyTorch code (float32 reference)."""
+"""Fused RMSNorm / RoPE / SiLU-and-multiply kernels against the model's PyTorch code (float32 reference),
+and RoPE fused with the K/V store against the two kernels it replaces."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,8 @@ pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
 
-from servelm.engine.fused import add_rms_norm, rms_norm, rope, silu_mul  # noqa: E402
+from servelm.engine.attention.triton_kernels import store_kv  # noqa: E402
+from servelm.engine.fused import add_rms_norm, rms_norm, rope, rope_store_kv, silu_mul  # noqa: E402
 from servelm.engine.models.config import preset  # noqa: E402
 from servelm.engine.models.llama import RMSNorm, RotaryEmbedding  # noqa: E402
 
@@ -63,6 +65,17 @@ def test_rope(shape, dtype):
     rq, rk = r(pos, q.float(), k.float())
     fq, fk = rope(pos, q, k, r.cos, r.sin)
     assert rel(fq, rq) < 1e-2 and rel(fk, rk) < 1e-2
+
+    # the same rotation with K (rotated) and V written to their slots in one kernel; slot -1 writes nothing
+    v = qkv[:, (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim:].view(T, cfg.num_kv_heads, cfg.head_dim)
+    blocks, bs = 8, 16
+    slots = torch.randperm(blocks * bs, device=DEV)[:T]
+    slots[::5] = -1
+    cache = torch.randn(2, blocks, bs, cfg.num_kv_heads, cfg.head_dim, device=DEV, dtype=dtype)
+    caches = [cache, cache.clone()]
+    store_kv(fk, v, caches[0][0], caches[0][1], slots)
+    sq = rope_store_kv(pos, q, k, v, r.cos, r.sin, caches[1][0], caches[1][1], slots)
+    assert torch.equal(sq, fq) and torch.equal(caches[1], caches[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -5,8 +5,9 @@ embedding (gathers, casts, halves, concatenations, four multiplies), SiLU-and-mu
 residual adds cost about 27 launches per layer; at batch 1 those launches, not the bytes, dominate after the
 matrix products. :func:`install_fused_kernels` swaps each for one kernel on a loaded model's
 modules (instance ``forward`` overrides: ``llama.py`` stays plain PyTorch, and CPU never sees these).
-Each residual add runs inside the next RMSNorm (``add_rms_norm``), so a layer is 10 launches at decode:
-2 norms, 4 matrix products, RoPE, the K/V store, attention (2 with split contexts) and SiLU-and-multiply.
+Each residual add runs inside the next RMSNorm (``add_rms_norm``), and the Triton attention backend rotates
+q and k while it stores K/V (``rope_store_kv``), so a layer is 9 launches at decode: 2 norms, 4 matrix
+products, RoPE with the K/V store, attention (2 with split contexts) and SiLU-and-multiply.
 """
 from __future__ import annotations
 
@@ -85,8 +86,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh,
-                 stride_kt, stride_kh, H: tl.constexpr, KVH: tl.constexpr, H_PAD: tl.constexpr,
-                 D: tl.constexpr):
+                 stride_kt, stride_kh, v_ptr, v_cache_ptr, slot_ptr, stride_vt, stride_vh,
+                 H: tl.constexpr, KVH: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, STORE: tl.constexpr):
     t = tl.program_id(0)
     half: tl.constexpr = D // 2
     pos = tl.load(pos_ptr + t)
@@ -101,11 +102,22 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr, 
     qo = q_out_ptr + t * H * D + offs_h * D + offs_d[None, :]
     tl.store(qo, (q1 * cos - q2 * sin).to(q_out_ptr.dtype.element_ty), mask=qm)
     tl.store(qo + half, (q2 * cos + q1 * sin).to(q_out_ptr.dtype.element_ty), mask=qm)
+    if STORE:  # k_out is the layer's K cache: rotated K and V go straight to their slot
+        slot = tl.load(slot_ptr + t)
+        if slot < 0:  # padding rows of a captured CUDA graph write nothing
+            return
+        row = slot.to(tl.int64) * KVH * D
+        vm = offs_h < KVH
+        offs_full = tl.arange(0, D)[None, :]
+        vals = tl.load(v_ptr + t * stride_vt + offs_h * stride_vh + offs_full, mask=vm, other=0.0)
+        tl.store(v_cache_ptr + row + offs_h * D + offs_full, vals, mask=vm)
+    else:
+        row = t * KVH * D
     km = offs_h < KVH
     k1 = tl.load(k_ptr + t * stride_kt + offs_h * stride_kh + offs_d[None, :], mask=km, other=0.0).to(tl.float32)
     k2 = tl.load(k_ptr + t * stride_kt + offs_h * stride_kh + half + offs_d[None, :], mask=km, other=0.0).to(
         tl.float32)
-    ko = k_out_ptr + t * KVH * D + offs_h * D + offs_d[None, :]
+    ko = k_out_ptr + row + offs_h * D + offs_d[None, :]
     tl.store(ko, (k1 * cos - k2 * sin).to(k_out_ptr.dtype.element_ty), mask=km)
     tl.store(ko + half, (k2 * cos + k1 * sin).to(k_out_ptr.dtype.element_ty), mask=km)
 
@@ -116,10 +128,34 @@ def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.T
     kvh = k.shape[1]
     q_out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
     k_out = torch.empty(T, kvh, D, dtype=k.dtype, device=k.device)
-    if T:
-        _rope_kernel[(T,)](q, k, q_out, k_out, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0),
-                           k.stride(1), H=H, KVH=kvh, H_PAD=triton.next_power_of_2(max(H, kvh)), D=D, num_warps=4)
+    _launch_rope(positions, q, k, q_out, k_out, cos, sin)
     return q_out, k_out
+
+
+def rope_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> torch.Tensor:
+    """:func:`rope` of q and k, with rotated k and v written to their cache slots (slot -1 skips) in the
+    same kernel, not through a tensor and a second launch; returns the rotated q ([T, H, D])."""
+    T, H, D = q.shape
+    q_out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    if v.stride(2) != 1:
+        v = v.contiguous()
+    _launch_rope(positions, q, k, q_out, k_cache, cos, sin, v, v_cache, slot_mapping)
+    return q_out
+
+
+def _launch_rope(positions, q, k, q_out, k_out, cos, sin, v=None, v_cache=None, slot_mapping=None) -> None:
+    T, H, D = q.shape
+    kvh = k.shape[1]
+    if not T:
+        return
+    store = v is not None
+    if not store:  # unused pointers
+        v, v_cache, slot_mapping = k, k_out, positions
+    _rope_kernel[(T,)](q, k, q_out, k_out, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                       v, v_cache, slot_mapping, v.stride(0), v.stride(1), H=H, KVH=kvh,
+                       H_PAD=triton.next_power_of_2(max(H, kvh)), D=D, STORE=store, num_warps=4)
 
 
 @triton.jit
@@ -159,7 +195,8 @@ def install_fused_kernels(model: LlamaForCausalLM) -> None:
                 lambda self, x, residual=None: rms_norm(x, self.weight, self.eps) if residual is None
                 else add_rms_norm(x, residual, self.weight, self.eps), m)
         elif isinstance(m, RotaryEmbedding):
-            # the fused kernel reads the full tables itself; the model's per-step cos/sin lookup is not needed
+            # the fused kernels read the full tables themselves: skip the model's per-step cos/sin lookup
             m.forward = types.MethodType(lambda self, pos, q, k, cos_sin=None: rope(pos, q, k, self.cos, self.sin), m)
+            m.tables = types.MethodType(lambda self, positions, dtype: None, m)
         elif isinstance(m, MLP):
             m.forward = types.MethodType(lambda self, x: self.down_proj(silu_mul(self.gate_up_proj(x))), m)

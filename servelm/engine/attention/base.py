@@ -1,9 +1,10 @@
 """The interface between the model and an attention implementation over the paged KV cache.
 
 The runner describes a batch once per step (:class:`BatchLayout`); a backend turns that
-into an :class:`AttentionContext`, whose ``attention(layer, q, k, v)`` the model calls in
-every layer. Tokens are packed: first every sequence that computes several tokens this
-step ("prefills", chunked or with a cached prefix), then the sequences decoding one token.
+into an :class:`AttentionContext`, whose ``attention(layer, q, k, v, rotary)`` the model calls in
+every layer (the rotary embedding goes in too, so a backend may fuse it with the K/V store).
+Tokens are packed: first every sequence that computes several tokens this step ("prefills",
+chunked or with a cached prefix), then the sequences decoding one token.
 """
 from __future__ import annotations
 
@@ -56,13 +57,23 @@ def as_decode_rows(layout: BatchLayout) -> BatchLayout:
                        context_lens_tensor=torch.tensor(ctx, dtype=torch.int32).to(dev, non_blocking=True))
 
 
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` and ``k`` with the rotary embedding ``rotary = (embedding, positions, cos_sin)`` applied (or as
+    they are when ``rotary`` is None); ``embedding(positions, q, k, cos_sin)`` returns the rotated pair."""
+    if rotary is None:
+        return q, k
+    embedding, positions, cos_sin = rotary
+    return embedding(positions, q, k, cos_sin)
+
+
 class AttentionContext(ABC):
     """Per-step attention state handed to the model's forward pass."""
 
     @abstractmethod
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Write ``k``/``v`` ([T, kv_heads, head_dim]) into the cache and return attention
-        output [T, heads, head_dim] for queries ``q`` ([T, heads, head_dim])."""
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary=None) -> torch.Tensor:
+        """Rotate ``q``/``k`` by ``rotary`` (see :func:`apply_rotary`; None: already rotated), write ``k``/``v``
+        ([T, kv_heads, head_dim]) into the cache and return the attention output [T, heads, head_dim] for
+        queries ``q`` ([T, heads, head_dim])."""
 
 
 class AttentionBackend(ABC):

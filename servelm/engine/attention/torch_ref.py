@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from servelm.engine.attention.base import AttentionBackend, AttentionContext, BatchLayout
+from servelm.engine.attention.base import AttentionBackend, AttentionContext, BatchLayout, apply_rotary
 
 DECODE_GROUP = 16  # decodes per padded attention call
 
@@ -74,7 +74,8 @@ class TorchAttentionContext(AttentionContext):
         # cache: [num_blocks, block_size, kv_heads, head_dim] -> [length, kv_heads, head_dim]
         return cache.index_select(0, blocks).flatten(0, 1)[:length]
 
-    def attention(self, layer, q, k, v):
+    def attention(self, layer, q, k, v, rotary=None):
+        q, k = apply_rotary(q, k, rotary)
         cache = self.kv_caches[layer]
         k_cache, v_cache = cache[0], cache[1]
         lay = self.layout

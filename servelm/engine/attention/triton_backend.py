@@ -1,6 +1,7 @@
 """Attention on CUDA through Triton kernels (``triton_kernels.py``) over the paged KV cache.
 
-Per layer and step: one kernel stores the new K/V into their slots; one kernel runs every
+Per layer and step: one kernel applies the rotary embedding to q and k and stores the new K/V into
+their slots (``fused.rope_store_kv``); one kernel runs every
 prefill (chunked or behind a cached prefix) reading keys through the block tables; the
 decodes run as flash-decoding (context split across programs, then merged). The layout is
 the reference backend's, so both read the same cache (tests compare them on it).
@@ -18,6 +19,8 @@ import torch
 from servelm.engine.attention.base import (AttentionBackend, AttentionContext, BatchLayout, as_decode_rows,
                                            short_prefill_rows)
 from servelm.engine.attention.triton_kernels import decode_attention, pick_num_splits, prefill_attention, store_kv
+from servelm.engine.fused import rope_store_kv
+
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
@@ -71,11 +74,15 @@ class TritonAttentionContext(AttentionContext):
                 num_splits = pick_num_splits(max(lay.context_lens[lay.num_prefills:]))
             self.num_splits = num_splits
 
-    def attention(self, layer, q, k, v):
+    def attention(self, layer, q, k, v, rotary=None):
         cache = self.kv_caches[layer]
         k_cache, v_cache = cache[0], cache[1]
         lay = self.layout
-        store_kv(k, v, k_cache, v_cache, lay.slot_mapping)
+        if rotary is None:
+            store_kv(k, v, k_cache, v_cache, lay.slot_mapping)
+        else:  # one launch instead of two; the rotated k lives only in the cache
+            embedding, positions, _ = rotary
+            q = rope_store_kv(positions, q, k, v, embedding.cos, embedding.sin, k_cache, v_cache, lay.slot_mapping)
         out = torch.empty_like(q)
         p = lay.num_prefill_tokens
         if self.num_prefills:

@@ -111,7 +111,7 @@ def prefill_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor,
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_len_ptr, part_o_ptr, part_lse_ptr,
-                         stride_qt, stride_qh, stride_table, scale_log2,
+                         o_ptr, stride_ot, stride_oh, stride_qt, stride_qh, stride_table, scale_log2,
                          H: tl.constexpr, KVH: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
                          D: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
                          PART: tl.constexpr):
@@ -151,6 +151,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_len_ptr
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if SPLITS == 1:  # the whole context in one part: the merge would multiply by exp2(0) = 1, so skip it
+        tl.store(o_ptr + b * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 acc.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+        return
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))  # log2 domain
     base = (b * H + heads) * SPLITS + split
     tl.store(part_o_ptr + base[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
@@ -186,7 +190,8 @@ def decode_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, 
                      block_tables: torch.Tensor, ctx_lens: torch.Tensor, num_splits: int, scale: float) -> None:
     """Flash-decoding: one query token per sequence, its context split into ``num_splits`` parts, then merged.
 
-    ``q``/``out``: [B, heads, head_dim]. Every ``ctx_lens`` entry must be >= 1.
+    ``q``/``out``: [B, heads, head_dim]. Every ``ctx_lens`` entry must be >= 1. With one split (contexts up
+    to ``SPLIT_TOKENS``) the single kernel writes ``out`` itself: one launch, bitwise the merged result.
     """
     B, H, D = q.shape
     _, BS, KVH, _ = k_cache.shape
@@ -195,9 +200,12 @@ def decode_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, 
     part_lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
     block_n = 64 if D <= 64 else 32
     _decode_split_kernel[(B, KVH, num_splits)](
-        q, k_cache, v_cache, block_tables, ctx_lens, part_o, part_lse, q.stride(0), q.stride(1),
-        block_tables.stride(0), scale * LOG2E, H=H, KVH=KVH, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)),
-        D=D, BS=BS, SPLITS=num_splits, BLOCK_N=block_n, PART=SPLIT_TOKENS, num_warps=4, num_stages=2)
+        q, k_cache, v_cache, block_tables, ctx_lens, part_o, part_lse, out, out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), block_tables.stride(0), scale * LOG2E, H=H, KVH=KVH, GROUP=group,
+        G_PAD=max(16, triton.next_power_of_2(group)), D=D, BS=BS, SPLITS=num_splits, BLOCK_N=block_n,
+        PART=SPLIT_TOKENS, num_warps=4, num_stages=2)
+    if num_splits == 1:
+        return
     _decode_reduce_kernel[(B, H)](part_o, part_lse, ctx_lens, out, out.stride(0), out.stride(1), H=H, D=D,
                                   SPLITS=num_splits, BLOCK_N=block_n, PART=SPLIT_TOKENS, num_warps=1)
 

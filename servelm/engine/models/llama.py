@@ -101,8 +101,8 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k, cos_sin)
-        o = ctx.attention(self.layer_idx, q, k, v)  # [T, num_heads, head_dim]
+        # rotary embedding on q and k, K/V into the cache, attention: [T, num_heads, head_dim]
+        o = ctx.attention(self.layer_idx, q, k, v, rotary=(rope, positions, cos_sin))
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
