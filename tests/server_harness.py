@@ -216,3 +216,12 @@ def bootstrap_key(server: Server) -> str:
     keys = re.findall(r"sk-servelm-[A-Za-z0-9_\-]+", server.output())
     assert keys, "no admin key printed on first start"
     return keys[0]
+
+
+def openai_client(server: Server, key: str, asynchronous: bool = False):
+    """An OpenAI SDK client (``AsyncOpenAI`` with ``asynchronous``) for ``server``'s ``/v1`` with ``key``:
+    no retries, so a test sees the first answer, and a timeout long enough for a cold CPU engine."""
+    import openai
+
+    cls = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+    return cls(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
-import os
 import struct
 import time
 
@@ -13,7 +12,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from server_harness import bootstrap_key, create_key, fleet
+from server_harness import bootstrap_key, create_key, fleet, openai_client
 
 MODEL = "SmolLM2-135M-Instruct"
 MSG = [{"role": "user", "content": "Name three colors."}]
@@ -38,7 +37,7 @@ def key(srv):
 
 @pytest.fixture(scope="module")
 def client(srv, key):
-    return OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    return openai_client(srv, key)
 
 
 def post(srv, path, body=None, key=None, **kw):
@@ -382,7 +381,7 @@ def test_tokens_per_minute_charge_real_token_counts(srv):
 
 # ------------------------------------------------------------------ disconnects
 async def _open_streams(srv, key, n):
-    client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    client = openai_client(srv, key, asynchronous=True)
     body = dict(model=MODEL, messages=[{"role": "user", "content": "Write a long essay about the sea."}],
                 max_tokens=400, stream=True, extra_body={"ignore_eos": True})
     streams = await asyncio.gather(*[client.chat.completions.create(**body) for _ in range(n)])

@@ -9,9 +9,8 @@ import codecs
 import httpx
 import openai
 import pytest
-from openai import AsyncOpenAI, OpenAI
 
-from server_harness import create_key, fleet
+from server_harness import create_key, fleet, openai_client
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Roses are red,"]
@@ -30,14 +29,14 @@ def key(srv):
 
 @pytest.fixture(scope="module")
 def client(srv, key):
-    return OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    return openai_client(srv, key)
 
 
 @pytest.fixture(scope="module")
 def unguarded():
     """The server without guardrails (streamed logprobs, raw chat-template prompts)."""
     small = fleet().get("small")
-    return OpenAI(base_url=small.url + "/v1", api_key=small.keys["user"], max_retries=0, timeout=120)
+    return openai_client(small, small.keys["user"])
 
 
 def _post(srv, key, path, body, **kw):
@@ -104,7 +103,7 @@ def test_leaving_a_streamed_batch_aborts_every_prompt_and_frees_the_kv_cache(srv
     before = srv.metrics().get(aborted, 0)
 
     async def scenario():
-        client = AsyncOpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=120)
+        client = openai_client(srv, key, asynchronous=True)
         stream = await client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=2000, stream=True,
                                                  extra_body={"ignore_eos": True})
         seen = set()

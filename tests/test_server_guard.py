@@ -18,7 +18,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from server_harness import Server, create_key
+from server_harness import Server, create_key, openai_client
 
 MODEL = "SmolLM2-135M-Instruct"
 EMAIL = "john.smith@example.com"
@@ -56,7 +56,7 @@ def env():
 
 
 def sdk(srv, name: str) -> OpenAI:
-    return OpenAI(base_url=srv.url + "/v1", api_key=srv.keys[name], max_retries=0, timeout=120)
+    return openai_client(srv, srv.keys[name])
 
 
 def call(srv, method: str, path: str, key: str, body=None, **headers) -> httpx.Response:

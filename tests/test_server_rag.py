@@ -9,9 +9,8 @@ import tempfile
 
 import httpx
 import pytest
-from openai import OpenAI
 
-from server_harness import Server, bootstrap_key, create_key
+from server_harness import Server, bootstrap_key, create_key, openai_client
 from servelm.rag.answer import NO_ANSWER
 from servelm.rag.loaders import load_bytes
 
@@ -141,7 +140,7 @@ def test_streamed_query_sends_deltas_then_the_sourced_answer(srv, keys, kb):
 def test_question_the_documents_do_not_answer(srv, keys, kb):
     body = call(srv, "POST", "/v1/rag/query", keys["chat"], json={"collection": "kb", "query": OFF_TOPIC}).json()
     assert (body["answer"], body["sources"], body["found"]) == (NO_ANSWER, [], False)
-    client = OpenAI(base_url=srv.url + "/v1", api_key=keys["chat"], max_retries=0, timeout=120)
+    client = openai_client(srv, keys["chat"])
     chat = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=8,
                                           messages=[{"role": "user", "content": OFF_TOPIC}],
                                           extra_body={"rag": {"collection": "kb"}})
@@ -149,7 +148,7 @@ def test_question_the_documents_do_not_answer(srv, keys, kb):
 
 
 def test_chat_completion_with_rag_returns_sources_and_fences_context(srv, keys, kb):
-    client = OpenAI(base_url=srv.url + "/v1", api_key=keys["chat"], max_retries=0, timeout=120)
+    client = openai_client(srv, keys["chat"])
     system = "You are terse."
     chat = client.chat.completions.create(
         model="SmolLM2-135M-Instruct", max_tokens=8, extra_headers={"x-request-id": "rag-chat-1"},

@@ -10,10 +10,9 @@ import re
 import jsonschema
 import openai
 import pytest
-from openai import AsyncOpenAI, OpenAI
 from pydantic import BaseModel, Field
 
-from server_harness import create_key, fleet
+from server_harness import create_key, fleet, openai_client
 
 MODEL = "SmolLM2-135M-Instruct"
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
@@ -40,7 +39,7 @@ def key(srv):
 
 @pytest.fixture(scope="module")
 def client(srv, key):
-    return OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    return openai_client(srv, key)
 
 
 def _chat(client, content: str, **kw):
@@ -147,7 +146,7 @@ def test_unconstrained_batch_mates_keep_their_greedy_answer(srv, key, client):
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}
 
     async def together():
-        aclient = AsyncOpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=120)
+        aclient = openai_client(srv, key, asynchronous=True)
         jobs = [aclient.chat.completions.create(model=MODEL, **plain)]
         jobs += [aclient.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=10,
                                                  response_format=fmt) for _ in range(2)]
