@@ -48,9 +48,11 @@ class CUDAGraphRunner:
         # Rows of the staging tensor: token id, position, slot, context length. Two sets, used in turn:
         # under async scheduling step k+1 is staged before step k's copies have surely run, but
         # after step k-1 finished (its sampled ids were read).
-        self._buffers = [(torch.zeros(4, self.max_bs, dtype=torch.int64).pin_memory(),
-                          torch.zeros(self.max_bs, self.max_blocks, dtype=torch.int32).pin_memory())
-                         for _ in range(2)]
+        self._buffers = []
+        for _ in range(2):
+            st = torch.zeros(4, self.max_bs, dtype=torch.int64).pin_memory()
+            tab = torch.zeros(self.max_bs, self.max_blocks, dtype=torch.int32).pin_memory()
+            self._buffers.append((st, tab, st.numpy(), tab.numpy()))
         self._flip()
         self.meta = torch.zeros(4, self.max_bs, dtype=torch.int64, device=dev)
         self.tables = torch.zeros(self.max_bs, self.max_blocks, dtype=torch.int32, device=dev)
@@ -61,8 +63,7 @@ class CUDAGraphRunner:
 
     def _flip(self) -> None:
         self._buffers.reverse()
-        self.staging, self.table_staging = self._buffers[0]
-        self.staging_np, self.table_staging_np = self.staging.numpy(), self.table_staging.numpy()
+        self.staging, self.table_staging, self.staging_np, self.table_staging_np = self._buffers[0]
 
     def _forward(self, bs: int) -> torch.Tensor:
         lay = BatchLayout(slot_mapping=self.meta[2, :bs], query_lens=[1] * bs, context_lens=[1] * bs,

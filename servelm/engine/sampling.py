@@ -64,14 +64,14 @@ class Sampler:
 
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Greedy rows take the argmax, the others a draw; no host synchronisation on CUDA."""
-        greedy = [s.params.greedy for s in seqs]
-        tokens = _argmax(logits)
-        if all(greedy):
-            return tokens
-        drawn = self._draw(logits, seqs)
-        if not any(greedy):
-            return drawn
-        return torch.where(host_to_device(greedy, torch.bool, logits.device), tokens, drawn)
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if not sampled:
+            return _argmax(logits)
+        if len(sampled) == len(seqs):
+            return self._draw(logits, seqs)
+        rows = host_to_device(sampled, torch.int64, logits.device)
+        drawn = self._draw(logits.index_select(0, rows), [seqs[i] for i in sampled])
+        return _argmax(logits).index_copy(0, rows, drawn)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for i, s in enumerate(seqs):
@@ -96,9 +96,8 @@ class Sampler:
                 logits[i, ids] = float("-inf")
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """One sampled token per row (greedy rows draw too, at temperature 1, and are discarded)."""
         dev = logits.device
-        temps = host_to_device([s.params.temperature or 1.0 for s in seqs], torch.float32, dev)
+        temps = host_to_device([s.params.temperature for s in seqs], torch.float32, dev)
         logits = logits / temps[:, None]
         top_k = [s.params.top_k for s in seqs]
         top_p = [s.params.top_p for s in seqs]
@@ -111,7 +110,7 @@ class Sampler:
             probs = probs.masked_fill(probs < mp * probs.max(dim=-1, keepdim=True).values, 0.0)
         noise = torch.empty_like(probs).exponential_()
         for i, s in enumerate(seqs):
-            if s.generator is not None and not s.params.greedy:  # its own stream: independent of batch mates
+            if s.generator is not None:  # its own stream: the draw does not depend on batch mates
                 noise[i] = torch.empty(probs.shape[-1]).exponential_(generator=s.generator).to(dev)
         return (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
 
