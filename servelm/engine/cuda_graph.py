@@ -7,10 +7,11 @@ one graph replay instead of ~400 eager launches.
 Graphs are captured once at a ladder of batch sizes (1, 2, 4, 8, then every 16 up to
 ``max_num_seqs``); a decode batch is padded to the next captured size. Their attention splits the
 context as for the longest one allowed. (Extra one-split graphs for short contexts, one kernel
-fewer per layer, replayed 0.11 ms slower for the 8B shape on an H200, so there are none.) Inputs live in
-persistent device buffers that each step overwrites with one host-to-device copy of a
-pinned staging tensor; padding rows write no K/V (slot -1) and attend to one token. The
-only host synchronisation per step is the sampler reading the chosen token ids.
+fewer per layer, replayed 0.11 ms slower for the 8B shape on an H200, so there are none.)
+Inputs live in persistent device buffers that each step overwrites with host-to-device copies of
+pinned staging tensors; padding rows write no K/V (slot -1) and attend to one token. The only
+host synchronisation per step is reading the sampled token ids, which async scheduling
+(``LLMEngine.step``) defers until the next step is launched.
 """
 from __future__ import annotations
 
