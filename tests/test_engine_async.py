@@ -58,7 +58,9 @@ def test_async_handles_aborts_and_mixed_sampling_settings(make_llm):
     kinds = [SamplingParams(temperature=0, max_tokens=70, ignore_eos=True),  # outlives the others: overlaps
              SamplingParams(temperature=0, max_tokens=30, logprobs=2),  # needs host work: drains the pipeline
              SamplingParams(temperature=0.8, seed=11, max_tokens=30),
-             SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=30)]
+             SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=30),
+             SamplingParams(temperature=0, max_tokens=60, ignore_eos=True,  # no host state: overlaps too
+                            logit_bias={t: 4.0 for t in (13, 28, 330, 1024)})]
     reqs = [(f"r{i}", p, kinds[i % len(kinds)]) for i, p in enumerate(prompts)]
     arrivals = [0, 0, 0, 0, 3, 3, 8, 8, 8, 15, 15, 20]
     rng = random.Random(7)

@@ -15,6 +15,8 @@ from servelm.engine import LLM, AsyncEngine, InvalidRequestError, ModelLoadError
     (dict(prompt_logprobs=21), "prompt_logprobs"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-1), "temperature"),
     (dict(n=0), "n"), (dict(logprobs=50), "logprobs"), (dict(stop=[""]), "stop"),
+    (dict(logit_bias={5: 101.0}), "logit_bias"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    (dict(logit_bias={"5": 1.0}), "logit_bias"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, param):
     with pytest.raises(InvalidRequestError) as e:

@@ -1,11 +1,11 @@
-"""Seeds, stop strings, stop tokens, streaming text integrity, logprobs and penalties."""
+"""Seeds, stop strings, stop tokens, streaming text integrity, logprobs, penalties and logit bias."""
 from __future__ import annotations
 
 import asyncio
 
 import pytest
 
-from servelm.engine import AsyncEngine, SamplingParams
+from servelm.engine import AsyncEngine, InvalidRequestError, SamplingParams
 from servelm.engine.detokenizer import detokenize_new_text
 from servelm.engine.sequence import Sequence
 
@@ -113,6 +113,25 @@ def test_penalties_change_repetitive_output(smol):
                                                  repetition_penalty=1.8))[0].outputs[0]
     assert len(set(pen.token_ids)) > len(set(base.token_ids))
     assert len(set(rep.token_ids)) > len(set(base.token_ids))
+
+
+def test_logit_bias_forces_bans_and_keeps_batch_mates(smol):
+    prompt = "The capital of France is"
+    greedy = dict(temperature=0, max_tokens=5, ignore_eos=True)
+    base = smol.generate([prompt], SamplingParams(**greedy))[0].outputs[0].token_ids
+    banana = smol.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    outs = smol.generate([prompt, prompt, prompt], [
+        SamplingParams(**greedy, logit_bias={banana: 100.0}),  # +100: chosen at every step
+        SamplingParams(**greedy, logit_bias={base[0]: -100.0}),  # -100: the greedy first token is banned
+        SamplingParams(**greedy)])  # a batch mate without bias is untouched
+    assert outs[0].outputs[0].token_ids == [banana] * 5
+    assert outs[1].outputs[0].token_ids[0] != base[0] and base[0] not in outs[1].outputs[0].token_ids
+    assert outs[2].outputs[0].token_ids == base
+    sampled = smol.generate([prompt], SamplingParams(temperature=1.0, seed=3, max_tokens=5, logit_bias={banana: 100.0}))
+    assert sampled[0].outputs[0].token_ids == [banana] * 5  # a +100 bias dominates sampling too
+    with pytest.raises(InvalidRequestError) as e:
+        smol.generate([prompt], SamplingParams(max_tokens=2, logit_bias={smol.engine.model_config.vocab_size: 1.0}))
+    assert e.value.param == "logit_bias"
 
 
 def test_prompt_logprobs_score_every_prompt_token_like_the_scoring_path(smol):

@@ -171,7 +171,6 @@ def test_completion_text_offsets_count_the_characters_the_text_has(unguarded, to
 # ------------------------------------------------------------------ fields the server cannot honour
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 REFUSED = [  # JSON modes and forced tool calls are served (tests/test_server_structured.py)
-    ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"modalities": ["text", "audio"]}, "modalities"),
 ]
 
@@ -181,6 +180,25 @@ def test_a_contract_the_server_cannot_keep_gets_a_clear_400(client, extra, param
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=JAPANESE, max_tokens=2, extra_body=extra)
     assert e.value.body["code"] == "unsupported_parameter" and e.value.body["param"] == param
+
+
+def test_logit_bias_forces_and_bans_tokens_and_bad_maps_get_a_400(srv, key, client, tokenizer):
+    banana = tokenizer.encode(" banana", add_special_tokens=False)[0]
+    out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0,
+                                    logit_bias={str(banana): 100}, extra_body={"ignore_eos": True})
+    assert out.choices[0].text == " banana" * 3
+    base = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=1, temperature=0)
+    first = tokenizer.encode(base.choices[0].text, add_special_tokens=False)[0]
+    banned = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=1, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].text != base.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=JAPANESE, max_tokens=2, temperature=0,
+                                          logit_bias={str(banana): 100})
+    assert chat.choices[0].message.content == " banana" * 2
+    for bad in ({"banana": 5}, {str(banana): 101}, {"99999999": 1}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=JAPANESE, max_tokens=2, logit_bias=bad)
+        assert e.value.status_code == 400 and e.value.body["param"] == "logit_bias", (bad, e.value.body)
 
 
 def test_stream_options_without_stream_is_refused_as_openai_does(srv, key, client):

@@ -180,6 +180,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use.", "request_id")
         params.validate()
+        vocab = self.model_config.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidRequestError(f"logit_bias token ids must be below the vocabulary size ({vocab}); got "
+                                      f"{max(params.logit_bias)}.", "logit_bias")
         if params.prompt_logprobs is not None and self.tp is not None:
             raise InvalidRequestError("prompt_logprobs is not supported with tensor parallelism yet.",
                                       "prompt_logprobs")

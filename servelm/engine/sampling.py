@@ -1,7 +1,7 @@
 """Batched sampling with per-request parameters, in one pass over the batch's logits.
 
-Order: penalties → structured-output masks → (raw logprobs) → greedy argmax, or temperature → top-k → top-p →
-min-p → draw. Draws use the exponential race (``argmax(p / Exp(1))``), which lets a
+Order: logit bias → penalties → structured-output masks → (raw logprobs) → greedy argmax, or
+temperature → top-k → top-p → min-p → draw. Draws use the exponential race (``argmax(p / Exp(1))``), which lets a
 seeded request draw its noise from its own generator while the rest share one call.
 """
 from __future__ import annotations
@@ -56,6 +56,7 @@ class Sampler:
     def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Float32 logits after penalties, early-EOS suppression and structured-output masks."""
         logits = logits.float()
+        self._apply_logit_bias(logits, seqs)
         self._apply_penalties(logits, seqs)
         self._suppress_early_eos(logits, seqs)
         if any(s.grammar is not None for s in seqs):
@@ -72,6 +73,13 @@ class Sampler:
         rows = host_to_device(sampled, torch.int64, logits.device)
         drawn = self._draw(logits.index_select(0, rows), [seqs[i] for i in sampled])
         return _argmax(logits).index_copy(0, rows, drawn)
+
+    def _apply_logit_bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        for i, s in enumerate(seqs):
+            bias = s.params.logit_bias
+            if bias:  # copied through pinned memory: no host sync, so async scheduling keeps these rows
+                ids = host_to_device(list(bias), torch.int64, logits.device)
+                logits[i].index_add_(0, ids, host_to_device(list(bias.values()), torch.float32, logits.device))
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for i, s in enumerate(seqs):

@@ -59,6 +59,8 @@ class SamplingParams:
     ``temperature == 0`` means greedy. ``seed`` makes sampling reproducible
     whatever else is in the batch. ``n`` completions share the prompt's KV blocks.
     ``structured_output`` constrains every completion to a JSON schema, regex, choice or grammar.
+    ``logit_bias`` maps token ids to a value in [-100, 100] added to their logits before sampling
+    (OpenAI's semantics: -100 bans a token, +100 all but forces it).
     """
 
     n: int = 1
@@ -79,6 +81,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring, echo)
     min_tokens: int = 0
     structured_output: StructuredOutputParams | None = None  # constrained decoding (JSON schema, regex, ...)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -127,3 +130,11 @@ class SamplingParams:
             raise InvalidRequestError(f"min_tokens must be >= 0, got {self.min_tokens}.", "min_tokens")
         if self.structured_output is not None:
             self.structured_output.validate()
+        if self.logit_bias:
+            if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.logit_bias):
+                raise InvalidRequestError("logit_bias keys must be token ids (integers >= 0).", "logit_bias")
+            bad = [v for v in self.logit_bias.values() if not -100.0 <= v <= 100.0]
+            if bad:
+                raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bad[0]}.", "logit_bias")
+            if len(self.logit_bias) > 300:  # OpenAI's limit
+                raise InvalidRequestError("logit_bias may set at most 300 tokens.", "logit_bias")

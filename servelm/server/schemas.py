@@ -81,7 +81,8 @@ class _SamplingFields(_Request):
     user: str | None = Field(None, max_length=256)
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema "
                                                    "(enforced by constrained decoding).")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: a non-empty map is refused.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100] "
+                                                "added to its logit before sampling; -100 bans the token.")
     # vLLM-style extras
     top_k: int = Field(0, ge=-1, le=1_000_000)
     min_p: float = Field(0.0, ge=0.0, le=1.0)

@@ -289,13 +289,6 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-def refuse_unsupported(body) -> None:
-    """Raises APIError(400, unsupported_parameter) for a contract the engine cannot keep, rather than
-    answering as if it had been kept: logit_bias."""
-    if body.logit_bias:
-        raise invalid("logit_bias is not supported by this server.", "logit_bias", "unsupported_parameter")
-
-
 def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_size: int | None = None,
                     prompt_logprobs: int | None = None, structured_output=None) -> SamplingParams:
     """Returns SamplingParams from an OpenAI body; raises APIError(400) for values the engine refuses."""
@@ -306,6 +299,12 @@ def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_si
     # generator seeds from it, which must stay inside torch's 64-bit seed range. Folding is
     # deterministic, so equal seeds still give equal samples.
     seed = None if body.seed is None else body.seed & 0xFFFFFFFF
+    logit_bias = None
+    if body.logit_bias:  # OpenAI sends token ids as JSON object keys, so as strings
+        try:
+            logit_bias = {int(t): float(v) for t, v in body.logit_bias.items()}
+        except ValueError:
+            raise invalid("logit_bias keys must be token ids (integers, as strings).", "logit_bias") from None
     if max_tokens is not None and body.min_tokens > max_tokens:
         raise invalid(f"min_tokens ({body.min_tokens}) cannot exceed max_tokens ({max_tokens}).", "min_tokens")
     try:
@@ -314,6 +313,6 @@ def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_si
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               seed=seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
                               min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs,
-                              structured_output=structured_output)
+                              structured_output=structured_output, logit_bias=logit_bias)
     except InvalidRequestError as e:
         raise from_engine(e) from None

@@ -17,7 +17,7 @@ from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatMessage, C
                                     ChatCompletionChunk, ChatCompletionRequest, DeltaMessage, Tool, Usage)
 from servelm.safety import FallbackResult
 from servelm.server.guarding import call_engine, fallback_headers
-from servelm.server.serving import Generation, refuse_unsupported, sampling_params, start, until_disconnect
+from servelm.server.serving import Generation, sampling_params, start, until_disconnect
 from servelm.server.streaming import stream_events, usage
 
 router = APIRouter(tags=["openai"])
@@ -32,7 +32,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     """Returns a ChatCompletion, or an SSE stream of ChatCompletionChunk ending with ``data: [DONE]``."""
     ctx = get_context(request)
     ctx.check_model(body.model)
-    refuse_unsupported(body)
     tools = _tools(body)
     spec, spec_param, forced = structured.from_request(body, _given_tools(body))
     await structured.check(ctx.engine, spec, spec_param)

@@ -23,7 +23,7 @@ from servelm.server.pipeline import Answer, run_stream_stages
 from servelm.server.schemas import Completion, CompletionChoice, CompletionRequest
 from servelm.safety import FallbackResult
 from servelm.server.guarding import call_engine, fallback_headers
-from servelm.server.serving import (Generation, check_context, finish_all, gather_all, refuse_unsupported,
+from servelm.server.serving import (Generation, check_context, finish_all, gather_all,
                                     sampling_params, start_batch, until_disconnect)
 from servelm.server.streaming import stream_events, usage
 
@@ -92,7 +92,6 @@ async def create_completion(body: CompletionRequest, request: Request,
     """Returns a Completion, or an SSE stream of Completion chunks ending with ``data: [DONE]``."""
     ctx = get_context(request)
     ctx.check_model(body.model)
-    refuse_unsupported(body)
     if body.suffix:
         raise invalid("suffix is not supported by this model.", "suffix", "unsupported_parameter")
     if body.best_of is not None and body.best_of != body.n:
