@@ -55,3 +55,21 @@ def tokenizer(smol_path):
     from servelm.engine.tokenizer import Tokenizer
 
     return Tokenizer.from_source(smol_path)
+
+
+# The real server the OpenAI-facing tests share (tests/server_harness.py starts it once per session).
+# A module that needs another server defines its own ``srv``; one that uses ``client`` defines ``key``.
+@pytest.fixture(scope="module")
+def srv():
+    """The suite's main server (embedded SmolLM2, auth and guard on)."""
+    from server_harness import fleet
+
+    return fleet().get("main")
+
+
+@pytest.fixture(scope="module")
+def client(srv, key):
+    """The OpenAI SDK pointed at ``srv`` with the module's ``key``."""
+    from server_harness import openai_client
+
+    return openai_client(srv, key)

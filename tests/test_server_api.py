@@ -12,15 +12,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from server_harness import bootstrap_key, create_key, fleet, openai_client
+from server_harness import bootstrap_key, create_key, openai_client
 
 MODEL = "SmolLM2-135M-Instruct"
 MSG = [{"role": "user", "content": "Name three colors."}]
-
-
-@pytest.fixture(scope="module")
-def srv():
-    return fleet().get("main")
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +28,6 @@ def key(srv):
     k = create_key(srv.data_dir, "alice")
     srv.keys["alice"] = k
     return k
-
-
-@pytest.fixture(scope="module")
-def client(srv, key):
-    return openai_client(srv, key)
 
 
 def post(srv, path, body=None, key=None, **kw):

@@ -18,18 +18,8 @@ JAPANESE = [{"role": "user", "content": "Write 'hello' in Japanese."}]  # greedy
 
 
 @pytest.fixture(scope="module")
-def srv():
-    return fleet().get("main")
-
-
-@pytest.fixture(scope="module")
 def key(srv):
     return create_key(srv.data_dir, "compat")
-
-
-@pytest.fixture(scope="module")
-def client(srv, key):
-    return openai_client(srv, key)
 
 
 @pytest.fixture(scope="module")

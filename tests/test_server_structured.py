@@ -12,7 +12,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from server_harness import create_key, fleet, openai_client
+from server_harness import create_key, openai_client
 
 MODEL = "SmolLM2-135M-Instruct"
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
@@ -28,18 +28,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def srv():
-    return fleet().get("main")
-
-
-@pytest.fixture(scope="module")
 def key(srv):
     return create_key(srv.data_dir, "structured")
-
-
-@pytest.fixture(scope="module")
-def client(srv, key):
-    return openai_client(srv, key)
 
 
 def _chat(client, content: str, **kw):
