@@ -6,16 +6,18 @@ device-to-device copy measured in the same run (bytes read + written), i.e. of t
 ``bench/latency.py`` uses.
 
 - w16: cuBLAS (F.linear) vs triton_gemv.w16_matmul
-- int4 (group 128): torch's tinygemm aten._weight_int4pack_mm vs triton_gemv.w4_matmul
+- int4 (group 128): torch's tinygemm aten._weight_int4pack_mm vs triton_gemv.w4_matmul vs the
+  tensor-core kernel cuda_w4.matmul
 - int8 (per-row scale): dequantize+matmul and torch._weight_int8pack_mm vs triton_gemv.w8_matmul
 
 Each timing is a CUDA graph that runs the product once over each of several copies of the weight
 (at least 512 MB in all, so nothing is served from L2, as in a real decode step where every layer's
 weight differs), replayed 20 times; the median replay over the copies is the time per product.
 ``--sweep`` also times a grid of block sizes for M=1 and M=16 (compiled in parallel processes first)
-and reports the best, which is how ``triton_gemv.pick_config``'s table was chosen.
+and reports the best, which is how ``triton_gemv.pick_config``'s table was chosen; ``--sweep-cuda``
+does the same for the work split of the tensor-core kernel (``cuda_w4.pick_config``).
 
-    python bench/gemv.py [--formats w16,int4,int8] [--rows 1,2,4,8,16] [--sweep] [--out FILE]
+    python bench/gemv.py [--formats w16,int4,int8] [--rows 1,2,4,8,16] [--sweep] [--sweep-cuda] [--out FILE]
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.latency import copy_bandwidth, replay_ms  # noqa: E402
+from servelm.engine.quant import cuda_w4  # noqa: E402
 from servelm.engine.quant import triton_gemv as tg  # noqa: E402
 from servelm.engine.quant.int4 import quantize_int4  # noqa: E402
 
@@ -52,19 +55,21 @@ def make_weights(fmt: str, n: int, k: int) -> dict:
         sz = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
         return {"gemv": tg.pack_int4(q, GROUP), "tinygemm": torch.ops.aten._convert_weight_to_int4pack(u8, 8),
-                "sz": sz, "bytes": n * k // 2 + sz.numel() * 2}
+                "mma": cuda_w4.pack(q), "sz": sz, "bytes": n * k // 2 + sz.numel() * 2}
     q = torch.randint(-127, 128, (n, k), device=DEV, dtype=torch.int8)
     s = torch.rand(n, device=DEV) * 1e-3
     return {"q": q, "s": s, "s16": s.to(torch.bfloat16), "bytes": n * k + n * 4}
 
 
-def candidates(fmt: str, cfg: tg.Config | None = None) -> dict:
-    """name -> fn(x, weights) for `fmt`; `cfg` fixes the Triton kernel's blocks."""
+def candidates(fmt: str, cfg: tg.Config | None = None, mma_cfg: tuple | None = None) -> dict:
+    """name -> fn(x, weights) for `fmt`; `cfg` fixes the Triton kernel's blocks, `mma_cfg` the
+    tensor-core kernel's (S, R, U)."""
     if fmt == "w16":
         return {"cublas": lambda x, c: F.linear(x, c["w"]), "triton": lambda x, c: tg.w16_matmul(x, c["w"], cfg)}
     if fmt == "int4":
         return {"tinygemm": lambda x, c: torch.ops.aten._weight_int4pack_mm(x, c["tinygemm"], GROUP, c["sz"]),
-                "triton": lambda x, c: tg.w4_matmul(x, c["gemv"], c["sz"], GROUP, cfg)}
+                "triton": lambda x, c: tg.w4_matmul(x, c["gemv"], c["sz"], GROUP, cfg),
+                "cuda_w4": lambda x, c: cuda_w4.matmul(x, c["mma"], c["sz"], GROUP, mma_cfg)}
     return {"dequant_matmul": lambda x, c: F.linear(x, c["q"].to(x.dtype)) * c["s16"],
             "int8pack": lambda x, c: torch._weight_int8pack_mm(x, c["q"], c["s16"]),
             "triton": lambda x, c: tg.w8_matmul(x, c["q"], c["s"], cfg)}
@@ -138,6 +143,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,16")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--sweep", action="store_true", help="also search block sizes at M=1 and M=16")
+    ap.add_argument("--sweep-cuda", action="store_true", help="also search the tensor-core kernel's work split")
     ap.add_argument("--min-bytes", type=int, default=512 << 20, help="weight bytes per timing (L2 defeat)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
@@ -174,6 +180,15 @@ def main() -> None:
                 table.append(f"{fmt:5s} {name:8s} M={m:<2d} " + "  ".join(
                     f"{c}={v['us']:.1f}us({v['roofline_fraction'] * 100:.0f}%)" if "us" in v else f"{c}=ERR"
                     for c, v in kk.items()))
+                if args.sweep_cuda and fmt == "int4":
+                    timed = sorted((time_graph(candidates(fmt, mma_cfg=mc)["cuda_w4"], x, copies), mc)
+                                   for mc in cuda_w4.SWEEP)
+                    best = timed[0]
+                    res["sweep"].append({"format": fmt, "kernel": "cuda_w4", "shape": name, "m": m, "best": best[1],
+                                         "us": best[0] * 1e6, "roofline_fraction": one["bytes"] / best[0] / bw,
+                                         "all_us": [[list(mc), round(t * 1e6, 2)] for t, mc in timed]})
+                    table.append(f"      cuda_w4 best (S,R,U)={best[1]} {best[0] * 1e6:.1f}us "
+                                 f"({one['bytes'] / best[0] / bw * 100:.0f}%)")
                 if args.sweep and m in (1, 16):
                     best = None
                     for cfg in sweep_grid(fmt, m):

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from servelm.engine import LLM, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from servelm.engine.quant import Int4Linear, Int8Linear, kernels  # noqa: E402
+from servelm.engine.quant import Int4Linear, Int8Linear, cuda_w4, kernels  # noqa: E402
 from servelm.engine.quant import triton_gemv as tg  # noqa: E402
 from servelm.engine.quant.int4 import quantize_int4  # noqa: E402
 from servelm.engine.quant.int8 import quantize_int8  # noqa: E402
@@ -64,6 +64,33 @@ def test_w4_matches_dequantized_reference(group, n, k, dtype):
                 check(tg.w4_matmul(x, packed, sz, group, cfg), x.float() @ deq.t(), m, n, dtype)
 
 
+# whole 16-row tiles and 64-input blocks; K = 22 and 34 blocks leave the last warps' slices short or empty
+MMA_SHAPES = [(32, 128), (1008, 1408), (4096, 4096), (336, 2176)]
+MMA_CONFIGS = [cuda_w4.DEFAULT, (1, 1, 4), (8, 1, 8), (2, 2, 16), (8, 2, 4)]
+
+
+@pytest.mark.parametrize(("group", "n", "k"), [(g, n, k) for g in (64, 128, 256) for n, k in MMA_SHAPES if k % g == 0])
+def test_cuda_w4_matches_dequantized_reference(group, n, k):
+    """The tensor-core kernel (quant/cuda_w4.py) at every row count (passes of 8, 16, 32 rows), several
+    work splits, and its dequantize kernel against the same weights dequantized in fp32."""
+    assert cuda_w4.available(DEV), cuda_w4._FAILED
+    w = torch.randn(n, k, device=DEV) * 0.05
+    q, s, z = quantize_int4(w, group)
+    sz = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    packed = cuda_w4.pack(q)
+    assert torch.equal(cuda_w4.unpack(packed).int(), q)
+    s16, z16 = sz.float().transpose(0, 1).unbind(-1)
+    deq = ((q.reshape(n, k // group, group) - 8) * s16[..., None] + z16[..., None]).reshape(n, k)
+    d = cuda_w4.dequantize(packed, sz, group)
+    assert d.dtype == torch.bfloat16 and rel(d, deq) < 4e-3  # one bf16 rounding per weight
+    for m in ROWS + [33]:
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        for cfg in MMA_CONFIGS:
+            check(cuda_w4.matmul(x, packed, sz, group, cfg), x.float() @ deq.t(), m, n, torch.bfloat16)
+    x = torch.randn(3, 2 * k, device=DEV, dtype=torch.bfloat16)[:, ::2]  # strided rows are copied first
+    check(cuda_w4.matmul(x, packed, sz, group), x.float() @ deq.t(), 3, n, torch.bfloat16)
+
+
 @pytest.mark.parametrize(("n", "k", "dtype"), [(n, k, torch.bfloat16) for n, k in SHAPES + [(129, 1000)]]
                          + [(1001, 1408, torch.float16)])
 def test_w8_and_w16_match_reference(n, k, dtype):
@@ -78,16 +105,17 @@ def test_w8_and_w16_match_reference(n, k, dtype):
                 check(tg.w16_matmul(x, w16, cfg), x.float() @ w16.float().t(), m, n, dtype)
 
 
-@pytest.mark.parametrize("kernel", ["triton_w4", "triton_w8", None])
+@pytest.mark.parametrize("kernel", ["triton_w4", "triton_w8", "cuda_w4", None])
 def test_modules_match_their_dequantized_weight(kernel):
-    """Int4Linear/Int8Linear on CUDA, through the Triton kernels (forced) or whatever measured fastest,
-    match their own dequantize(); a non-contiguous input (a column slice) is handled."""
+    """Int4Linear/Int8Linear on CUDA, through the Triton or tensor-core kernels (forced) or whatever
+    measured fastest, match their own dequantize(); a non-contiguous input (a column slice) is handled."""
     kernels.force(kernel)
     try:
-        lin = torch.nn.Linear(1024, 3000, bias=True, device=DEV, dtype=torch.bfloat16)
+        lin = torch.nn.Linear(1024, 3008, bias=True, device=DEV, dtype=torch.bfloat16)
         x = torch.randn(4, 2048, device=DEV, dtype=torch.bfloat16)[:, ::2]
         int4 = Int4Linear(lin, 64)
-        assert int4.layout == "gemv" if kernel == "triton_w4" else int4.layout in ("gemv", "tinygemm")
+        expected = {"triton_w4": ("gemv",), "cuda_w4": ("mma",)}.get(kernel, ("gemv", "tinygemm", "mma"))
+        assert int4.layout in expected
         for mod in (int4, Int8Linear(lin)):
             ref = x.float() @ mod.dequantize().t() + lin.bias.float()
             for rows in (1, 4):
@@ -114,6 +142,7 @@ def greedy(quant, kernel):
 
 
 @pytest.mark.parametrize(("quant", "existing", "new"), [("int4", "tinygemm", "triton_w4"),
+                                                        ("int4", "tinygemm", "cuda_w4"),
                                                         ("int8", "dequant_matmul", "triton_w8")])
 def test_greedy_decode_equals_existing_path(quant, existing, new):
     """Same tokens as the path the kernel replaces. Two correct kernels that sum in a different order

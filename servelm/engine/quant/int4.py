@@ -13,6 +13,8 @@ from torch import nn
 from . import kernels
 from .base import QuantLinear, dtype_key
 
+from . import cuda_w4
+
 try:  # the GPU kernels; CPU-only installs may lack Triton
     from . import triton_gemv
 except ImportError:
@@ -42,33 +44,43 @@ def on_int4_grid(w: torch.Tensor, group_size: int = 32, tol: float = 0.05) -> bo
 _CUDA_LAYOUTS: dict[tuple, str] = {}
 
 
-def cuda_layout(n: int, k: int, group_size: int, device: torch.device, max_rows: int = 1) -> str:
-    """Returns "gemv" (the Triton kernels of triton_gemv.py) or "tinygemm" (torch's
-    aten._weight_int4pack_mm) for an [n, k] layer on CUDA, timed once per shape on random codes. The
-    two store the weight differently, so the choice is made per layer at load, not per step: it is the
-    layout with the smaller sum of its times at one row and at ``min(max_rows, 16)`` rows (the engine
-    passes its ``max_num_seqs``), so a server that batches does not pay tinygemm's 2-3x at 16 rows for
-    a few percent at one. On an H200 tinygemm wins at 1-4 rows on most 8B shapes and Triton from 8 rows
-    up (docs/quantization.md).
-    SERVELM_QUANT_KERNEL / kernels.force() set to "triton_w4" or "tinygemm" override the measurement."""
+def cuda_layout(n: int, k: int, group_size: int, device: torch.device, max_rows: int = 1,
+                dtype: torch.dtype = torch.bfloat16) -> str:
+    """Returns the CUDA weight layout of an [n, k] layer: "mma" (the tensor-core kernel of cuda_w4.py),
+    "gemv" (the Triton kernels of triton_gemv.py) or "tinygemm" (torch's aten._weight_int4pack_mm),
+    timed once per shape on random codes. Each stores the weight differently, so the choice is made per
+    layer at load, not per step: it is the layout with the smaller sum of its times at one row and at
+    ``min(max_rows, 16)`` rows (the engine passes its ``max_num_seqs``), so a server that batches does
+    not pay tinygemm's 2-3x at 16 rows for a few percent at one (docs/quantization.md). "mma" is timed
+    where it compiles, the shape fits its tiles and the model is bf16.
+    SERVELM_QUANT_KERNEL / kernels.force() set to "cuda_w4", "triton_w4" or "tinygemm" override the
+    measurement."""
     forced = kernels.forced()
+    mma_ok = dtype == torch.bfloat16 and cuda_w4.supports(n, k, group_size) and cuda_w4.available(device)
+    if forced == "cuda_w4" and mma_ok:
+        return "mma"
     if triton_gemv is None or forced == "tinygemm":
         return "tinygemm"
     if forced == "triton_w4":
         return "gemv"
     rows = sorted({1, max(1, min(max_rows, 16))})
-    key = (n, k, group_size, str(device), rows[-1])
+    key = (n, k, group_size, str(device), rows[-1], mma_ok)
     if key not in _CUDA_LAYOUTS:
         q = torch.randint(0, 16, (n, k), dtype=torch.int32, device=device)
         sz = (torch.rand(k // group_size, n, 2, device=device) * 0.01).to(torch.bfloat16)
         xs = [torch.randn(m, k, device=device, dtype=torch.bfloat16) for m in rows]
+
+        def total(fn) -> float:
+            return sum(kernels.time_kernel(lambda x=x: fn(x), device) for x in xs)
+
         mine = triton_gemv.pack_int4(q, group_size)
-        times = {"gemv": sum(kernels.time_kernel(lambda x=x: triton_gemv.w4_matmul(x, mine, sz, group_size), device)
-                             for x in xs)}
+        times = {"gemv": total(lambda x: triton_gemv.w4_matmul(x, mine, sz, group_size))}
+        if mma_ok:
+            tiles = cuda_w4.pack(q)
+            times["mma"] = total(lambda x: cuda_w4.matmul(x, tiles, sz, group_size))
         try:
             theirs = torch.ops.aten._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
-            times["tinygemm"] = sum(kernels.time_kernel(
-                lambda x=x: torch.ops.aten._weight_int4pack_mm(x, theirs, group_size, sz), device) for x in xs)
+            times["tinygemm"] = total(lambda x: torch.ops.aten._weight_int4pack_mm(x, theirs, group_size, sz))
         except (RuntimeError, NotImplementedError):  # tinygemm missing on this build or card
             pass
         _CUDA_LAYOUTS[key] = min(times, key=times.get)
@@ -84,10 +96,10 @@ def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 class Int4Linear(QuantLinear):
-    """Kernels: CPU aten._weight_int4pack_mm_for_cpu (bf16 activations); CUDA the Triton kernels of
-    triton_gemv.py or torch's tinygemm aten._weight_int4pack_mm, each in its own layout (chosen per
-    layer shape at load by :func:`cuda_layout`); or dequantize+matmul. Picked per device/dtype/batch
-    by measurement."""
+    """Kernels: CPU aten._weight_int4pack_mm_for_cpu (bf16 activations); CUDA the tensor-core kernel of
+    cuda_w4.py, the Triton kernels of triton_gemv.py or torch's tinygemm aten._weight_int4pack_mm, each
+    in its own layout (chosen per layer shape at load by :func:`cuda_layout`); or dequantize+matmul.
+    Picked per device/dtype/batch by measurement."""
 
     method = "int4"
 
@@ -108,16 +120,18 @@ class Int4Linear(QuantLinear):
         if dev.type == "cpu" and n % 64 == 0:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             self.layout = "cpu"
-        elif dev.type == "cuda" and cuda_layout(n, k, group_size, dev, max_rows) == "gemv":
-            packed = triton_gemv.pack_int4(q, group_size)  # int32 [K/8, N], the Triton kernels' order
-            self.layout = "gemv"
         elif dev.type == "cuda":
+            self.layout = cuda_layout(n, k, group_size, dev, max_rows, linear.weight.dtype)
+        if self.layout == "mma":
+            packed = cuda_w4.pack(q)  # int32 [N/16, K/64, 32, 4], the order the tensor-core lanes read
+        elif self.layout == "gemv":
+            packed = triton_gemv.pack_int4(q, group_size)  # int32 [K/8, N], the Triton kernels' order
+        elif self.layout == "tinygemm":
             try:
                 u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).to(dev)
                 packed = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
-                self.layout = "tinygemm"
             except (RuntimeError, NotImplementedError):
-                packed = None
+                self.layout = "plain"
         if packed is None:
             packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
         self.register_buffer("qweight", packed.to(dev))
@@ -129,6 +143,8 @@ class Int4Linear(QuantLinear):
             return _unpack_cpu(self.qweight, n, k)
         if self.layout == "gemv":
             return triton_gemv.unpack_int4(self.qweight, self.group_size)
+        if self.layout == "mma":
+            return cuda_w4.unpack(self.qweight)
         p = self.qweight
         return torch.stack([p & 15, p >> 4], dim=-1).reshape(n, k)
 
@@ -151,6 +167,10 @@ class Int4Linear(QuantLinear):
             return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.qweight, g,
                                                       self.scales_zeros)
         cands = {}
+        if self.layout == "mma":  # listed first: taken as is if first seen inside a CUDA-graph capture
+            cands["cuda_w4"] = lambda: cuda_w4.matmul(x.to(torch.bfloat16), self.qweight, self.scales_zeros, g)
+            cands["cuda_w4_dequant"] = lambda: F.linear(
+                x, cuda_w4.dequantize(self.qweight, self.scales_zeros, g).to(x.dtype))
         if self.layout == "gemv":  # listed first: taken as is if first seen inside a CUDA-graph capture
             cands["triton_w4"] = lambda: triton_gemv.w4_matmul(x, self.qweight, self.scales_zeros, g)
         if self.layout == "cpu":
