@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-SPLIT_TOKENS = 256  # context tokens per flash-decoding split
+SPLIT_TOKENS = 64  # context tokens per flash-decoding split: one BLOCK_N step each (short contexts spread over programs)
 
 
 @triton.jit
@@ -198,7 +198,7 @@ def decode_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, 
     group = H // KVH
     part_o = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
-    block_n = 64 if D <= 64 else 32
+    block_n = 64 if D <= 128 else 32
     _decode_split_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, ctx_lens, part_o, part_lse, out, out.stride(0), out.stride(1),
         q.stride(0), q.stride(1), block_tables.stride(0), scale * LOG2E, H=H, KVH=KVH, GROUP=group,
