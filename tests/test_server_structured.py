@@ -129,6 +129,47 @@ def test_legacy_function_call_names_the_function(client):
     jsonschema.validate(json.loads(c.message.function_call.arguments), WEATHER["function"]["parameters"])
 
 
+# tool_choice "auto": what a model that writes Hermes calls answers, made certain by a regex (the 135M model
+# rarely calls a tool by itself); the server must read the call back out of the free text
+HERMES_CALL = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "Paris", "unit": "C"\}\}</tool_call>'
+
+
+def test_auto_tool_choice_reads_a_call_out_of_the_answer(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], temperature=0,
+                                       max_tokens=60, extra_body={"guided_regex": HERMES_CALL})
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None and len(c.message.tool_calls) == 1
+    _check_call(c.message.tool_calls[0])
+    assert json.loads(c.message.tool_calls[0].function.arguments) == {"city": "Paris", "unit": "C"}
+    # the SDK's streaming helper assembles the same call from the chunks
+    with client.beta.chat.completions.stream(model=MODEL, messages=ASK, tools=[WEATHER, TIME], temperature=0,
+                                             max_tokens=60, extra_body={"guided_regex": HERMES_CALL}) as stream:
+        final = stream.get_final_completion()
+    fc = final.choices[0]
+    assert fc.finish_reason == "tool_calls" and not fc.message.content
+    assert fc.message.tool_calls[0].function.name == "get_weather"
+    assert fc.message.tool_calls[0].function.arguments == c.message.tool_calls[0].function.arguments
+
+
+def test_auto_tool_choice_leaves_prose_and_unknown_tools_as_content(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[TIME], temperature=0, max_tokens=60,
+                                       extra_body={"guided_regex": HERMES_CALL})  # get_weather is not offered
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and not c.message.tool_calls and c.message.content.startswith("<tool_call>")
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="none",
+                                       temperature=0, max_tokens=60, extra_body={"guided_regex": HERMES_CALL})
+    assert not r.choices[0].message.tool_calls  # "none": nothing is parsed
+
+
+def test_a_tool_result_conversation_renders_and_answers(client):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris", "unit": "C"}'}}
+    msgs = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], temperature=0, max_tokens=24)
+    assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_unconstrained_batch_mates_keep_their_greedy_answer(srv, key, client):
     plain = dict(messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
                  max_tokens=10)

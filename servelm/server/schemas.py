@@ -147,12 +147,14 @@ class ChatCompletionRequest(_SamplingFields):
     examples: list[FewShotExample] | None = Field(None, max_length=32,
                                                   description="few_shot: demonstrations (servelm extension).")
     rag: RagOptions | None = Field(None, description="Retrieval options (servelm extension).")
-    tools: list[Tool] | None = Field(None, max_length=128, description="Passed to the model's chat template when "
-                                     "it renders tools; with tool_choice auto, calls are not parsed out of the "
-                                     "answer.")
+    tools: list[Tool] | None = Field(None, max_length=128, description="Passed to the model's chat template (or "
+                                     "described in the system message where the template has no tool support); "
+                                     "with tool_choice auto, calls the model writes come back as "
+                                     "message.tool_calls.")
     tool_choice: Literal["none", "auto", "required"] | dict | None = Field(
         None, description="required or {\"type\": \"function\", \"function\": {\"name\": ...}}: the answer is "
-                          "a call (constrained decoding), returned as message.tool_calls.")
+                          "a call (constrained decoding), returned as message.tool_calls; auto (the default with "
+                          "tools): calls the model writes are parsed out of its answer; none: tools are ignored.")
     parallel_tool_calls: bool | None = None
     functions: list[FunctionDefinition] | None = Field(None, max_length=128, description="Legacy form of tools.")
     function_call: Literal["none", "auto"] | dict | None = Field(None, description="Legacy form of tool_choice "

@@ -7,7 +7,8 @@ import uuid
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from servelm.server import sse, structured
+from servelm.prompts.tools import tool_turns_as_text, with_tools
+from servelm.server import sse, structured, tool_parser
 from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import invalid
@@ -34,6 +35,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     ctx.check_model(body.model)
     tools = _tools(body)
     spec, spec_param, forced = structured.from_request(body, _given_tools(body))
+    auto = tool_parser.for_request(body, tools) if forced is None else None
     await structured.check(ctx.engine, spec, spec_param)
     info = request.scope["servelm"]
     turn = ChatTurn(messages=turn_messages(body.messages), strategy=body.strategy, rag=body.rag,
@@ -51,7 +53,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         review = {"x-servelm-review-id": turn.held.servelm["review_id"]} if turn.held.servelm.get("review_id") else {}
         return _answer_without_engine(ctx, rid, body, turn.held.text, "content_filter", turn.held.servelm, review)
     tok = ctx.engine.tokenizer
-    prompt_ids = tok.encode(render_prompt(tok, turn.messages, tools), add_special_tokens=False)
+    prompt_ids = tok.encode(render_prompt(tok, turn.messages, tools, forced=forced is not None),
+                            add_special_tokens=False)
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid("top_logprobs requires logprobs=true.", "top_logprobs")
     k = body.top_logprobs or 0
@@ -73,7 +76,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         response.headers.update(gen.rate_headers)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.EventStream(headers=gen.rate_headers,
-                               content=_stream(ctx, gen, turn, body, rid, k, include_usage, forced))
+                               content=_stream(ctx, gen, turn, body, rid, k, include_usage, forced, auto))
     result = await call_engine(ctx.guarding, turn.request_id, run_collect)
     if isinstance(result, FallbackResult):
         return _fallback(ctx, rid, body, result, info)
@@ -91,6 +94,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
             reason = "function_call" if forced.legacy else "tool_calls"
             message = (AssistantMessage(function_call=calls[0]["function"]) if forced.legacy
                        else AssistantMessage(tool_calls=calls))
+        elif auto is not None and not a.finish_reason:
+            content, calls = auto.parse(a.text)
+            if calls:
+                reason = "function_call" if auto.legacy else "tool_calls"
+                message = AssistantMessage(content=content, **tool_parser.message_fields(auto, calls), **a.extras)
         choices.append(ChatChoice(index=index, message=message, logprobs=logprobs,
                                   finish_reason=a.finish_reason or reason, servelm=a.servelm or None))
     note = next((c.servelm for c in choices if c.servelm and "review_id" in c.servelm), None)
@@ -98,7 +106,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         response.headers["x-servelm-review-id"] = note["review_id"]
     out = ChatCompletion(id=rid, model=ctx.model_name, choices=choices, servelm=note,
                          usage=usage([gen]), sources=turn.metadata.get("sources"))
-    if forced is None:
+    if forced is None and not any(c.message.tool_calls or c.message.function_call for c in choices):
         return out
     # OpenAI sends "content": null beside tool calls; the route's exclude_none would drop the key
     data = out.model_dump(exclude_none=True)
@@ -149,12 +157,20 @@ def _given_tools(body: ChatCompletionRequest) -> list[dict]:
     return [t.model_dump(exclude_none=True) for t in body.tools or [Tool(function=f) for f in body.functions or []]]
 
 
-def render_prompt(tok, messages: list[dict], tools: list[dict] | None = None) -> str:
+def render_prompt(tok, messages: list[dict], tools: list[dict] | None = None, forced: bool = False) -> str:
     """Returns ``messages`` rendered by the model's chat template, ready for the assistant's turn.
 
-    ``tools`` go to the template only when it renders them (mentions ``tools``); otherwise they are
-    dropped, as a template without tool support would ignore them anyway."""
-    kwargs = {"tools": tools} if tools and getattr(tok, "renders_tools", False) else {}
+    ``tools`` go to a template that renders them (mentions ``tools``). For one that does not, they are
+    described in the system message with the call format ``server/tool_parser.py`` reads back (only the
+    functions when ``forced``: constrained decoding fixes the form), and earlier tool calls and results
+    are written out as text (``prompts/tools.py``)."""
+    kwargs = {}
+    if getattr(tok, "renders_tools", False):
+        kwargs = {"tools": tools} if tools else {}
+    elif tools:
+        messages = with_tools(messages, tools, forced)
+    elif any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        messages = tool_turns_as_text(messages)
     try:
         return tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
     except Exception as e:  # the model's template rejects e.g. a role order it cannot render
@@ -225,7 +241,8 @@ def _finish(reason: str | None) -> str | None:
 
 
 def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompletionRequest, rid: str,
-            k: int, include_usage: bool, forced: structured.ForcedTools | None = None):
+            k: int, include_usage: bool, forced: structured.ForcedTools | None = None,
+            auto: tool_parser.ToolCallParser | None = None):
     created = int(time.time())
     model = ctx.model_name
 
@@ -234,7 +251,12 @@ def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompl
                                              **extra))
 
     stages = {i: ctx.pipeline.stream_stages(turn) for i in range(body.n)}
-    calls = {i: structured.ToolCallStream(forced) for i in range(body.n)} if forced is not None else {}
+    calls = {}  # a forced call, or calls the model may write (tool_choice "auto")
+    if forced is not None:
+        calls = {i: structured.ToolCallStream(forced) for i in range(body.n)}
+    elif auto is not None:
+        calls = {i: tool_parser.AutoToolStream(auto) for i in range(body.n)}
+    legacy = (forced or auto).legacy if calls else False
 
     async def step(index, c):
         delta, ended = c.delta_text, False
@@ -251,7 +273,7 @@ def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompl
         if index in calls and not ended:
             fields, complete = calls[index].feed(delta, c.finished)
             if complete:
-                reason = "function_call" if forced.legacy else "tool_calls"
+                reason = "function_call" if legacy else "tool_calls"
         if not any(fields.values()) and lp is None and reason is None:
             return None, ended  # a guard is holding this text back: no empty chunk
         return ChatChunkChoice(index=index, delta=DeltaMessage(**fields), logprobs=lp,
