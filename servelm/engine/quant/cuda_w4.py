@@ -224,7 +224,7 @@ __global__ void w4_dequant(const V4* __restrict__ W, const u32* __restrict__ SZ,
 DEFAULT = (4, 1, 8)
 SWEEP = [(s, r, u) for s in (1, 2, 4, 8, 16) for r in (1, 2, 4) for u in (2, 4, 8) if s * r <= 16]
 
-_KERNELS: dict[str, object] = {}
+_KERNELS: dict[tuple[int, str], object] = {}  # (device index, kernel): a module is loaded per device
 _NUM_SMS: dict[int, int] = {}
 _LOCK = threading.Lock()
 _FAILED: list[str] = []
@@ -235,15 +235,31 @@ def _compile(name: str):
     return compile_kernel(_SRC, name)
 
 
-def _kernel(name: str):
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _kernel(name: str, idx: int):
     with _LOCK:
-        if name not in _KERNELS:
-            _KERNELS[name] = _compile(name)
-        return _KERNELS[name]
+        if (idx, name) not in _KERNELS:
+            with torch.cuda.device(idx):
+                _KERNELS[idx, name] = _compile(name)
+        return _KERNELS[idx, name]
+
+
+def _launch(name: str, device: torch.device, grid: tuple, block: tuple, args: list) -> None:
+    """Launches kernel ``name`` on ``device``'s current stream (CUDA-graph capture included)."""
+    idx = _index(device)
+    kern = _kernel(name, idx)
+    if idx == torch.cuda.current_device():
+        kern(grid=grid, block=block, args=args, stream=torch.cuda.current_stream(idx))
+        return
+    with torch.cuda.device(idx):
+        kern(grid=grid, block=block, args=args, stream=torch.cuda.current_stream(idx))
 
 
 def _num_sms(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = _index(device)
     if idx not in _NUM_SMS:
         _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _NUM_SMS[idx]
@@ -257,7 +273,7 @@ def available(device: torch.device) -> bool:
     if torch.cuda.get_device_capability(device) < (8, 0):
         return False
     try:
-        _kernel("w4_dequant")
+        _kernel("w4_dequant", _index(device))
         return True
     except Exception as e:  # noqa: BLE001 - any compile/load failure means "not here": the caller falls back
         _FAILED.append(f"{type(e).__name__}: {e}")
@@ -329,10 +345,9 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, gr
     s, r, u = cfg or pick_config(n, k, m, _num_sms(x.device))
     nb = 1 if m <= 8 else (2 if m <= 16 else 4)
     y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
-    kern = _kernel(f"w4_mma<{s},{r},{nb},{u}>")
     grid = ((n // 16 + r - 1) // r, (m + 8 * nb - 1) // (8 * nb), 1)
-    kern(grid=grid, block=(32 * s * r, 1, 1),
-         args=[packed, scales_zeros, x, y, m, n, k, x.stride(0), y.stride(0), (group // BLOCK_K).bit_length() - 1])
+    _launch(f"w4_mma<{s},{r},{nb},{u}>", x.device, grid, (32 * s * r, 1, 1),
+            [packed, scales_zeros, x, y, m, n, k, x.stride(0), y.stride(0), (group // BLOCK_K).bit_length() - 1])
     return y
 
 
@@ -342,6 +357,6 @@ def dequantize(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> 
     n, k = t * 16, kb * 64
     d = torch.empty(n, k, device=packed.device, dtype=torch.bfloat16)
     threads = t * kb * 32
-    _kernel("w4_dequant")(grid=((threads + 255) // 256, 1, 1), block=(256, 1, 1),
-                          args=[packed, scales_zeros, d, n, k, (group // BLOCK_K).bit_length() - 1])
+    _launch("w4_dequant", packed.device, ((threads + 255) // 256, 1, 1), (256, 1, 1),
+            [packed, scales_zeros, d, n, k, (group // BLOCK_K).bit_length() - 1])
     return d
