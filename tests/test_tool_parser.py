@@ -81,6 +81,12 @@ def test_stream_of_a_json_answer_is_held_whole():
     assert _stream(["  {", '"a": 1}']) == ('  {"a": 1}', [], False)  # JSON but no call: sent as text at the end
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    two = f'<tool_call>{PARIS}</tool_call><tool_call>{{"name": "get_time", "arguments": {{}}}}</tool_call>'
+    content, calls = ToolCallParser(P.names, single=True).parse(two)
+    assert content is None and [c["function"]["name"] for c in calls] == ["get_weather"]
+
+
 def test_legacy_functions_get_function_call():
     content, calls = ToolCallParser(frozenset({"get_weather"}), legacy=True).parse(f"<tool_call>{PARIS}</tool_call>")
     assert calls and content is None

@@ -26,13 +26,21 @@ _BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CAL
 
 @dataclass(slots=True)
 class ToolCallParser:
-    """The request's tool names; ``legacy`` (functions/function_call) answers with ``function_call``."""
+    """The request's tool names; ``legacy`` (functions/function_call) answers with ``function_call``;
+    ``single`` (``parallel_tool_calls: false``) keeps the first call only."""
 
     names: frozenset[str]
     legacy: bool = False
+    single: bool = False
 
     def parse(self, text: str) -> tuple[str | None, list[dict] | None]:
         """Returns (content, calls): calls None when ``text`` holds none (content is then ``text``)."""
+        content, calls = self._parse(text)
+        if calls and (self.single or self.legacy):
+            calls = calls[:1]
+        return content, calls
+
+    def _parse(self, text: str) -> tuple[str | None, list[dict] | None]:
         if TOOL_CALL_OPEN in text:
             calls, rest, end = [], [], 0
             for m in _BLOCK.finditer(text):
@@ -84,7 +92,8 @@ def for_request(body, tools: list[dict] | None) -> ToolCallParser | None:
         return None
     names = frozenset(t["function"]["name"] for t in tools)
     if body.tools:
-        return ToolCallParser(names) if body.tool_choice in (None, "auto") else None
+        single = getattr(body, "parallel_tool_calls", None) is False
+        return ToolCallParser(names, single=single) if body.tool_choice in (None, "auto") else None
     return ToolCallParser(names, legacy=True) if body.function_call in (None, "auto") else None
 
 
