@@ -7,7 +7,7 @@ two codes into two bf16 values 128 + q at once (the codes land in the low mantis
 packed bf16 ``fma`` make them (q - 8) * scale + zero, and ``mma.sync`` multiplies. That needs PTX that
 Triton does not let a kernel choose (the register layout of the tensor-core fragments), and no library
 that runs on this torch/CUDA (Marlin, Machete, FBGEMM's mixed-input GEMMs) installs without a matching
-build, so the kernel is ours: ~100 lines of CUDA, compiled once per process by ``torch.cuda``'s NVRTC
+build, so the kernel is ours: ~190 lines of CUDA, compiled once per process by ``torch.cuda``'s NVRTC
 wrapper (no nvcc or host compiler needed; needs CUDA headers where torch looks for them).
 
 The product is computed transposed, Y^T = W X^T, so the weight tile is the 16 x 16 ``A`` operand of

@@ -10,10 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import cuda_w4, kernels
 from .base import QuantLinear, dtype_key
-
-from . import cuda_w4
 
 try:  # the GPU kernels; CPU-only installs may lack Triton
     from . import triton_gemv
