@@ -217,6 +217,16 @@ def test_langchain_structured_output_returns_the_model_instance(srv, key):
     assert isinstance(out, City) and out.city
 
 
+def test_langchain_bind_tools_gets_the_call_back(srv, key):
+    """An agent's step: LangChain binds tools (tool_choice left to the model) and reads AIMessage.tool_calls."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=srv.url + "/v1", api_key=key, model=MODEL, temperature=0, max_tokens=60,
+                     max_retries=0, extra_body={"guided_regex": HERMES_CALL})
+    msg = llm.bind_tools([WEATHER, TIME]).invoke("What is the weather in Paris?")
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("get_weather", {"city": "Paris", "unit": "C"})]
+
+
 def test_redaction_inside_a_json_answer_keeps_it_json_or_withholds_it(client):
     def answer(schema):
         fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
