@@ -184,9 +184,6 @@ class LLMEngine:
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise InvalidRequestError(f"logit_bias token ids must be below the vocabulary size ({vocab}); got "
                                       f"{max(params.logit_bias)}.", "logit_bias")
-        if params.prompt_logprobs is not None and self.tp is not None:
-            raise InvalidRequestError("prompt_logprobs is not supported with tensor parallelism yet.",
-                                      "prompt_logprobs")
         if prompt_ids:  # already tokenized by the caller (AsyncEngine does it off the step thread)
             text, ids = (prompt if isinstance(prompt, str) else None), prompt_ids
         else:

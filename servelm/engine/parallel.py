@@ -139,16 +139,33 @@ class _Tail:
         return self.ids[i - self.offset]
 
 
+class _PromptScoring:
+    """What a worker needs of ``SamplingParams`` to score prompt tokens as rank 0 does."""
+
+    __slots__ = ("prompt_logprobs",)
+
+    def __init__(self, k: int):
+        self.prompt_logprobs = k
+
+
 class StepSeq:
-    """The part of a :class:`Sequence` the model runner reads for one step."""
+    """The part of a :class:`Sequence` the model runner reads for one step. A sequence that scores its prompt
+    (``prompt_logprobs``) brings how many tokens are scored so far, so every rank computes the same rows'
+    logits: the vocabulary-parallel head gathers across ranks, and each rank must join each gather."""
 
-    __slots__ = ("num_computed_tokens", "num_tokens", "block_table", "token_ids")
-    prompt_logprobs = None  # tensor parallelism refuses prompt logprobs (LLMEngine.add_request)
-    pending_tokens = 0  # and async scheduling: every token is known on the host
+    __slots__ = ("num_computed_tokens", "num_tokens", "block_table", "token_ids", "prompt_logprobs",
+                 "num_prompt_tokens", "params")
+    pending_tokens = 0  # async scheduling is off: every token is known on the host
 
-    def __init__(self, start: int, num_tokens: int, block_table: list[int], tail: list[int]):
+    def __init__(self, start: int, num_tokens: int, block_table: list[int], tail: list[int],
+                 scoring: tuple[int, int, int] | None = None):
         self.num_computed_tokens, self.num_tokens, self.block_table = start, num_tokens, block_table
         self.token_ids = _Tail(start, tail)
+        self.prompt_logprobs = self.params = None
+        self.num_prompt_tokens = 0
+        if scoring is not None:  # (k, prompt tokens scored so far, prompt length)
+            k, done, self.num_prompt_tokens = scoring
+            self.prompt_logprobs, self.params = [None] * done, _PromptScoring(k)
 
     @property
     def num_tokens_incl_pending(self) -> int:
@@ -157,12 +174,14 @@ class StepSeq:
 
 def pack_items(items) -> list[tuple]:
     """(seq, n) pairs as plain tuples: only the tokens this step computes travel, not the whole history."""
-    return [(s.num_computed_tokens, s.num_tokens, s.block_table, s.token_ids[s.num_computed_tokens:s.num_tokens], n)
+    return [(s.num_computed_tokens, s.num_tokens, s.block_table, s.token_ids[s.num_computed_tokens:s.num_tokens], n,
+             None if s.prompt_logprobs is None else
+             (s.params.prompt_logprobs, len(s.prompt_logprobs), s.num_prompt_tokens))
             for s, n in items]
 
 
 def unpack_items(packed: list[tuple]) -> list[tuple[StepSeq, int]]:
-    return [(StepSeq(start, total, table, tail), n) for start, total, table, tail, n in packed]
+    return [(StepSeq(start, total, table, tail, scoring), n) for start, total, table, tail, n, scoring in packed]
 
 
 class StepChannel:
