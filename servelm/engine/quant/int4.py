@@ -147,7 +147,7 @@ class Int4Linear(QuantLinear):
         return torch.stack([p & 15, p >> 4], dim=-1).reshape(n, k)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n, k, g = self.out_features, self.in_features, self.group_size
+        k, g = self.in_features, self.group_size
         if self.layout == "tinygemm":  # opaque tiled layout: let the kernel multiply by I
             eye = torch.eye(k, dtype=torch.bfloat16, device=self.qweight.device)
             return torch.ops.aten._weight_int4pack_mm(eye, self.qweight, g, self.scales_zeros).t().to(dtype)
@@ -160,21 +160,26 @@ class Int4Linear(QuantLinear):
         return (q * sz[..., 0:1] + sz[..., 1:2]).reshape(n, k)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.group_size
         if self.layout == "tinygemm":  # needs a contiguous A (a column slice of x is not)
-            return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.qweight, g,
-                                                      self.scales_zeros)
-        cands = {}
+            return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.qweight,
+                                                      self.group_size, self.scales_zeros)
+        return super()._matmul(x)
+
+    def _candidates(self, x: torch.Tensor) -> dict:
+        # the functions read the buffers when called: they outlive this call (remembered by _matmul)
+        g, cands = self.group_size, {}
         if self.layout == "mma":  # listed first: taken as is if first seen inside a CUDA-graph capture
-            cands["cuda_w4"] = lambda: cuda_w4.matmul(x.to(torch.bfloat16), self.qweight, self.scales_zeros, g)
-            cands["cuda_w4_dequant"] = lambda: F.linear(
+            cands["cuda_w4"] = lambda x: cuda_w4.matmul(x.to(torch.bfloat16), self.qweight, self.scales_zeros, g)
+            cands["cuda_w4_dequant"] = lambda x: F.linear(
                 x, cuda_w4.dequantize(self.qweight, self.scales_zeros, g).to(x.dtype))
         if self.layout == "gemv":  # listed first: taken as is if first seen inside a CUDA-graph capture
-            cands["triton_w4"] = lambda: triton_gemv.w4_matmul(x, self.qweight, self.scales_zeros, g)
+            cands["triton_w4"] = lambda x: triton_gemv.w4_matmul(x, self.qweight, self.scales_zeros, g)
         if self.layout == "cpu":
-            cands["int4pack_bf16"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            cands["int4pack_bf16"] = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.to(torch.bfloat16), self.qweight, g, self.scales_zeros)
-        cands["dequant_matmul"] = lambda: F.linear(x, self._dequant_weight(x.dtype))
-        key = ("int4", self.layout, x.device.type, dtype_key(x), self.out_features, self.in_features, g,
-               kernels.batch_bucket(x.shape[0]))
-        return cands[kernels.choose(key, cands, x.device)]()
+        cands["dequant_matmul"] = lambda x: F.linear(x, self._dequant_weight(x.dtype))
+        return cands
+
+    def _choice_key(self, x: torch.Tensor, bucket: int) -> tuple:
+        return ("int4", self.layout, x.device.type, dtype_key(x), self.out_features, self.in_features,
+                self.group_size, bucket)

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .base import QuantLinear, dtype_key
 
 try:  # the GPU kernels; CPU-only installs may lack Triton
@@ -75,15 +74,16 @@ class Int8Linear(QuantLinear):
         dt = x.dtype if x.dtype != torch.float32 or x.device.type != "cpu" else torch.float32
         return F.linear(x.to(dt), self.qweight.to(dt)) * self._scales(dt)
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def _candidates(self, x: torch.Tensor) -> dict:
         cands = {}
         if x.device.type == "cuda" and triton_gemv is not None and x.dtype in (torch.bfloat16, torch.float16):
             # listed first: the one taken if a shape is first seen inside a CUDA-graph capture (kernels.choose)
-            cands["triton_w8"] = lambda: triton_gemv.w8_matmul(x, self.qweight, self.scale)
-        cands |= {
-            "int8pack_bf16": lambda: self._packed(x, torch.bfloat16),
-            "int8pack_native": lambda: self._packed(x, x.dtype),
-            "dequant_matmul": lambda: self._dequant(x),
+            cands["triton_w8"] = lambda x: triton_gemv.w8_matmul(x, self.qweight, self.scale)
+        return cands | {
+            "int8pack_bf16": lambda x: self._packed(x, torch.bfloat16),
+            "int8pack_native": lambda x: self._packed(x, x.dtype),
+            "dequant_matmul": self._dequant,
         }
-        key = ("int8", x.device.type, dtype_key(x), self.out_features, self.in_features, kernels.batch_bucket(x.shape[0]))
-        return cands[kernels.choose(key, cands, x.device)]()
+
+    def _choice_key(self, x: torch.Tensor, bucket: int) -> tuple:
+        return ("int8", x.device.type, dtype_key(x), self.out_features, self.in_features, bucket)

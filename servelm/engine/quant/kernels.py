@@ -16,6 +16,7 @@ import torch
 
 _CHOICES: dict[tuple, str] = {}
 _LOCK = threading.Lock()
+_GENERATION = [0]  # bumped by force() and reset(): modules drop the choices they remembered
 # Forcing a kernel is for benchmarks and debugging only; the engine normally measures.
 _FORCE = os.environ.get("SERVELM_QUANT_KERNEL") or None
 
@@ -115,6 +116,18 @@ def chosen() -> dict[tuple, str]:
     return dict(_CHOICES)
 
 
+def generation() -> int:
+    """Changes whenever past choices are forgotten (:func:`reset`, :func:`force`)."""
+    return _GENERATION[0]
+
+
+def settled(key: tuple, name: str) -> bool:
+    """True when ``name`` is the lasting answer for ``key``: measured, or forced (not the first-listed default
+    :func:`choose` gives inside a CUDA-graph capture before any measurement)."""
+    return _CHOICES.get(key) == name or name == _FORCE
+
+
 def reset() -> None:
     """Forget all measured choices (benchmarks call this between formats)."""
     _CHOICES.clear()
+    _GENERATION[0] += 1

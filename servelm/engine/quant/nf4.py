@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .base import QuantLinear, dtype_key
 
 # The 16 NF4 levels from the QLoRA paper / bitsandbytes (quantiles of N(0,1), scaled to [-1, 1]).
@@ -183,10 +182,11 @@ class NF4Linear(QuantLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._dequant_weight(torch.float32).to(dtype)
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        cands = {"dequant_native": lambda: F.linear(x, self._dequant_weight(x.dtype))}
+    def _candidates(self, x: torch.Tensor) -> dict:
+        cands = {"dequant_native": lambda x: F.linear(x, self._dequant_weight(x.dtype))}
         if x.dtype == torch.float32:
-            cands["dequant_bf16"] = lambda: F.linear(x.to(torch.bfloat16), self._dequant_weight(torch.bfloat16))
-        key = ("nf4", x.device.type, dtype_key(x), self.out_features, self.in_features, self.group_size,
-               kernels.batch_bucket(x.shape[0]))
-        return cands[kernels.choose(key, cands, x.device)]()
+            cands["dequant_bf16"] = lambda x: F.linear(x.to(torch.bfloat16), self._dequant_weight(torch.bfloat16))
+        return cands
+
+    def _choice_key(self, x: torch.Tensor, bucket: int) -> tuple:
+        return ("nf4", x.device.type, dtype_key(x), self.out_features, self.in_features, self.group_size, bucket)
