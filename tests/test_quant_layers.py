@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from servelm.engine.quant import (Int4Linear, Int8Linear, NF4Linear, QuantConfig, on_int4_grid, parse_dtype,
-                                  quantize_model)
+from servelm.engine.quant import (Int4Linear, Int8Linear, NF4Linear, QuantConfig, kernels, on_int4_grid,
+                                  parse_dtype, quantize_model)
 
 # Tolerance: relative to the output's max magnitude. fp32 paths agree to float rounding; bf16
 # activations (what the packed CPU kernels take) carry bf16's 8-bit mantissa, ~0.4% per product sum.
@@ -47,6 +47,26 @@ def test_3d_input_keeps_shape():
     lin, q = _make("int4")
     x = torch.randn(2, 3, lin.in_features)
     assert q(x).shape == (2, 3, lin.out_features)
+
+
+def test_a_layer_remembers_its_kernel_per_batch_size_and_forgets_it_when_forced():
+    """The measured kernel is kept per (device, dtype, batch bucket); force() and reset() make layers choose
+    again, so a kernel forced after loading takes effect."""
+    lin, q = _make("int8")
+    one, many = torch.randn(1, lin.in_features), torch.randn(64, lin.in_features)
+    assert q.kernel_for(one) is None
+    ref = q(one)
+    measured = q.kernel_for(one)
+    assert measured in ("int8pack_bf16", "int8pack_native", "dequant_matmul") and q.kernel_for(many) is None
+    assert torch.equal(q(one), ref)  # the remembered kernel gives the same product
+    try:
+        kernels.force("dequant_matmul")
+        assert q.kernel_for(one) is None
+        q(one)
+        assert q.kernel_for(one) == "dequant_matmul"
+    finally:
+        kernels.force(None)
+    assert q.kernel_for(one) is None
 
 
 @pytest.mark.parametrize("g", [16, 32, 64])

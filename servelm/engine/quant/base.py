@@ -44,14 +44,22 @@ class QuantLinear(nn.Module):
         memo = self.__dict__.get("_memo")
         if memo is None or memo[0] != kernels.generation():
             memo = self.__dict__["_memo"] = (kernels.generation(), {})
-        fn = memo[1].get((x.device.type, x.dtype, bucket))
-        if fn is not None:
-            return fn(x)
+        hit = memo[1].get((x.device.type, x.dtype, bucket))
+        if hit is not None:
+            return hit[1](x)
         cands, key = self._candidates(x), self._choice_key(x, bucket)
         name = kernels.choose(key, {n: (lambda f=f: f(x)) for n, f in cands.items()}, x.device)
         if kernels.settled(key, name):
-            memo[1][(x.device.type, x.dtype, bucket)] = cands[name]
+            memo[1][(x.device.type, x.dtype, bucket)] = (name, cands[name])
         return cands[name](x)
+
+    def kernel_for(self, x: torch.Tensor) -> str | None:
+        """The kernel this layer settled on for inputs like ``x``, or None before the first product."""
+        memo = self.__dict__.get("_memo")
+        if memo is None or memo[0] != kernels.generation():
+            return None
+        hit = memo[1].get((x.device.type, x.dtype, kernels.batch_bucket(x.shape[0])))
+        return None if hit is None else hit[0]
 
     def weight_nbytes(self) -> int:
         """Returns bytes held by the quantized weight (codes + scales), bias excluded."""
