@@ -18,6 +18,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from servelm.engine.detokenizer import stop_string_holdback
 from servelm.prompts.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 MISTRAL = "[TOOL_CALLS]"
@@ -112,7 +113,7 @@ class AutoToolStream:
     call they could not stream) or, when it holds no call, as ``content``."""
 
     def __init__(self, parser: ToolCallParser):
-        self.parser, self.legacy = parser, parser.legacy
+        self.parser = parser
         self.held, self.mode, self.sent = "", "text", False
 
     def feed(self, delta: str, finished: bool) -> tuple[dict, bool]:
@@ -128,7 +129,7 @@ class AutoToolStream:
             elif not self.sent and not start and not finished:
                 return {}, False  # only whitespace so far: it may still open a JSON call
             else:
-                keep = 0 if finished else _partial(self.held, TOOL_CALL_OPEN)
+                keep = 0 if finished else stop_string_holdback(self.held, [TOOL_CALL_OPEN])
                 out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
         fields, complete = {}, False
         if self.mode != "text" and finished:
@@ -142,10 +143,3 @@ class AutoToolStream:
             self.sent = True
         return fields, complete
 
-
-def _partial(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that begins ``tag`` (held back: the tag may be arriving)."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0

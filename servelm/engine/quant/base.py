@@ -41,9 +41,9 @@ class QuantLinear(nn.Module):
         batch bucket. The answer is remembered on the module, so a decode step pays a dict lookup per
         product instead of rebuilding the candidates (a 135M model runs ~120 products a token)."""
         bucket = kernels.batch_bucket(x.shape[0])
-        memo = self.__dict__.get("_memo")
-        if memo is None or memo[0] != kernels.generation():
-            memo = self.__dict__["_memo"] = (kernels.generation(), {})
+        memo, gen = self.__dict__.get("_memo"), kernels.generation()
+        if memo is None or memo[0] != gen:
+            memo = self.__dict__["_memo"] = (gen, {})
         hit = memo[1].get((x.device.type, x.dtype, bucket))
         if hit is not None:
             return hit[1](x)
