@@ -115,6 +115,40 @@ def test_penalties_change_repetitive_output(smol):
     assert len(set(rep.token_ids)) > len(set(base.token_ids))
 
 
+def test_batched_penalties_equal_transformers_and_openai_formulas_row_by_row():
+    """A batch where rows ask for different penalties, biases and min_tokens: each row's processed logits
+    equal transformers' RepetitionPenaltyLogitsProcessor and OpenAI's presence/frequency formula applied to
+    that row alone, and a row that asks for nothing is untouched."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from servelm.engine.sampling import Sampler
+    torch = pytest.importorskip("torch")
+    vocab, eos = 50, 0
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, vocab, generator=gen) * 3
+    specs = [dict(repetition_penalty=1.7), dict(presence_penalty=0.5, frequency_penalty=0.8, logit_bias={7: 5.0}),
+             dict(), dict(repetition_penalty=1.2, frequency_penalty=-0.4, min_tokens=9, stop_token_ids=[3])]
+    seqs = []
+    for i, kw in enumerate(specs):
+        s = Sequence(f"r{i}", 0, [5, 6, 6, 9 + i], SamplingParams(max_tokens=20, **kw), 0.0, 20)
+        s.token_ids += [6, 11, 11, 11, 12 + i]  # five output tokens
+        seqs.append(s)
+    out = Sampler({eos})._process(logits.clone(), seqs)
+    for i, (s, kw) in enumerate(zip(seqs, specs)):
+        want = logits[i:i + 1].clone()
+        if (want_bias := kw.get("logit_bias")):
+            for t, v in want_bias.items():
+                want[0, t] += v
+        if "repetition_penalty" in kw:
+            want = RepetitionPenaltyLogitsProcessor(kw["repetition_penalty"])(torch.tensor([s.token_ids]), want)
+        counts = torch.bincount(torch.tensor(s.output_token_ids), minlength=vocab).float()
+        want[0] -= kw.get("frequency_penalty", 0.0) * counts + kw.get("presence_penalty", 0.0) * (counts > 0).float()
+        if kw.get("min_tokens", 0) > s.num_output_tokens:
+            want[0, [eos, *kw["stop_token_ids"]]] = float("-inf")
+        assert torch.equal(out[i], want[0]), i
+    assert torch.equal(out[2], logits[2])
+
+
 def test_logit_bias_forces_bans_and_keeps_batch_mates(smol):
     prompt = "The capital of France is"
     greedy = dict(temperature=0, max_tokens=5, ignore_eos=True)

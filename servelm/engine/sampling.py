@@ -6,6 +6,7 @@ seeded request draw its noise from its own generator while the rest share one ca
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,7 @@ class Sampler:
 
     def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Float32 logits after penalties, early-EOS suppression and structured-output masks."""
-        logits = logits.float()
+        logits = logits.float().contiguous()  # the penalties index it flat
         self._apply_logit_bias(logits, seqs)
         self._apply_penalties(logits, seqs)
         self._suppress_early_eos(logits, seqs)
@@ -75,33 +76,52 @@ class Sampler:
         return _argmax(logits).index_copy(0, rows, drawn)
 
     def _apply_logit_bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        for i, s in enumerate(seqs):
-            bias = s.params.logit_bias
-            if bias:  # copied through pinned memory: no host sync, so async scheduling keeps these rows
-                ids = host_to_device(list(bias), torch.int64, logits.device)
-                logits[i].index_add_(0, ids, host_to_device(list(bias.values()), torch.float32, logits.device))
+        rows = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+        if rows:  # one scatter for the batch, copied through pinned memory (no host sync on CUDA)
+            ids = [[i, t] for i in rows for t in seqs[i].params.logit_bias]
+            at = host_to_device(ids, torch.int64, logits.device)
+            vals = host_to_device([v for i in rows for v in seqs[i].params.logit_bias.values()], torch.float32,
+                                  logits.device)
+            logits.index_put_((at[:, 0], at[:, 1]), vals, accumulate=True)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Repetition penalty (prompt and output tokens; divides positive logits, multiplies negative ones, as
+        transformers and vLLM do), then OpenAI's presence and frequency penalties (output tokens only).
+
+        Each is one gather/scatter over the (row, token) pairs that occur, counted on the host, so the cost
+        follows the tokens, not rows x vocabulary."""
+        vocab, flat = logits.shape[-1], logits.view(-1)
+        ids, pen = [], []
         for i, s in enumerate(seqs):
-            p = s.params
-            if p.repetition_penalty != 1.0:
-                # As in transformers/vLLM: prompt and output tokens, divide positive logits, multiply negative.
-                ids = torch.tensor(sorted(set(s.token_ids)), dtype=torch.long, device=logits.device)
-                vals = logits[i, ids]
-                logits[i, ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if (p.presence_penalty or p.frequency_penalty) and s.num_output_tokens:
-                # OpenAI semantics: output tokens only.
-                out = torch.tensor(s.output_token_ids, dtype=torch.long, device=logits.device)
-                counts = torch.zeros(logits.shape[-1], device=logits.device).index_add_(
-                    0, out, torch.ones(len(out), device=logits.device))
-                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+            if s.params.repetition_penalty != 1.0:
+                seen = set(s.token_ids)
+                ids += [i * vocab + t for t in seen]
+                pen += [s.params.repetition_penalty] * len(seen)
+        if ids:
+            at = host_to_device(ids, torch.int64, logits.device)
+            p = host_to_device(pen, torch.float32, logits.device)
+            vals = flat[at]
+            flat[at] = torch.where(vals > 0, vals / p, vals * p)
+        ids, sub = [], []
+        for i, s in enumerate(seqs):
+            f, pr = s.params.frequency_penalty, s.params.presence_penalty
+            if (f or pr) and s.num_output_tokens:
+                for t, n in Counter(s.output_token_ids).items():
+                    ids.append(i * vocab + t)
+                    sub.append((f, n, pr))
+        if ids:
+            at = host_to_device(ids, torch.int64, logits.device)
+            f, n, pr = host_to_device(sub, torch.float32, logits.device).unbind(1)
+            flat[at] -= f * n + pr
 
     def _suppress_early_eos(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        for i, s in enumerate(seqs):
-            # a grammar decides where EOS may come: masking it out where the grammar needs it would leave no token
-            if s.num_output_tokens < s.params.min_tokens and s.grammar is None:
-                ids = list(self.eos_token_ids) + list(s.params.stop_token_ids)
-                logits[i, ids] = float("-inf")
+        # a grammar decides where EOS may come: masking it out where the grammar needs it would leave no token
+        ids = [[i, t] for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens and s.grammar is None
+               for t in (*self.eos_token_ids, *s.params.stop_token_ids)]
+        if ids:
+            at = host_to_device(ids, torch.int64, logits.device)
+            logits.index_put_((at[:, 0], at[:, 1]), host_to_device([float("-inf")] * len(ids), torch.float32,
+                                                                   logits.device))
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         dev = logits.device
