@@ -54,13 +54,16 @@ def cuda_layout(n: int, k: int, group_size: int, device: torch.device, max_rows:
     SERVELM_QUANT_KERNEL / kernels.force() set to "cuda_w4", "triton_w4" or "tinygemm" override the
     measurement."""
     forced = kernels.forced()
+    if forced == "tinygemm":
+        return "tinygemm"
+    if forced == "triton_w4" and triton_gemv is not None:
+        return "gemv"
+    # only now: available() compiles the tensor-core kernel (~0.7 s), which a forced layout does not need
     mma_ok = dtype == torch.bfloat16 and cuda_w4.supports(n, k, group_size) and cuda_w4.available(device)
     if forced == "cuda_w4" and mma_ok:
         return "mma"
-    if triton_gemv is None or forced == "tinygemm":
+    if triton_gemv is None:
         return "tinygemm"
-    if forced == "triton_w4":
-        return "gemv"
     rows = sorted({1, max(1, min(max_rows, 16))})
     key = (n, k, group_size, str(device), rows[-1], mma_ok)
     if key not in _CUDA_LAYOUTS:

@@ -33,8 +33,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     """Returns a ChatCompletion, or an SSE stream of ChatCompletionChunk ending with ``data: [DONE]``."""
     ctx = get_context(request)
     ctx.check_model(body.model)
-    tools = _tools(body)
-    spec, spec_param, forced = structured.from_request(body, _given_tools(body))
+    given = _given_tools(body)
+    tools = _tools(body, given)
+    spec, spec_param, forced = structured.from_request(body, given)
     auto = tool_parser.for_request(body, tools) if forced is None else None
     await structured.check(ctx.engine, spec, spec_param)
     info = request.scope["servelm"]
@@ -142,12 +143,12 @@ def turn_messages(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-def _tools(body: ChatCompletionRequest) -> list[dict] | None:
-    """Returns the tools for the chat template (None with tool_choice "none"); raises APIError(400) for
-    audio output. A forced call (tool_choice "required" or named) is enforced by :mod:`structured`."""
+def _tools(body: ChatCompletionRequest, tools: list[dict]) -> list[dict] | None:
+    """Returns the request's ``tools`` for the chat template (None with tool_choice "none"); raises
+    APIError(400) for audio output. A forced call (tool_choice "required" or named) is enforced by
+    :mod:`structured`."""
     if body.modalities and "audio" in body.modalities:
         raise invalid("Audio output is not supported; this model writes text.", "modalities", "unsupported_parameter")
-    tools = _given_tools(body)
     if not tools or "none" in (body.tool_choice, body.function_call):
         return None
     return tools
