@@ -137,3 +137,25 @@ def test_check_messages_scans_user_turns_and_documents(guard):
     typical = [{"role": "system", "content": "You are a helpful assistant."},
                {"role": "user", "content": "What is the capital of France?"}]
     assert guard.check_messages(typical, request_id="m4").allowed
+
+
+def test_scaffolding_is_stripped_and_turn_text_kept():
+    from servelm.safety.scaffolding import strip_scaffolding
+    llama3 = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+              "<|start_header_id|>user<|end_header_id|>\n\nHello there<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert strip_scaffolding(llama3) == "Be brief.\nHello there"
+    assert strip_scaffolding("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n") == "Hi"
+    assert strip_scaffolding("Human: what's up?\n\nAssistant:") == "what's up?"
+    assert strip_scaffolding("<my_turn>x<my_end>", markers=("<my_turn>", "<my_end>")) == "x"
+    assert strip_scaffolding("The capital of France is") == "The capital of France is"
+
+
+def test_length_limit_auto_follows_the_guards_default():
+    g = Guard.from_policy({"scanners": {"prompt_injection": {"enabled": False}}})
+    g.default_max_input_chars = 65_536  # what `servelm serve` sets for an 8,192-token context
+    assert g.check_input("a " * 20_000).allowed
+    assert g.check_input("a" * 70_000).scanner == "length"
+    fixed = Guard.from_policy({"max_input_chars": 1000})
+    fixed.default_max_input_chars = 65_536  # an explicit limit is kept
+    assert fixed.check_input("a " * 600).scanner == "length"

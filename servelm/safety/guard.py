@@ -93,6 +93,9 @@ class Guard:
         if review_queue is not None:
             review_queue._on_depth = self.metrics.review_depth.set
             review_queue._report_depth()
+        # The length limit of a policy that leaves max_input_chars "auto"; `servelm serve` raises it to
+        # 8 characters per token of the served context window, so text that fits the model is not refused.
+        self.default_max_input_chars = 32_000
         self.input_scanners: dict[str, Scanner] = dict(INPUT_SCANNERS)
         self.output_scanners: dict[str, Scanner] = dict(OUTPUT_SCANNERS)
 
@@ -206,7 +209,8 @@ class Guard:
         t0 = time.perf_counter()
         policy = self._policy(api_key, policy_overrides)
         text = _clean(text)
-        ctx = ScanContext(normalised=normalise(text, policy.max_input_chars + 1), max_input_chars=policy.max_input_chars)
+        limit = policy.max_input_chars or self.default_max_input_chars
+        ctx = ScanContext(normalised=normalise(text, limit + 1), max_input_chars=limit)
         results = self._run("input", self.input_scanners, text, ctx, policy, request_id)
         d = self._decide("input", text, results, policy, request_id, api_key)
         self.metrics.latency.labels("input").observe(time.perf_counter() - t0)

@@ -2,7 +2,8 @@
 
 Example YAML (every key optional; defaults below)::
 
-    max_input_chars: 32000
+    max_input_chars: auto        # characters per scanned text; auto: 32000, or under `servelm serve`
+                                 # 8 per token of the served context window (whichever is larger)
     fail_mode: closed            # default when a scanner raises: closed = block, open = allow
     held_response: review_id     # what a client gets when sent to review: review_id | message
     held_message: "Your request is being reviewed."
@@ -61,7 +62,7 @@ class Policy:
     """A deployment's guard policy; :meth:`for_api_key` returns a key's effective policy."""
 
     scanners: dict[str, ScannerPolicy] = field(default_factory=lambda: copy.deepcopy(DEFAULT_SCANNERS))
-    max_input_chars: int = 32_000
+    max_input_chars: int | None = None  # None ("auto" in YAML): the guard's default_max_input_chars
     fail_mode: str = "closed"
     held_response: str = "review_id"
     held_message: str = "This response is held for human review."
@@ -111,14 +112,17 @@ class Policy:
                 if not isinstance(value, dict):
                     raise PolicyError(f"{where}.api_keys must map API keys to overrides")
                 new.api_keys.update(value)
+            elif key == "max_input_chars" and value in ("auto", None):
+                new.max_input_chars = None
             else:
                 setattr(new, key, value)
         if new.fail_mode not in FAIL_MODES:
             raise PolicyError(f"{where}.fail_mode must be one of {FAIL_MODES}, got {new.fail_mode!r}")
         if new.held_response not in ("review_id", "message"):
             raise PolicyError(f"{where}.held_response must be 'review_id' or 'message'")
-        if not isinstance(new.max_input_chars, int) or new.max_input_chars <= 0:
-            raise PolicyError(f"{where}.max_input_chars must be a positive integer")
+        if new.max_input_chars is not None and (not isinstance(new.max_input_chars, int)
+                                                or isinstance(new.max_input_chars, bool) or new.max_input_chars <= 0):
+            raise PolicyError(f"{where}.max_input_chars must be a positive integer or auto")
         return new
 
     def for_api_key(self, api_key: str | None) -> "Policy":

@@ -60,6 +60,7 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
         else:
             log.info("guardrails on", extra={"policy": settings.policy or "default", "reviews_db": settings.reviews_db,
                                              "fallback": settings.fallback})
+        guarding.serve_context(engine.max_model_len)
         if ctx.rag is not None:
             ctx.rag.context_window = engine.max_model_len
         if settings.no_auth:

@@ -40,6 +40,12 @@ class ServerContext:
         """Returns the name clients pass as ``model``."""
         return self.settings.served_model_name or self.engine.model_name
 
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The served tokenizer's special and added tokens (chat-template markers, for the prompt guard)."""
+        hf = self.engine.tokenizer.hf
+        return tuple({*hf.all_special_tokens, *(str(t) for t in hf.get_added_vocab())})
+
     def check_model(self, name: str | None) -> None:
         """Raises APIError(404) when ``name`` is given and is not the served chat model."""
         if name is not None and name != self.model_name:

@@ -15,6 +15,7 @@ from servelm.prompts.strategies import DEFAULT_SYSTEM
 from servelm.safety import (BreakerConfig, CircuitBreaker, FallbackResult, Guard, OverloadedError, ResilientCaller,
                             StaticFallback)
 from servelm.safety.metrics import GuardMetrics
+from servelm.safety.scaffolding import strip_scaffolding
 from servelm.server.errors import APIError, ClientGone, invalid
 from servelm.server.pipeline import Answer, ChatTurn, RequestPipeline
 
@@ -30,6 +31,14 @@ class Guarding:
     caller: ResilientCaller | None
     default_strategy: str | None
     fallback_on: frozenset[str] = field(default_factory=frozenset)
+    context_tokens: int = 0  # the served context window, set once the engine is up (see :meth:`serve_context`)
+
+    def serve_context(self, max_model_len: int) -> None:
+        """Fits the guard's "auto" input-length limit to the served context: 8 characters per token (no real
+        text averages more), at least the standalone 32,000, so text that fits the model is never refused."""
+        self.context_tokens = max_model_len
+        if self.guard is not None:
+            self.guard.default_max_input_chars = max(32_000, 8 * max_model_len)
 
     def pipeline(self) -> RequestPipeline:
         """Returns the chat route's stages: input guard and strategy before, answer guard after."""
@@ -43,7 +52,7 @@ class Guarding:
             return
         d = await self.guard.acheck_messages(turn.messages, request_id=turn.request_id, api_key=turn.key_name)
         if d.action == "block":
-            raise content_filtered(d.message, "messages")
+            raise self._refusal(d, "messages")
         if d.action == "review":
             turn.held = held_answer(d)
         elif d.action == "redact":  # e.g. secrets in input, when the policy redacts them: per message
@@ -52,17 +61,29 @@ class Guarding:
                     m["content"] = (await self.guard.acheck_input(m["content"], request_id=turn.request_id,
                                                                   api_key=turn.key_name)).text
 
-    async def check_prompt(self, text: str, request_id: str, key_name: str, param: str = "prompt") -> Answer | None:
-        """Scans a raw prompt (completions, RAG queries); returns a held Answer for review, None to go on.
+    async def check_prompt(self, text: str, request_id: str, key_name: str, param: str = "prompt",
+                           markers: tuple[str, ...] = ()) -> Answer | None:
+        """Scans a raw prompt (completions, /generate, RAG queries); returns a held Answer for review, None to
+        go on. A prompt the client rendered with a chat template is scanned without its turn markers and role
+        labels (``markers``: the served model's special tokens; :mod:`servelm.safety.scaffolding`).
 
         Raises APIError(400, code "content_filter") when the policy blocks it.
         """
         if self.guard is None:
             return None
-        d = await self.guard.acheck_input(text, request_id=request_id, api_key=key_name)
+        d = await self.guard.acheck_input(strip_scaffolding(text, markers), request_id=request_id, api_key=key_name)
         if d.action == "block":
-            raise content_filtered(d.message, param)
+            raise self._refusal(d, param)
         return held_answer(d) if d.action == "review" else None
+
+    def _refusal(self, d, param: str) -> APIError:
+        """The 400 for a blocked input: ``context_length_exceeded`` when only its length is the problem (what
+        clients' context-window fallbacks look for, as for an over-long prompt), else ``content_filter``."""
+        if d.scanner == "length":
+            return APIError(400, f"The input is too long for this model's maximum context length "
+                                 f"({self.context_tokens} tokens): {d.reason}. Please reduce the length of the messages.",
+                            param=param, code="context_length_exceeded")
+        return content_filtered(d.message, param)
 
     # -- prompt strategy --------------------------------------------------------------------------
     async def apply_strategy(self, turn: ChatTurn) -> None:

@@ -74,7 +74,7 @@ async def _screen(ctx: ServerContext, prompts, request_id: str, key_name: str) -
     answers, blocked = [], None
     for _, text in prompts:
         try:
-            answers.append(await g.check_prompt(text, request_id, key_name))
+            answers.append(await g.check_prompt(text, request_id, key_name, markers=ctx.special_tokens))
         except APIError as e:
             if e.code != "content_filter":
                 raise

@@ -32,7 +32,7 @@ async def generate(body: GenerateRequest, request: Request, response: Response,
     ids = ctx.engine.tokenizer.encode(body.prompt, add_special_tokens=True)
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature)
     check_context(ctx, len(ids), params.max_tokens, "prompt")
-    held = await g.check_prompt(body.prompt, rid, principal.name) if g is not None else None
+    held = await g.check_prompt(body.prompt, rid, principal.name, markers=ctx.special_tokens) if g is not None else None
     if held is not None:  # held for human review: GET /v1/reviews/{id} gives the answer once approved
         return JSONResponse({"text": held.text, "tokens_generated": 0, "servelm": held.servelm},
                             headers={"x-servelm-review-id": held.servelm["review_id"]})
