@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from servelm.rag.answer import NO_ANSWER, Render, build_messages, cited_sources
 from servelm.rag.config import RagConfig
@@ -75,6 +75,9 @@ class RagService:
         self.retriever = Retriever(self.store, self.embedder, self.cfg)
         self.count_tokens = count_tokens or self._approx_tokens
         self.context_window = context_window
+        # Retrieved chunks are third-party text: ``screen(hits) -> hits`` drops the ones a guard refuses
+        # (an injected instruction in a document) before they reach the prompt; the server sets it.
+        self.screen: Callable[[list[Hit]], Awaitable[list[Hit]]] | None = None
 
     def _approx_tokens(self, messages: list[dict]) -> int:
         # Without the answering model's tokenizer: the embedding tokenizer plus per-message framing.
@@ -149,6 +152,8 @@ class RagService:
                        ) -> tuple[list[dict] | None, list[Hit]]:
         hits = await self.retrieve(req.collection, req.query, req.k, req.filters, req.mmr)
         hits = [h for h in hits if h.relevance >= self.cfg.relevance_threshold]
+        if hits and self.screen is not None:
+            hits = await self.screen(hits)
         if not hits:
             return None, []
         messages, used = build_messages(req.query, hits, self.count_tokens, self.context_window,

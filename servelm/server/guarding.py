@@ -21,6 +21,7 @@ from servelm.server.pipeline import Answer, ChatTurn, RequestPipeline
 
 T = TypeVar("T")
 _ENGINE_CODES = {"engine_error", "engine_unavailable"}
+_INJECTION_SCANNERS = {"injection_rules", "prompt_injection"}
 
 
 @dataclass(slots=True)
@@ -84,6 +85,26 @@ class Guarding:
                                  f"({self.context_tokens} tokens): {d.reason}. Please reduce the length of the messages.",
                             param=param, code="context_length_exceeded")
         return content_filtered(d.message, param)
+
+    async def screen_documents(self, hits: list, request_id: str | None = None) -> list:
+        """Returns the retrieved ``hits`` (``servelm.rag`` Hits) without those carrying an injected instruction.
+
+        A retrieved chunk is third-party text in the prompt: indirect prompt injection arrives there (NeMo
+        Guardrails' retrieval rails, LLM Guard on RAG context). Each chunk is scanned like user input and
+        dropped when an injection scanner refuses it; the answer comes from the others (or "the documents do
+        not contain ..." when none is left). Other findings (a credential in a runbook) keep the chunk: the
+        output guard redacts what the answer repeats."""
+        if self.guard is None:
+            return hits
+        # a chunk cannot wait for a reviewer: "review" acts as "block" here (and files nothing in the queue)
+        no_review = {"scanners": {name: {"action": "block"} for name, sp in self.guard.policy.scanners.items()
+                                  if sp.action == "review"}}
+        kept = []
+        for h in hits:
+            d = await self.guard.acheck_input(h.chunk.text, request_id=request_id, policy_overrides=no_review)
+            if d.allowed or d.scanner not in _INJECTION_SCANNERS:
+                kept.append(h)
+        return kept
 
     # -- prompt strategy --------------------------------------------------------------------------
     async def apply_strategy(self, turn: ChatTurn) -> None:

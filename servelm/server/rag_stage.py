@@ -160,5 +160,7 @@ async def load(ctx) -> None:
     """Builds ``ctx.rag`` in a thread when RAG is on (so it loads alongside the engine)."""
     if ctx.settings.rag:
         ctx.rag = await asyncio.to_thread(build_service, ctx.settings, ctx.engine)
+        if ctx.guarding is not None and ctx.guarding.guard is not None:
+            ctx.rag.screen = ctx.guarding.screen_documents
         log.info("rag ready", extra={"rag_dir": ctx.settings.rag_dir,
                                      "rag_store": "pgvector" if ctx.settings.pg_url else "faiss"})
