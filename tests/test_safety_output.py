@@ -163,3 +163,19 @@ async def test_async_wrappers_match_sync(guard):
     out = "".join([await s.afeed(c) for c in "mail sam@example.com please, thanks a lot for all the help today"])
     out += await s.afinish()
     assert out == "mail <EMAIL_ADDRESS> please, thanks a lot for all the help today"
+
+
+def test_credentials_are_redacted_whole_and_code_references_are_not():
+    """A PEM key is redacted through its END line (its body is the secret), keyword-labelled values keep their
+    label, and code that only names a credential (os.environ[...], placeholders) is left alone."""
+    g = Guard.from_policy(None)
+    pem = ("-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nuwNSkKmhJxaO6xhxnJQBwH4T3yQbWVYdGoAoGCCqGSM49\n"
+           "AwEHoUQDQgAE8vN0aM2hQPjvZ0oqxP4c1wT9mQjY4Wx+ZcXv0C7B2QIDAQAB\n-----END EC PRIVATE KEY-----")
+    d = g.check_output(f"Use this:\n{pem}\nThen restart.")
+    assert d.text == "Use this:\n<API_KEY>\nThen restart."
+    d = g.check_output("aws_secret_access_key = Zk3vQ9pLm2Xr7TbN8cWy4Hd1Ja6Ue5Fo0Gs/RiK+ and "
+                       "token glpat-Q1w2E3r4T5y6U7i8O9p0 and the admin password: s3cr3t!Pass")
+    assert d.text == "aws_secret_access_key = <API_KEY> and token <API_KEY> and the admin password: <API_KEY>"
+    code = 'db = connect(password=os.environ["DB_PASSWORD"], api_key=${API_KEY}) # secret: <your-secret>'
+    assert g.check_output(code).text == code
+    assert g.check_input("Our password policy asks for 12 characters; where is the API key setting?").allowed

@@ -27,11 +27,18 @@ from servelm.safety.secrets import SECRET_PATTERNS
 _OFFLINE_TLD = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
 
 
+_INTERNAL_TLDS = {"example", "test", "invalid", "localhost", "local", "internal", "intranet", "corp", "lan", "home",
+                  "private"}
+
+
 class OfflineEmailRecognizer(EmailRecognizer):
     """Presidio's e-mail recogniser, validating the domain against the bundled suffix list."""
 
     def validate_result(self, pattern_text: str):  # noqa: D102
-        return _OFFLINE_TLD(pattern_text).fqdn != ""
+        # Addresses at reserved (RFC 2606/6761) and common internal domains are real addresses in company text
+        # (jane@corp.internal), though no public suffix list has them.
+        host = pattern_text.rsplit("@", 1)[-1].lower().rstrip(".")
+        return _OFFLINE_TLD(pattern_text).fqdn != "" or host.rsplit(".", 1)[-1] in _INTERNAL_TLDS
 
 
 class ApiKeyRecognizer(PatternRecognizer):

@@ -1,7 +1,18 @@
-"""Patterns for credentials that must not pass through the server (input or output)."""
+"""Patterns for credentials that must not pass through the server (input or output).
+
+Written for the ``regex`` package (Presidio's, which runs them for output redaction), whose variable-width
+look-behind lets a "keyword: value" pattern cover only the value, so "db password: <API_KEY>" keeps its label.
+"""
 from __future__ import annotations
 
-import re
+import regex as re
+
+# The value after a credential keyword ("password: ...", "client_secret=..."): not a code reference
+# (os.environ[...], settings.KEY, getenv(...)), a ${VAR}/<placeholder>, or a common filler word.
+_KEYWORD = (r"\b(?:password|passwd|pwd|passphrase|secret|client[_\-]?secret|secret[_\-]?key|api[_\-]?key|"
+            r"access[_\-]?token|auth[_\-]?token|bearer[_\-]?token)\b")
+_VALUE = (r"(?![A-Za-z_]\w*(?:\.\w|\(|\[))(?![$<{*x]{2}|\$\{|<)(?!(?:none|null|true|false|changeme|required|"
+          r"optional|string|redacted|hidden)\b)[^\s\"'`,;()\[\]{}<>]{6,}")
 
 # Provider-issued key formats with fixed prefixes: precise, so one hit is enough.
 SECRET_PATTERNS: dict[str, str] = {
@@ -13,7 +24,14 @@ SECRET_PATTERNS: dict[str, str] = {
     "google_api_key": r"\bAIza[0-9A-Za-z_\-]{35}\b",
     "stripe_key": r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}",
     "jwt": r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",
-    "private_key": r"-----BEGIN (?:RSA |EC |OPENSSH |DSA |PGP )?PRIVATE KEY(?: BLOCK)?-----",
+    "gitlab_token": r"\bgl(?:pat|ptt|dt|rt|cbt|soat|ffct)-[A-Za-z0-9_\-]{20,}",
+    # The whole PEM block: through its END line, or (cut off) through the base64 lines that follow the header.
+    "private_key": (r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:[\s\S]{0,16384}?-----END (?:[A-Z0-9]+ )*"
+                    r"PRIVATE KEY(?: BLOCK)?-----|(?:\s*[A-Za-z0-9+/=:\-]{16,})*)"),
+    # 40 base64 characters after an AWS secret keyword (aws_secret_access_key = ..., "AWS secret: ...").
+    "aws_secret_key": (r"(?<=\baws[_\-\s]?(?:secret[_\-\s]?(?:access[_\-\s]?)?key|secret)[\"']?\s*[:=]?\s*[\"']?)"
+                       r"[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])"),
+    "keyword_secret": rf"(?<={_KEYWORD}[\"']?\s*[:=]\s*[\"']?){_VALUE}",
     "hf_token": r"\bhf_[A-Za-z0-9]{30,}\b",
 }
 SECRET_RE = re.compile("|".join(f"(?P<{k}>{v})" for k, v in SECRET_PATTERNS.items()))
