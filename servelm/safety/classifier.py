@@ -3,8 +3,8 @@
 Why this model: it is ~0.3 ms per request on one CPU core, needs no download, and its
 artifact (a JSON file of float16 weights, a few hundred KB) is committed next to this
 file together with ``train_classifier.py`` that reproduces it from packaged data.
-Long inputs are scored on the whole text *and* on overlapping windows, so one injected
-sentence inside a long retrieved document is not diluted away.
+Long inputs are scored on the whole text *and* on overlapping windows and sentence runs, so one
+injected sentence inside a long retrieved document is not diluted away.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from sklearn.feature_extraction.text import HashingVectorizer
 ARTIFACT_DIR = Path(__file__).parent / "models"
 N_FEATURES = 2**16
 WINDOW, STRIDE = 400, 200
+SENTENCE_WINDOW = 240
 
 
 def make_vectorizers() -> tuple[HashingVectorizer, HashingVectorizer]:
@@ -68,11 +69,30 @@ def featurize(texts: list[str], vecs=None):
     return hstack([char.transform(texts), word.transform(texts), cue_features(texts)]).tocsr()
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])\s+|\n+")
+
+
+def sentence_windows(text: str, width: int = SENTENCE_WINDOW) -> list[str]:
+    """Return runs of consecutive sentences of up to ``width`` characters, one starting at each sentence.
+
+    Fixed character windows still carry ~300 characters of surrounding text, which dilutes a one-sentence
+    injection in a pasted document below the threshold; sentence runs keep it nearly alone (LLM Guard's
+    ``match_type=SENTENCE`` does the same)."""
+    sents = [s for s in _SENTENCE_END.split(text) if s.strip()]
+    out = []
+    for i in range(len(sents)):
+        run, j = sents[i], i + 1
+        while j < len(sents) and len(run) + len(sents[j]) < width:
+            run, j = f"{run} {sents[j]}", j + 1
+        out.append(run)
+    return out
+
+
 def windows(text: str) -> list[str]:
-    """Return ``text`` plus overlapping windows of it when it is long."""
+    """Return ``text`` plus, when it is long, overlapping character windows and sentence runs of it."""
     if len(text) <= WINDOW + STRIDE:
         return [text]
-    return [text] + [text[i:i + WINDOW] for i in range(0, len(text) - STRIDE, STRIDE)]
+    return [text] + [text[i:i + WINDOW] for i in range(0, len(text) - STRIDE, STRIDE)] + sentence_windows(text)
 
 
 class TextClassifier:

