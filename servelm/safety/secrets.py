@@ -28,8 +28,10 @@ SECRET_PATTERNS: dict[str, str] = {
     # The whole PEM block: through its END line, or (cut off) through the base64 lines that follow the header.
     "private_key": (r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:[\s\S]{0,16384}?-----END (?:[A-Z0-9]+ )*"
                     r"PRIVATE KEY(?: BLOCK)?-----|(?:\s*[A-Za-z0-9+/=:\-]{16,})*)"),
-    # 40 base64 characters after an AWS secret keyword (aws_secret_access_key = ..., "AWS secret: ...").
-    "aws_secret_key": (r"(?<=\baws[_\-\s]?(?:secret[_\-\s]?(?:access[_\-\s]?)?key|secret)[\"']?\s*[:=]?\s*[\"']?)"
+    # 40 base64 characters after an AWS secret keyword (aws_secret_access_key = ..., "AWS secret: ...") or
+    # after the access key id it pairs with ("AKIA... / wJalr...").
+    "aws_secret_key": (r"(?:(?<=\baws[_\-\s]?(?:secret[_\-\s]?(?:access[_\-\s]?)?key|secret)[\"']?\s*[:=]?\s*[\"']?)"
+                       r"|(?<=\b(?:AKIA|ASIA)[0-9A-Z]{16}[\"']?[\s:/,;|]{1,5}[\"']?))"  # or right after its key id
                        r"[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])"),
     "keyword_secret": rf"(?<={_KEYWORD}[\"']?\s*[:=]\s*[\"']?){_VALUE}",
     "hf_token": r"\bhf_[A-Za-z0-9]{30,}\b",
