@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from servelm.safety.metrics import GuardMetrics, log_event
 from servelm.safety.normalise import normalise
-from servelm.safety.pii import DEFAULT_ENTITIES, PiiSpan, get_pii_detector, redact
+from servelm.safety.pii import DEFAULT_ENTITIES, PiiSpan, get_pii_detector, not_supplied, redact
 from servelm.safety.policy import Policy, PolicyError
 from servelm.safety.review_queue import ReviewQueue
 from servelm.safety.scanners import (
@@ -245,18 +245,25 @@ class Guard:
 
     def check_output(self, text: str, request_id: str | None = None, prompt: str | None = None,
                      system_prompt: str = "", policy_overrides: dict | None = None,
-                     api_key: str | None = None) -> Decision:
-        """Scan a complete model output; ``Decision.text`` is the redacted text. Never raises for any ``text``."""
+                     api_key: str | None = None, supplied: str | None = None) -> Decision:
+        """Scan a complete model output; ``Decision.text`` is the redacted text. Never raises for any ``text``.
+
+        ``supplied`` is text the end user wrote (their chat messages, their RAG question): PII values found
+        whole in it are not redacted, since repeating them to that user discloses nothing
+        (:func:`servelm.safety.pii.not_supplied`). System prompts, tool results and documents are not
+        "supplied": they may hold other people's data.
+        """
         t0 = time.perf_counter()
         policy = self._policy(api_key, policy_overrides)
         text = _clean(text)
-        ctx = ScanContext(canary=policy.canary, system_prompt=system_prompt)
+        ctx = ScanContext(canary=policy.canary, system_prompt=system_prompt, supplied=supplied or "")
         results = self._run("output", self.output_scanners, text, ctx, policy, request_id)
         d = self._decide("output", text, results, policy, request_id, api_key, prompt)
         self.metrics.latency.labels("output").observe(time.perf_counter() - t0)
         return d
 
-    def redact_pii(self, texts: list[str], request_id: str | None = None, api_key: str | None = None) -> list[str]:
+    def redact_pii(self, texts: list[str], request_id: str | None = None, api_key: str | None = None,
+                   supplied: str = "") -> list[str]:
         """Return ``texts`` (returned beside an answer, e.g. RAG sources) with the output PII policy applied.
 
         Such text cannot be held or blocked on its own, so the pii scanner's redact, block and review
@@ -271,7 +278,7 @@ class Guard:
         out, found = [], 0
         try:
             for text in map(_clean, texts):
-                spans = get_pii_detector().detect(text, entities, sp.threshold)
+                spans = not_supplied(text, get_pii_detector().detect(text, entities, sp.threshold), supplied)
                 out.append(redact(text, spans) if spans else text)
                 found += len(spans)
         except Exception as exc:
@@ -304,9 +311,10 @@ class Guard:
 
     def output_stream(self, request_id: str | None = None, prompt: str | None = None,
                       policy_overrides: dict | None = None, api_key: str | None = None,
-                      window: int = 64) -> "GuardedStream":
-        """Return a :class:`GuardedStream` for one streamed completion."""
-        return GuardedStream(self, self._policy(api_key, policy_overrides), request_id, prompt, api_key, window)
+                      window: int = 64, supplied: str | None = None) -> "GuardedStream":
+        """Return a :class:`GuardedStream` for one streamed completion (``supplied`` as in :meth:`check_output`)."""
+        return GuardedStream(self, self._policy(api_key, policy_overrides), request_id, prompt, api_key, window,
+                             supplied or "")
 
     def canary_instruction(self, api_key: str | None = None) -> str:
         """Return the line to append to a system prompt so a leak of it is detectable ("" if no canary)."""
@@ -321,8 +329,9 @@ class GuardedStream:
     ``blocked`` is True, ``decision`` says why, and nothing more is emitted.
     """
 
-    def __init__(self, guard: Guard, policy: Policy, request_id, prompt, api_key, window: int):
+    def __init__(self, guard: Guard, policy: Policy, request_id, prompt, api_key, window: int, supplied: str = ""):
         self.guard, self.policy, self.request_id, self.prompt, self.api_key = guard, policy, request_id, prompt, api_key
+        self.supplied = supplied
         self.decision: Decision | None = None
         self._text = ""
         self._since_harm_check = 0
@@ -347,7 +356,8 @@ class GuardedStream:
             return [PiiSpan("SYSTEM_PROMPT_LEAK", i, i + len(self.policy.canary), 1.0)]
         if self._pii_on:
             try:
-                spans = get_pii_detector().detect(text, self._entities, self._pii_threshold)
+                spans = not_supplied(text, get_pii_detector().detect(text, self._entities, self._pii_threshold),
+                                     self.supplied)
             except Exception as exc:  # fail per policy, like the non-streamed path
                 mode = self.policy.fail_mode_for("pii")
                 self.guard.metrics.scanner_errors.labels("pii", mode).inc()

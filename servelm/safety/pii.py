@@ -7,6 +7,7 @@ Redaction replaces each span with ``<ENTITY_TYPE>`` (e.g. ``<EMAIL_ADDRESS>``).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -31,6 +32,22 @@ def redact(text: str, spans: list[PiiSpan]) -> str:
         last = s.end
     out.append(text[last:])
     return "".join(out)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def not_supplied(text: str, spans: list[PiiSpan], supplied: str) -> list[PiiSpan]:
+    """Returns the ``spans`` of ``text`` whose value is not in ``supplied`` (the caller's own messages).
+
+    Repeating what the caller wrote discloses nothing to the caller: "Bob is 30" -> ``{"name": "Bob"}``, a
+    letter addressed to the e-mail the user gave. Only values found whole (at word boundaries) count;
+    retrieved documents are never "supplied", so their PII stays redacted."""
+    if not supplied or not spans:
+        return spans
+    have = _norm(supplied)
+    return [s for s in spans if not re.search(rf"(?<!\w){re.escape(_norm(text[s.start:s.end]))}(?!\w)", have)]
 
 
 @lru_cache(maxsize=1)

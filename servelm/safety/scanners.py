@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from servelm.safety.classifier import load_classifier
 from servelm.safety.normalise import Normalised
-from servelm.safety.pii import DEFAULT_ENTITIES, PiiSpan, get_pii_detector, redact
+from servelm.safety.pii import DEFAULT_ENTITIES, PiiSpan, get_pii_detector, not_supplied, redact
 from servelm.safety.rules import match_rules
 from servelm.safety.secrets import find_secrets
 
@@ -26,6 +26,7 @@ class ScanContext:
     entities: tuple[str, ...] = DEFAULT_ENTITIES
     canary: str = ""
     system_prompt: str = ""
+    supplied: str = ""  # the caller's own text: PII it already holds is not redacted from the answer
 
 
 @dataclass(slots=True)
@@ -85,7 +86,7 @@ scan_harmful_output = _harmful
 
 def scan_pii(text: str, ctx: ScanContext) -> ScanResult:
     """Score = the highest PII confidence; ``redacted`` masks every span as ``<ENTITY>``."""
-    spans = get_pii_detector().detect(text, ctx.entities, threshold=ctx.threshold)
+    spans = not_supplied(text, get_pii_detector().detect(text, ctx.entities, threshold=ctx.threshold), ctx.supplied)
     if not spans:
         return ScanResult(0.0)
     kinds = sorted({s.entity for s in spans})

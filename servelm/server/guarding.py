@@ -51,6 +51,9 @@ class Guarding:
     async def _check_input(self, turn: ChatTurn) -> None:
         if self.guard is None:
             return
+        # What the end user wrote, before strategies or RAG add to the messages: PII the answer repeats from
+        # it is not redacted (system prompts, tool results and documents may hold others' data: redacted).
+        turn.metadata["supplied"] = _user_text(turn.messages)
         d = await self.guard.acheck_messages(turn.messages, request_id=turn.request_id, api_key=turn.key_name)
         if d.action == "block":
             raise self._refusal(d, "messages")
@@ -151,36 +154,43 @@ class Guarding:
         if strategy is not None:
             out = strategy.postprocess(text, bool(turn.metadata.get("include_reasoning")))
             text, reasoning = out.answer, out.reasoning
-        answer = await self.scan_output(text, turn.request_id, turn.key_name, _question(turn), _system(turn))
+        supplied = turn.metadata.get("supplied")
+        answer = await self.scan_output(text, turn.request_id, turn.key_name, _question(turn), _system(turn), supplied)
         if reasoning is not None and answer.finish_reason is None:
-            r = await self.scan_output(reasoning, turn.request_id, turn.key_name, _question(turn), _system(turn))
+            r = await self.scan_output(reasoning, turn.request_id, turn.key_name, _question(turn), _system(turn),
+                                       supplied)
             if r.finish_reason is None:  # blocked reasoning is dropped, not shown
                 answer.extras["reasoning_content"] = r.text
         return answer
 
     async def scan_output(self, text: str, request_id: str, key_name: str, prompt: str | None = None,
-                          system_prompt: str = "") -> Answer:
-        """Returns ``text`` as the client may see it: redacted, or emptied with finish_reason content_filter."""
+                          system_prompt: str = "", supplied: str | None = None) -> Answer:
+        """Returns ``text`` as the client may see it: redacted, or emptied with finish_reason content_filter.
+        PII found whole in ``supplied`` (what the end user wrote) is not redacted."""
         if self.guard is None:
             return Answer(text)
         d = await self.guard.acheck_output(text, request_id=request_id, prompt=prompt, system_prompt=system_prompt,
-                                           api_key=key_name)
+                                           api_key=key_name, supplied=supplied)
         if d.action == "review":
             return held_answer(d)
         if d.action == "block":
             return Answer("", "content_filter", servelm={"content_filter": {"scanner": d.scanner, "reason": d.reason}})
         return Answer(d.text)
 
-    async def redact_sources(self, texts: list[str], request_id: str, key_name: str) -> list[str]:
+    async def redact_sources(self, texts: list[str], request_id: str, key_name: str, supplied: str = "") -> list[str]:
         """Returns retrieved text sent beside an answer (RAG sources, chunks) with the output PII policy
-        applied: PII the policy does not allow becomes ``<ENTITY_TYPE>`` (servelm.safety.Guard.redact_pii)."""
+        applied: PII the policy does not allow becomes ``<ENTITY_TYPE>`` (servelm.safety.Guard.redact_pii),
+        except values found whole in ``supplied`` (the caller's question)."""
         if self.guard is None or not texts:
             return texts
-        return await self.guard.aredact_pii(texts, request_id=request_id, api_key=key_name)
+        return await self.guard.aredact_pii(texts, request_id=request_id, api_key=key_name, supplied=supplied)
 
-    def stream_scanner(self, request_id: str, key_name: str, prompt: str | None) -> "ChoiceStream":
-        """Returns a stream stage guarding one streamed completion choice (no strategy)."""
-        return ChoiceStream(self, ChatTurn([], None, None, key_name, request_id), prompt=prompt)
+    def stream_scanner(self, request_id: str, key_name: str, prompt: str | None, supplied: str = "") -> "ChoiceStream":
+        """Returns a stream stage guarding one streamed completion choice (no strategy); ``supplied`` as in
+        :meth:`scan_output`."""
+        turn = ChatTurn([], None, None, key_name, request_id)
+        turn.metadata["supplied"] = supplied
+        return ChoiceStream(self, turn, prompt=prompt)
 
 
 class ChoiceStream:
@@ -190,7 +200,8 @@ class ChoiceStream:
         self.strategy = turn.metadata.get("strategy")
         self.hold_all = isinstance(self.strategy, ChainOfThought)  # only the final answer is sent
         self.scanner = (g.guard.output_stream(request_id=turn.request_id, api_key=turn.key_name,
-                                              prompt=prompt if prompt is not None else _question(turn))
+                                              prompt=prompt if prompt is not None else _question(turn),
+                                              supplied=turn.metadata.get("supplied", ""))
                         if g.guard is not None else None)
         self.finish_reason: str | None = None
         self.servelm: dict | None = None
@@ -232,6 +243,19 @@ class ChoiceStream:
                 return d.held_response or ""
             self.servelm = {"content_filter": {"scanner": d.scanner if d else None, "reason": d.reason if d else ""}}
         return ""
+
+
+def _user_text(messages: list[dict]) -> str:
+    """The text of the user turns of ``messages``."""
+    parts = []
+    for m in messages:
+        if m.get("role") != "user":
+            continue
+        c = m.get("content")
+        if isinstance(c, list):
+            c = "\n".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
+        parts.append(str(c or ""))
+    return "\n".join(parts)
 
 
 def _question(turn: ChatTurn) -> str | None:

@@ -106,7 +106,8 @@ async def _record(turn: ChatTurn, answer: str, guarding) -> None:
     sources = turn.metadata.setdefault("sources", [])
     seen = {s["chunk_id"] for s in sources}
     new = [s for s in cited_sources(answer, hits) if s["chunk_id"] not in seen]
-    snippets = await guarding.redact_sources([s["snippet"] for s in new], turn.request_id, turn.key_name)
+    snippets = await guarding.redact_sources([s["snippet"] for s in new], turn.request_id, turn.key_name,
+                                             turn.metadata.get("supplied", ""))
     for s, snippet in zip(new, snippets):
         s["snippet"] = snippet
     sources.extend(new)

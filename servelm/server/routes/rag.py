@@ -180,15 +180,15 @@ async def rag_query(req: RagQueryRequest, request: Request, principal: Principal
     if not req.stream:
         answer = await until_disconnect(request, _call(svc.query(req, generate), "collection"))
         if answer.found:
-            a = await g.scan_output(answer.answer, rid, principal.name, req.query)
+            a = await g.scan_output(answer.answer, rid, principal.name, req.query, supplied=req.query)
             _guarded(answer, a.text, a.finish_reason, a.servelm)
-            await _redact_sources(g, answer, rid, principal.name)
+            await _redact_sources(g, answer, rid, principal.name, req.query)
         return _body(answer)
-    stage = g.stream_scanner(rid, principal.name, req.query)
+    stage = g.stream_scanner(rid, principal.name, req.query, supplied=req.query)
     events = svc.query_stream(req, _scanned(generate, stage))
     # The first event comes after retrieval and admission: errors there still get their HTTP status.
     first = await _call(anext(events), "collection")
-    return sse.EventStream(content=_stream(first, events, request, stage, principal.name))
+    return sse.EventStream(content=_stream(first, events, request, stage, principal.name, req.query))
 
 
 def _body(m) -> dict:
@@ -204,9 +204,9 @@ def _guarded(answer: RagQueryResponse, text: str, finish_reason: str | None, not
         answer.sources = []
 
 
-async def _redact_sources(g, answer: RagQueryResponse, request_id: str, key_name: str) -> None:
+async def _redact_sources(g, answer: RagQueryResponse, request_id: str, key_name: str, question: str) -> None:
     """Applies the output PII policy to the cited snippets, which quote the documents verbatim."""
-    snippets = await g.redact_sources([s.snippet for s in answer.sources], request_id, key_name)
+    snippets = await g.redact_sources([s.snippet for s in answer.sources], request_id, key_name, question)
     for s, snippet in zip(answer.sources, snippets):
         s.snippet = snippet
 
@@ -234,7 +234,7 @@ def _single(out: RagQueryResponse, headers: dict):
     return sse.EventStream(headers=headers, content=events())
 
 
-async def _stream(first, events, request: Request, stage, key_name: str):
+async def _stream(first, events, request: Request, stage, key_name: str, question: str):
     rid = request.scope.get("servelm", {}).get("request_id")
     g = get_context(request).guarding
     try:
@@ -242,7 +242,7 @@ async def _stream(first, events, request: Request, stage, key_name: str):
         async for ev in events:
             if isinstance(ev, RagQueryResponse) and ev.found:
                 _guarded(ev, ev.answer, stage.finish_reason, stage.servelm)
-                await _redact_sources(g, ev, rid, key_name)
+                await _redact_sources(g, ev, rid, key_name, question)
             yield sse.event(_body(ev))
     except APIError as e:
         yield sse.error_event(e.body())
