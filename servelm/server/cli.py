@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import socket
@@ -108,8 +109,8 @@ def _check_port_free(host: str, port: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
             s.bind((host, port))
     except OSError as e:
-        sys.exit(f"servelm serve: cannot listen on {host}:{port}: {e.strerror or e} (is another server running "
-                 "there? choose another --port)")
+        hint = " (is another server running there? choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        sys.exit(f"servelm serve: cannot listen on {host}:{port}: {e.strerror or e}{hint}")
 
 
 def _settings(args: argparse.Namespace, fields: tuple[str, ...]):

@@ -50,13 +50,14 @@ def _token_lists(emb: Embedder, body: EmbeddingRequest) -> list[list[int]]:
         raise invalid(f"At most {MAX_INPUTS} inputs per request, got {len(items)}.", "input", "invalid_value")
     if body.dimensions is not None and body.dimensions != emb.dim:
         raise invalid(f"This model returns {emb.dim} dimensions; dimensions={body.dimensions} is not supported.",
-                      "dimensions", "unsupported_value")
+                      "dimensions", "invalid_value")
     limit, keep = emb.max_tokens, None
     if body.truncate_prompt_tokens is not None:
         k = body.truncate_prompt_tokens
-        if k == 0 or k > emb.max_tokens:
-            raise invalid(f"truncate_prompt_tokens must be -1 (the model's limit) or 1..{emb.max_tokens}, got {k}.",
-                          "truncate_prompt_tokens", "invalid_value")
+        low = len(emb.prefix) + len(emb.suffix) + 1  # the special tokens and one token of text
+        if k != -1 and not low <= k <= emb.max_tokens:
+            raise invalid(f"truncate_prompt_tokens must be -1 (the model's limit) or {low}..{emb.max_tokens}, "
+                          f"got {k}.", "truncate_prompt_tokens", "invalid_value")
         limit, keep = (emb.max_tokens if k == -1 else k), "last"
     elif body.truncate:
         keep = "first"
