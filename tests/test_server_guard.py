@@ -398,6 +398,9 @@ def test_fallback_answers_while_the_engine_is_stopped(env):
     assert call(env, "POST", "/v1/admin/fault", "alice", {"engine": "stop"}).status_code == 403
     assert call(env, "POST", "/v1/admin/fault", "root", {"engine": "stop"}).json() == {"engine": "stopped"}
     try:
+        for probe in ("/health", "/ready"):  # a liveness probe restarts the server, a load balancer skips it
+            r = httpx.get(env.url + probe)
+            assert r.status_code == 503 and "engine not running" in r.json()["error"]["message"], r.text
         r = chat(env, "alice", [{"role": "user", "content": "Hello"}])
         assert r.status_code == 200 and r.headers["x-servelm-fallback"].startswith("static")
         body = r.json()
@@ -415,6 +418,7 @@ def test_fallback_answers_while_the_engine_is_stopped(env):
         assert m['servelm_fallbacks_total{kind="static",reason="circuit_open"}'] >= 1
     finally:
         assert call(env, "POST", "/v1/admin/fault", "root", {"engine": "start"}).json() == {"engine": "running"}
+    assert httpx.get(env.url + "/health").json() == {"status": "ok"}
     # the breaker half-opens after breaker_reset_s (1 s here); the next call is a trial that closes it
     for _ in range(200):
         r = chat(env, "alice", [{"role": "user", "content": "Hello"}], max_tokens=2)

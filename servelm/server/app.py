@@ -8,6 +8,9 @@ import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+import servelm
 
 from servelm.server.admission import Admission
 from servelm.server.context import ServerContext
@@ -19,7 +22,7 @@ from servelm.server.middleware import RequestMiddleware
 from servelm.server.pipeline import RequestPipeline
 from servelm.server.rate_limit import RateLimiter
 from servelm.server import playground, rag_stage
-from servelm.server.routes import admin, chat, completions, embeddings, generate, health, models, rag, review
+from servelm.server.routes import admin, chat, completions, embeddings, generate, health, models, rag, review, tokenize
 from servelm.server.settings import ServerSettings
 
 log = logging.getLogger("servelm.server")
@@ -37,7 +40,7 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
     if not settings.no_auth and keys is None:
         keys = KeyStore(settings.keys_db)
     admission = Admission(settings.max_num_seqs, settings.max_queue)
-    metrics = Metrics(engine, admission)
+    metrics = Metrics(engine, admission, model_name=lambda: ctx.model_name)
     guarding = build_guarding(settings, metrics.registry)
     ctx = ServerContext(settings=settings, engine=engine, keys=keys, limiter=RateLimiter(settings.redis_url),
                         admission=admission, metrics=metrics, pipeline=pipeline or guarding.pipeline(),
@@ -85,15 +88,20 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
             if ctx.rag is not None:
                 ctx.rag.close()
 
-    app = FastAPI(title="servelm", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="servelm", version=servelm.__version__, lifespan=lifespan,
                   description="OpenAI-compatible LLM server. Authenticate with `Authorization: Bearer <key>`.")
     app.state.servelm = ctx
     install_handlers(app)
-    for module in (chat, completions, embeddings, models, generate, health, admin, review, rag):
+    for module in (chat, completions, embeddings, models, tokenize, generate, health, admin, review, rag):
         app.include_router(module.router)
     playground.install(app)  # the web page at /playground and its small read-only API
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, get_metrics=lambda: ctx.metrics,
                        upload_max_bytes=settings.rag_max_file_bytes * 4)
+    # Outermost, so every answer (also a 413 or 401) carries the CORS headers a browser needs to read it,
+    # and a preflight OPTIONS is answered here, before routing and auth (vLLM's defaults: all allowed).
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                       allow_methods=settings.allowed_methods, allow_headers=settings.allowed_headers,
+                       allow_credentials=settings.allow_credentials, expose_headers=["x-request-id"])
     return app
 
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import socket
 import sys
 
 _S = argparse.SUPPRESS  # unset flags must not override the config file or environment
@@ -40,6 +42,11 @@ def register(subparsers) -> None:
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float, default=_S,
                    help="Seconds shutdown waits for in-flight requests (default 30).")
     p.add_argument("--max-body-bytes", type=int, default=_S, help="Larger request bodies get 413.")
+    p.add_argument("--allowed-origins", type=_str_list, default=_S,
+                   help='CORS origins, a JSON list (as vLLM) or comma list; default ["*"], [] for none.')
+    p.add_argument("--allowed-methods", type=_str_list, default=_S, help='CORS methods (default ["*"]).')
+    p.add_argument("--allowed-headers", type=_str_list, default=_S, help='CORS request headers (default ["*"]).')
+    p.add_argument("--allow-credentials", action="store_true", default=_S, help="CORS: allow credentials.")
     p.add_argument("--no-embeddings", dest="embedding_model", action="store_const", const=None, default=_S,
                    help="Do not load the embedding model.")
     p.add_argument("--no-rag", dest="rag", action="store_false", default=_S, help="Do not serve the RAG routes.")
@@ -78,6 +85,34 @@ def register(subparsers) -> None:
     k.set_defaults(func=_keys)
 
 
+def _str_list(value: str) -> list[str]:
+    """Returns a flag's list: a JSON list ('["http://a", "http://b"]', as vLLM takes it) or 'a,b'."""
+    if value.lstrip().startswith("["):
+        try:
+            items = json.loads(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {value}") from None
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise argparse.ArgumentTypeError(f"not a JSON list of strings: {value}")
+        return items
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Exits with a clear message when ``host:port`` cannot be bound (already in use, no permission),
+    before the model loads rather than after."""
+    if port == 0:
+        return
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            s.bind((host, port))
+    except OSError as e:
+        hint = " (is another server running there? choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        sys.exit(f"servelm serve: cannot listen on {host}:{port}: {e.strerror or e}{hint}")
+
+
 def _settings(args: argparse.Namespace, fields: tuple[str, ...]):
     from pydantic import ValidationError
 
@@ -96,7 +131,8 @@ def _settings(args: argparse.Namespace, fields: tuple[str, ...]):
 _SERVE_FIELDS = ("model", "served_model_name", "host", "port", "no_auth", "redis_url", "data_dir", "log_prompts",
                  "log_level", "max_num_seqs", "max_queue", "max_model_len", "kv_cache_memory_bytes", "dtype",
                  "quantization", "quant_calibration", "tensor_parallel_size", "enforce_eager", "request_timeout_s", "shutdown_timeout_s",
-                 "max_body_bytes", "embedding_model",
+                 "max_body_bytes", "embedding_model", "allowed_origins", "allowed_methods", "allowed_headers",
+                 "allow_credentials",
                  "rag", "rag_data_dir", "pg_url", "rag_max_file_bytes",
                  "policy", "no_guard", "default_strategy", "fallback", "fallback_message", "enable_fault_injection")
 
@@ -107,6 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.model and not settings.model.startswith("dummy:") and not os.path.exists(settings.model):
         sys.exit(f"servelm serve: model not found: {settings.model} (give a .gguf file, a Hugging Face model "
                  "directory or dummy:<arch>; leave --model out for the embedded SmolLM2)")
+    _check_port_free(settings.host, settings.port)
     import uvicorn
 
     from servelm.engine import AsyncEngine, EngineConfig

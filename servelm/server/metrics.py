@@ -1,8 +1,13 @@
-"""Prometheus metrics, named after vLLM's (``vllm:`` -> ``servelm:``), on a per-app registry."""
+"""Prometheus metrics, named after vLLM's (``vllm:`` -> ``servelm:``), on a per-app registry.
+
+The series vLLM also has are exported a second time under vLLM's own name with its ``model_name`` label
+(e.g. ``vllm:num_requests_waiting{model_name="..."}``), so vLLM dashboards, autoscalers and routers read
+them unchanged. Both names come from the same metric objects: nothing is counted twice.
+"""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 disable_created_metrics()  # the *_created series only add noise for a long-running server
 
@@ -29,6 +34,12 @@ class _EngineCollector:
         yield _gauge(g, "servelm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", s.kv_usage)
         yield _gauge(g, "servelm:prefix_cache_hit_rate", "Prefix-cache hits / queries since start.",
                      s.prefix_hit_rate)
+        yield CounterMetricFamily("servelm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=s.prefix_cache_queries)
+        yield CounterMetricFamily("servelm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  value=s.prefix_cache_hits)
+        yield CounterMetricFamily("servelm:num_preemptions", "Requests preempted to free KV-cache blocks.",
+                                  value=s.num_preemptions)
         blocks = g("servelm:kv_cache_blocks", "KV-cache blocks by state.", labels=["state"])
         for state in ("total", "used", "cached", "free"):
             blocks.add_metric([state], getattr(s, f"kv_blocks_{state}"))
@@ -36,6 +47,39 @@ class _EngineCollector:
         yield _gauge(g, "servelm:engine_healthy", "1 while the engine step loop is healthy.", int(bool(s.healthy)))
         yield _gauge(g, "servelm:num_requests_server_inflight",
                      "Generation requests admitted by the server and not yet finished.", self.state.inflight)
+
+
+# servelm:* series that vLLM exports too, and vLLM's name for them
+_VLLM_NAMES = {f"servelm:{n}": f"vllm:{n}" for n in (
+    "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries",
+    "prefix_cache_hits", "num_preemptions", "time_to_first_token_seconds", "inter_token_latency_seconds",
+    "e2e_request_latency_seconds", "request_queue_time_seconds", "prompt_tokens", "generation_tokens",
+    "request_success")}
+
+
+class _VllmNames:
+    """Re-exports the ``_VLLM_NAMES`` series of ``sources`` (collectors) under vLLM's names, each sample
+    with a ``model_name`` label (``model_name()`` at scrape time: the served name)."""
+
+    def __init__(self, sources, model_name):
+        self.sources = sources
+        self.model_name = model_name
+
+    def collect(self):
+        try:
+            model = self.model_name()
+        except Exception:  # the engine has not loaded yet: no name to label with
+            return
+        for source in self.sources:
+            for family in source.collect():
+                name = _VLLM_NAMES.get(family.name)
+                if name is None:
+                    continue
+                m = Metric(name, family.documentation, family.type)
+                for smp in family.samples:  # e.g. servelm:prompt_tokens_total -> vllm:prompt_tokens_total
+                    m.add_sample(name + smp.name[len(family.name):], {**smp.labels, "model_name": model},
+                                 smp.value, smp.timestamp, smp.exemplar)
+                yield m
 
 
 def _gauge(cls, name, doc, value):
@@ -47,7 +91,8 @@ def _gauge(cls, name, doc, value):
 class Metrics:
     """All server metrics. ``render()`` returns the Prometheus text exposition."""
 
-    def __init__(self, engine, server_state):
+    def __init__(self, engine, server_state, model_name=lambda: "unknown"):
+        """``model_name()`` returns the served model's name (read at each scrape)."""
         self.registry = r = CollectorRegistry()
         self.ttft = Histogram("servelm:time_to_first_token_seconds", "Time to first token.",
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -68,7 +113,10 @@ class Metrics:
         self.rejected = Counter("servelm:rejected_requests", "Requests refused by backpressure.",
                                 ["reason"], registry=r)
         self.embedding_tokens = Counter("servelm:embedding_prompt_tokens", "Tokens embedded.", registry=r)
-        r.register(_EngineCollector(engine, server_state))
+        engine_collector = _EngineCollector(engine, server_state)
+        r.register(engine_collector)
+        r.register(_VllmNames([engine_collector, self.ttft, self.itl, self.e2e, self.queue_time, self.prompt_tokens,
+                               self.generation_tokens, self.finished], model_name))
 
     def render(self) -> bytes:
         """Returns the exposition text of every metric."""

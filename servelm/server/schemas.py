@@ -265,11 +265,26 @@ class Completion(_Response):
 
 # ---------------------------------------------------------------- embeddings
 class EmbeddingRequest(_Request):
-    input: str | list[str] = Field(..., description="A text or a list of up to 256 texts.")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="A text, a list of up to 256 texts, one list of token ids or a list of them. "
+                                      "Token ids are the EMBEDDING model's (docs/server.md).")
     model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = Field(None, description="None = float.")
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, description="vLLM: keep the last k tokens of a longer "
+                                               "input; -1 = the model's limit. Without it (or truncate) a longer "
+                                               "input is a 400.")
+    truncate: bool = Field(False, description="TEI: keep the first tokens of a longer input, up to the model's limit.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _ids_are_ints(cls, v):
+        # pydantic's lax int would read true or 1.0 as a token id
+        for x in v if isinstance(v, list) else ():
+            if any(isinstance(t, (bool, float)) for t in (x if isinstance(x, list) else [x])):
+                raise ValueError("token ids must be integers")
+        return v
 
 
 class Embedding(BaseModel):

@@ -47,6 +47,11 @@ class ServerSettings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait beyond max_num_seqs; more get 503.")
     request_timeout_s: float = Field(600.0, gt=0, description="A request running longer is aborted.")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="How long shutdown waits for in-flight streams.")
+    # CORS, as vLLM: browsers on any origin may call the API (the key still decides what they may do)
+    allowed_origins: list[str] = Field(["*"], description="Origins browsers may call from; [] = none.")
+    allowed_methods: list[str] = ["*"]
+    allowed_headers: list[str] = ["*"]
+    allow_credentials: bool = Field(False, description="Allow cookies/HTTP auth cross-origin (not with '*').")
 
     # Security and limits
     no_auth: bool = False

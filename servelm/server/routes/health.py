@@ -1,18 +1,40 @@
-"""GET /health (liveness), /ready (readiness) and /metrics (Prometheus); none needs a key."""
+"""GET /health (liveness), /ready (readiness), /version and /metrics (Prometheus); none needs a key."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from servelm.server.context import get_context
+import servelm
+from servelm.server.context import ServerContext, get_context
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", summary="Liveness: the process answers")
-async def health() -> dict:
-    """Returns ``{"status": "ok"}`` while the process is up."""
+def engine_problem(ctx: ServerContext) -> str | None:
+    """Returns why the engine cannot serve (stopped, step loop unhealthy, no stats), or None."""
+    try:
+        if not ctx.engine.is_running:
+            return "engine not running"
+        if not ctx.engine.stats().healthy:
+            return "engine unhealthy"
+    except Exception:
+        return "engine unavailable"
+    return None
+
+
+def _unavailable(message: str, code: str) -> JSONResponse:
+    body = {"error": {"message": message, "type": "service_unavailable", "param": None, "code": code}}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+
+
+@router.get("/health", summary="Liveness: the process answers and its engine runs")
+async def health(request: Request):
+    """Returns ``{"status": "ok"}``, or 503 with an OpenAI error body when the engine is dead or unhealthy
+    (a liveness probe then restarts the server). A draining server stays healthy: see /ready."""
+    problem = engine_problem(get_context(request))
+    if problem:
+        return _unavailable(f"Unhealthy: {problem}.", "engine_unavailable")
     return {"status": "ok"}
 
 
@@ -26,18 +48,18 @@ async def ready(request: Request):
     elif ctx.admission.draining:
         reason = "shutting down"
     else:
-        try:
-            if not ctx.engine.stats().healthy:
-                reason = "engine unhealthy"
-        except Exception:
-            reason = "engine unavailable"
+        reason = engine_problem(ctx)
         if reason is None and ctx.limiter.backend == "redis" and not await ctx.limiter.check_storage():
             reason = "rate-limit store (Redis) unreachable"
     if reason:
-        body = {"error": {"message": f"Not ready: {reason}.", "type": "service_unavailable", "param": None,
-                          "code": "not_ready"}}
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+        return _unavailable(f"Not ready: {reason}.", "not_ready")
     return {"status": "ready", "model": ctx.model_name, "inflight": ctx.inflight}
+
+
+@router.get("/version", summary="The servelm version (vLLM's /version)")
+async def version() -> dict:
+    """Returns ``{"version": servelm.__version__}``."""
+    return {"version": servelm.__version__}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
