@@ -132,3 +132,32 @@ def test_cli_ingest_reports_errors_and_ingests_the_rest(tmp_path):
     assert "ingest → cli" in r.stderr  # the tqdm progress bar
     report = json.loads(r.stdout)
     assert report["counts"] == {"added": 1, "error": 1} and report["chunks"] >= 1
+
+
+def test_a_query_is_embedded_between_the_batches_of_a_long_ingest():
+    """A large upload embeds batch by batch, and a query waiting for the model goes before the next batch,
+    so search on any collection stays responsive while a big document is ingested."""
+    import threading
+
+    from servelm.rag.embedder import Embedder
+
+    shared = embedder()
+    emb = Embedder.__new__(Embedder)  # the session's loaded model, with small batches and no cache
+    emb.__dict__.update(shared.__dict__)
+    emb.batch_size, emb.cache = 2, None
+    emb._turn, emb._busy, emb._queries_waiting = threading.Condition(), False, 0
+    started, real = threading.Event(), emb.model.encode
+
+    def encode(texts, **kw):  # the real model; tells the test when the ingest's first batch runs
+        started.set()
+        return real(texts, **kw)
+
+    emb.model = type("Spy", (), {"encode": staticmethod(encode)})()
+    texts = [f"Paragraph {i} of a long upload about harbour moorings and ferry timetables." for i in range(200)]
+    ingest = threading.Thread(target=emb.embed, args=(texts,))
+    ingest.start()
+    assert started.wait(60)
+    vec = emb.embed_query("When does the ferry leave?")
+    assert ingest.is_alive()  # the query did not wait for the 100 batches of the ingest
+    ingest.join()
+    assert vec.shape == (emb.dim,) and abs(float((vec ** 2).sum()) - 1.0) < 1e-4

@@ -74,7 +74,11 @@ class Embedder:
         self.batch_size = batch_size
         self.cache = cache
         self._salt = hashlib.sha256(os.path.abspath(model_path).encode()).digest()
-        self._lock = threading.Lock()  # one forward pass at a time: torch already uses every core
+        # One forward pass at a time (torch already uses every core), a query's before the next ingest batch:
+        # a long upload runs batch by batch, so a query waits one batch, not the whole document.
+        self._turn = threading.Condition()
+        self._busy = False
+        self._queries_waiting = 0
 
     def key(self, text: str) -> bytes:
         """Return the cache key of ``text`` for this model."""
@@ -97,12 +101,26 @@ class Embedder:
 
     def embed_query(self, text: str) -> np.ndarray:
         """Return the unit vector of one query (not cached: queries rarely repeat)."""
-        return self._encode([text])[0]
+        return self._forward([text], query=True)[0]
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        with self._lock:
+        parts = [self._forward(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+
+    def _forward(self, texts: list[str], query: bool = False) -> np.ndarray:
+        with self._turn:
+            self._queries_waiting += query
+            while self._busy or (not query and self._queries_waiting):
+                self._turn.wait()
+            self._busy = True
+            self._queries_waiting -= query
+        try:
             v = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
                                   normalize_embeddings=True, show_progress_bar=False)
+        finally:
+            with self._turn:
+                self._busy = False
+                self._turn.notify_all()
         return v.astype(np.float32)
 
     def _embed_long(self, texts: list[str]) -> np.ndarray:
