@@ -48,12 +48,21 @@ def test_json_and_jsonl():
     ("noext", b"hello", "unsupported file type"),
     ("bad.json", b"{not json", "invalid JSON at line 1"),
     ("bad.jsonl", b'{"a": 1}\n{oops\n', "invalid JSON on line 2"),
-    ("latin1.txt", "café".encode("latin-1"), "not valid UTF-8"),
+    ("binary.txt", bytes(range(256)) * 4, "not valid UTF-8 text .* no other text encoding fits"),
 ])
 def test_bad_files_get_a_clear_error(name, data, match):
     with pytest.raises(LoaderError, match=match) as e:
         load_bytes(name, read(name) if data is None else data)
     assert name in str(e.value)
+
+
+def test_windows_and_latin1_text_files_are_decoded():
+    """Text exported on Windows (cp1252, with its curly quotes and euro sign) or in Latin-1 is read, as
+    LangChain's TextLoader(autodetect_encoding=True) does, instead of being refused."""
+    menu = "Café crème brûlée – “quoted” naïve façade, déjà vu.\nSecond line of the menu: prix fixe 25 €."
+    assert load_bytes("menu.txt", menu.encode("cp1252"))[0].text == menu
+    german = "Straße über Größe: Müller aß Äpfel und Öl. Die Brücke ist lang."
+    assert load_bytes("de.txt", german.encode("latin-1"))[0].text == german
 
 
 def test_size_limit():

@@ -70,7 +70,19 @@ def _decode(filename: str, data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LoaderError(f"{filename}: not valid UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from e
+        # Windows-exported text is often cp1252 or latin-1: detect the encoding (as LangChain's TextLoader
+        # with autodetect_encoding does), and refuse only what decodes to no plausible text.
+        from charset_normalizer import from_bytes
+
+        matches = list(from_bytes(data))
+        # Short Western text fits several code pages about equally; Windows' own (cp1252) is the likely one.
+        best = next((m for m in matches if m.encoding in ("cp1252", "latin_1") and m.chaos <= matches[0].chaos + 0.1),
+                    matches[0] if matches else None)
+        text = str(best) if best is not None else ""
+        if text and sum(not (c.isprintable() or c in "\n\r\t") for c in text) <= len(text) // 100:
+            return text
+        raise LoaderError(f"{filename}: not valid UTF-8 text ({e.reason} at byte {e.start}) and no other text "
+                          "encoding fits; re-save it as UTF-8") from e
 
 
 def _html(text: str) -> str:
