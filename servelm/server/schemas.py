@@ -4,15 +4,44 @@ Unknown request fields are ignored, as OpenAI-compatible servers do, so newer SD
 """
 from __future__ import annotations
 
+import re
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(value: Any) -> Any:
+    """Returns ``value`` (parsed JSON) with every unpaired UTF-16 surrogate in its strings and keys replaced
+    by U+FFFD; a pair sent as two raw surrogates becomes the character it encodes.
+
+    JSON allows ``"\\ud83d"`` alone (JavaScript writes one whenever it cuts a string inside an emoji) and
+    Python's ``json.loads`` lets raw surrogate bytes through, but no tokenizer or database takes such a
+    string: replacing it, as a UTF-8 decoder would, keeps a cut emoji from turning into a 500."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value) is None:
+            return value
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if isinstance(value, list):
+        return [replace_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {replace_surrogates(k): replace_surrogates(v) for k, v in value.items()}
+    return value
+
+
 class _Request(BaseModel):
+    """Every request body: unknown fields ignored, strings free of lone surrogates."""
+
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data):
+        return replace_surrogates(data)
 
 
 # ---------------------------------------------------------------- shared pieces
