@@ -128,26 +128,30 @@ class _SamplingFields(_Request):
 
 # ---------------------------------------------------------------- chat
 class ContentPart(_Request):
-    """A message part; only ``{"type": "text", "text": ...}`` is served (the model reads text only)."""
+    """A message part: ``{"type": "text", "text": ...}``, or in an assistant message OpenAI's
+    ``{"type": "refusal", "refusal": ...}`` (read as text). The model reads text only."""
 
     type: str
     text: str | None = None
+    refusal: str | None = None
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+        ..., description="function: the legacy form of a tool result (read as a tool message).")
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: str | None = None               # passed to the chat template; a function message's function
     tool_calls: list[dict] | None = None  # an assistant turn that called tools (passed to the chat template)
     tool_call_id: str | None = None       # a tool turn's answer to one of them
+    function_call: dict | None = None     # the legacy form of one tool call: {"name", "arguments"}
 
     def text(self) -> str:
-        """Returns the message's text (text parts joined)."""
+        """Returns the message's text (text and refusal parts joined)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text if p.type == "text" else p.refusal for p in self.content)
 
 
 class RagOptions(_Request):

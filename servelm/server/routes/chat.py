@@ -125,20 +125,34 @@ def _broken_json() -> Answer:
 
 
 def turn_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Returns the request's messages as ``{"role", "content"}`` dicts in chat-template roles.
+    """Returns the request's messages as ``{"role", "content"}`` dicts in chat-template roles (with ``name``,
+    ``tool_calls`` and ``tool_call_id`` where given). The legacy function protocol is read as tools, as vLLM
+    does: an assistant ``function_call`` is a one-call ``tool_calls``, a ``function`` message the tool result
+    answering it.
 
     Raises APIError(400) for a user/system message without content or a non-text content part."""
     for i, m in enumerate(messages):
         if m.content is None and m.role in ("user", "system", "developer"):
             raise invalid(f"messages[{i}].content is required for a '{m.role}' message.", f"messages.{i}.content")
-        for part in m.content if isinstance(m.content, list) else ():
-            if part.type != "text" or part.text is None:
+        readable = ("text", "refusal") if m.role == "assistant" else ("text",)  # a refusal replays as text
+        for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
+            if part.type not in readable:
                 raise invalid(f"messages[{i}].content has a '{part.type}' part; this model reads text parts only.",
                               f"messages.{i}.content", "unsupported_content")
-    out = []
-    for m in messages:
+            if getattr(part, part.type) is None:
+                raise invalid(f"Missing required parameter: 'messages[{i}].content[{j}].{part.type}'.",
+                              f"messages.{i}.content.{j}.{part.type}", "missing_required_parameter")
+    out, call_ids = [], {}  # legacy calls by function name, so that a function message answers its call
+    for i, m in enumerate(messages):
         d = {"role": _ROLE.get(m.role, m.role), "content": m.text()}
-        d.update((k, v) for k in ("tool_calls", "tool_call_id") if (v := getattr(m, k)) is not None)
+        d.update((k, v) for k in ("name", "tool_calls", "tool_call_id") if (v := getattr(m, k)) is not None)
+        if m.function_call is not None and not m.tool_calls:
+            call_ids[m.function_call.get("name")] = cid = f"call_{i}"
+            d["tool_calls"] = [{"id": cid, "type": "function", "function": m.function_call}]
+        if m.role == "function":
+            d["role"] = "tool"
+            if m.name in call_ids:
+                d["tool_call_id"] = call_ids.pop(m.name)
         out.append(d)
     return out
 
