@@ -12,7 +12,7 @@ from servelm.server import sse, structured, tool_parser
 from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import invalid
-from servelm.server.logprobs import chat_logprobs
+from servelm.server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from servelm.server.pipeline import Answer, ChatTurn, run_stream_stages
 from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatMessage, ChatChunkChoice, ChatCompletion,
                                     ChatCompletionChunk, ChatCompletionRequest, DeltaMessage, Tool, Usage)
@@ -54,8 +54,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         review = {"x-servelm-review-id": turn.held.servelm["review_id"]} if turn.held.servelm.get("review_id") else {}
         return _answer_without_engine(ctx, rid, body, turn.held.text, "content_filter", turn.held.servelm, review)
     tok = ctx.engine.tokenizer
-    prompt_ids = tok.encode(render_prompt(tok, turn.messages, tools, forced=forced is not None),
-                            add_special_tokens=False)
+    prompt_ids = tok.encode(render_prompt(tok, turn.messages, tools, forced=forced is not None,
+                                          add_generation_prompt=body.add_generation_prompt,
+                                          continue_final_message=body.continue_final_message,
+                                          template_kwargs=body.chat_template_kwargs), add_special_tokens=False)
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid("top_logprobs requires logprobs=true.", "top_logprobs")
     k = body.top_logprobs or 0
@@ -81,7 +83,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     result = await call_engine(ctx.guarding, turn.request_id, run_collect)
     if isinstance(result, FallbackResult):
         return _fallback(ctx, rid, body, result, info)
-    gen, raw = result
+    gen, (raw, prompt_lps) = result
     choices = []
     for index, c_text, reason, logprobs in raw:
         a = await ctx.pipeline.answer(turn, c_text)
@@ -106,7 +108,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     if note:
         response.headers["x-servelm-review-id"] = note["review_id"]
     out = ChatCompletion(id=rid, model=ctx.model_name, choices=choices, servelm=note,
-                         usage=usage([gen]), sources=turn.metadata.get("sources"))
+                         usage=usage([gen]), sources=turn.metadata.get("sources"),
+                         prompt_logprobs=vllm_prompt_logprobs(prompt_lps, body.prompt_logprobs)
+                         if body.prompt_logprobs is not None and prompt_lps is not None else None)
     if forced is None and not any(c.message.tool_calls or c.message.function_call for c in choices):
         return out
     # OpenAI sends "content": null beside tool calls; the route's exclude_none would drop the key
@@ -172,22 +176,32 @@ def _given_tools(body: ChatCompletionRequest) -> list[dict]:
     return [t.model_dump(exclude_none=True) for t in body.tools or [Tool(function=f) for f in body.functions or []]]
 
 
-def render_prompt(tok, messages: list[dict], tools: list[dict] | None = None, forced: bool = False) -> str:
-    """Returns ``messages`` rendered by the model's chat template, ready for the assistant's turn.
+def render_prompt(tok, messages: list[dict], tools: list[dict] | None = None, forced: bool = False,
+                  add_generation_prompt: bool = True, continue_final_message: bool = False,
+                  template_kwargs: dict | None = None) -> str:
+    """Returns ``messages`` rendered by the model's chat template, ready for the assistant's turn (vLLM's
+    ``add_generation_prompt``), or ending inside the last assistant message, which the model then continues
+    (``continue_final_message``: the template's text is cut where that message's content ends, as
+    transformers and vLLM do). ``template_kwargs`` are extra template variables (vLLM's ``chat_template_kwargs``).
 
     ``tools`` go to a template that renders them (mentions ``tools``). For one that does not, they are
     described in the system message with the call format ``server/tool_parser.py`` reads back (only the
     functions when ``forced``: constrained decoding fixes the form), and earlier tool calls and results
-    are written out as text (``prompts/tools.py``)."""
-    kwargs = {}
+    are written out as text (``prompts/tools.py``). Raises APIError(400) when the template cannot render them."""
+    if continue_final_message and (add_generation_prompt or messages[-1]["role"] != "assistant"):
+        raise invalid("continue_final_message continues the last message, which must be an assistant message, "
+                      "and needs add_generation_prompt false.", "continue_final_message")
+    kwargs = dict(template_kwargs or {})
     if getattr(tok, "renders_tools", False):
-        kwargs = {"tools": tools} if tools else {}
+        kwargs |= {"tools": tools} if tools else {}
     elif tools:
         messages = with_tools(messages, tools, forced)
     elif any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         messages = tool_turns_as_text(messages)
+    if continue_final_message:
+        kwargs["continue_final_message"] = True
     try:
-        return tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
     except Exception as e:  # the model's template rejects e.g. a role order it cannot render
         raise invalid(f"The messages cannot be rendered by this model's chat template: {e}", "messages") from None
 
@@ -243,12 +257,13 @@ def _fallback(ctx: ServerContext, rid: str, body: ChatCompletionRequest, r: Fall
                                   fallback_headers(r))
 
 
-async def _collect(gen: Generation, k: int) -> list[tuple]:
-    """Returns ``(index, text, finish_reason, logprobs)`` per choice as the engine wrote them."""
+async def _collect(gen: Generation, k: int) -> tuple[list[tuple], list | None]:
+    """Returns ``(index, text, finish_reason, logprobs)`` per choice as the engine wrote them, and the engine's
+    prompt logprobs (None unless asked)."""
     last = await gen.final()
     logprobs_on = gen.params.logprobs is not None
     return [(c.index, c.text, _finish(c.finish_reason), chat_logprobs(c.logprobs or [], k) if logprobs_on else None)
-            for c in sorted(last.outputs, key=lambda c: c.index)]
+            for c in sorted(last.outputs, key=lambda c: c.index)], last.prompt_logprobs
 
 
 def _finish(reason: str | None) -> str | None:

@@ -18,7 +18,8 @@ from servelm.server import sse, structured
 from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import APIError, invalid
-from servelm.server.logprobs import TextOffsets, completion_logprobs, prompt_completion_logprobs
+from servelm.server.logprobs import (TextOffsets, completion_logprobs, prompt_completion_logprobs,
+                                    vllm_prompt_logprobs)
 from servelm.server.pipeline import Answer, run_stream_stages
 from servelm.server.schemas import Completion, CompletionChoice, CompletionRequest
 from servelm.safety import FallbackResult
@@ -194,6 +195,9 @@ async def _collect(ctx: ServerContext, gen: Generation, body: CompletionRequest,
                    score_only: bool = False) -> list[CompletionChoice]:
     last = await gen.final()
     head = _echo_logprobs(ctx, gen, last, body)  # echo: the prompt's tokens come first in every choice's logprobs
+    prompt_lps = None
+    if body.prompt_logprobs is not None and last.prompt_logprobs is not None:
+        prompt_lps = vllm_prompt_logprobs(last.prompt_logprobs, body.prompt_logprobs)
     choices = []
     for c in sorted(last.outputs, key=lambda c: c.index):
         lp = None
@@ -202,7 +206,8 @@ async def _collect(ctx: ServerContext, gen: Generation, body: CompletionRequest,
                                      into=head.model_copy(deep=True) if head is not None else None)
         text = echo if score_only else echo + c.text
         reason = "length" if score_only else "stop" if c.finish_reason == "abort" else c.finish_reason
-        choices.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason))
+        choices.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason,
+                                        prompt_logprobs=prompt_lps))
     return choices
 
 
@@ -211,7 +216,7 @@ def _echo_logprobs(ctx: ServerContext, gen: Generation, out, body: CompletionReq
 
     ``out`` is any engine output after the prefill: the engine sends none before the first token is
     sampled, by which time every prompt token is scored."""
-    if body.logprobs is None or out is None or out.prompt_logprobs is None:
+    if body.logprobs is None or not body.echo or out is None or out.prompt_logprobs is None:
         return None
     return prompt_completion_logprobs(gen.prompt_ids, out.prompt_logprobs, body.logprobs, ctx.engine.tokenizer)
 
