@@ -9,7 +9,8 @@ import re
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
 
@@ -73,6 +74,23 @@ class FunctionDefinition(_Request):
 class Tool(_Request):
     type: Literal["function"] = "function"
     function: FunctionDefinition
+
+
+class _Body(BaseModel):
+    """A chat or completions response body or part of one. OpenAI's required-but-nullable fields (a choice's
+    ``logprobs`` and ``finish_reason``, ``message.refusal``, ...) are sent as ``null`` (typed clients generated
+    from OpenAI's spec require them); the fields in ``_omit_none`` (servelm's extensions, and what OpenAI
+    leaves out when unused, e.g. ``tool_calls``) are left out while None, and those in ``_omit_unset`` unless
+    given (a chunk's ``usage``: ``null`` on every chunk only when ``include_usage`` asks for a usage chunk)."""
+
+    _omit_none: ClassVar[frozenset[str]] = frozenset()
+    _omit_unset: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unused(self, handler):
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None or not (
+            k in self._omit_none or (k in self._omit_unset and k not in self.model_fields_set))}
 
 
 class Usage(BaseModel):
@@ -235,7 +253,7 @@ class ChatCompletionRequest(_SamplingFields):
                                               "mm_processor_kwargs": None}
 
 
-class TopLogprob(BaseModel):
+class TopLogprob(_Body):
     token: str
     logprob: float
     bytes: list[int] | None = None
@@ -245,8 +263,9 @@ class ChatTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = []
 
 
-class ChoiceLogprobs(BaseModel):
+class ChoiceLogprobs(_Body):
     content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None  # never filled: the model writes no refusals of its own
 
 
 class PromptLogprob(BaseModel):
@@ -260,16 +279,21 @@ class PromptLogprob(BaseModel):
 PromptLogprobs = list[dict[int, PromptLogprob] | None]  # per prompt token; the first is null (nothing predicts it)
 
 
-class _Choice(BaseModel):
+class _Choice(_Body):
     """What every response choice carries (chat, chat chunk, completion)."""
+
+    _omit_none = frozenset({"servelm", "prompt_logprobs"})
 
     index: int
     finish_reason: str | None = None
     servelm: dict | None = None  # per choice: review_id or content_filter details
 
 
-class _Response(BaseModel):
+class _Response(_Body):
     """What every generation response and stream chunk carries."""
+
+    _omit_none = frozenset({"servelm", "sources", "prompt_logprobs"})
+    _omit_unset = frozenset({"usage"})
 
     id: str
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -277,9 +301,12 @@ class _Response(BaseModel):
     servelm: dict | None = None  # servelm annotations: review_id, fallback, content_filter
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(_Body):
+    _omit_none = frozenset({"tool_calls", "function_call", "reasoning_content"})
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    refusal: str | None = None  # OpenAI's refusal text: never set, the model's refusals are its content
     tool_calls: list[dict] | None = None  # a forced tool call: [{id, type, function: {name, arguments}}]
     function_call: dict | None = None  # the legacy form: {name, arguments}
     reasoning_content: str | None = None  # chain_of_thought with include_reasoning (vLLM's field name)
@@ -298,7 +325,9 @@ class ChatCompletion(_Response):
     prompt_logprobs: PromptLogprobs | None = Field(None, description="With prompt_logprobs (vLLM).")
 
 
-class DeltaMessage(BaseModel):
+class DeltaMessage(_Body):
+    _omit_none = frozenset({"role", "content", "tool_calls", "function_call"})  # a delta carries what is new
+
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[dict] | None = None  # [{index, id?, type?, function: {name?, arguments}}], as OpenAI streams
@@ -332,7 +361,7 @@ class CompletionRequest(_SamplingFields):
     _unsupported: ClassVar[dict[str, Any]] = {**_SamplingFields._unsupported, "add_special_tokens": True}
 
 
-class CompletionLogprobs(BaseModel):
+class CompletionLogprobs(_Body):
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []

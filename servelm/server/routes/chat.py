@@ -26,7 +26,7 @@ router = APIRouter(tags=["openai"])
 _ROLE = {"developer": "system"}  # chat templates know system/user/assistant/tool
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True,
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
              summary="Create a chat completion (set stream=true for server-sent events)")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response,
                                  principal: Principal = Depends(require("chat"))):
@@ -111,14 +111,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                          usage=usage([gen]), sources=turn.metadata.get("sources"),
                          prompt_logprobs=vllm_prompt_logprobs(prompt_lps, body.prompt_logprobs)
                          if body.prompt_logprobs is not None and prompt_lps is not None else None)
-    if forced is None and not any(c.message.tool_calls or c.message.function_call for c in choices):
-        return out
-    # OpenAI sends "content": null beside tool calls; the route's exclude_none would drop the key
-    data = out.model_dump(exclude_none=True)
-    for c in data["choices"]:
-        c["message"].setdefault("content", None)
-    headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
-    return JSONResponse(data, headers=headers)
+    return out
 
 
 def _broken_json() -> Answer:
@@ -216,16 +209,20 @@ def _reply(ctx: ServerContext, turn: ChatTurn, body: ChatCompletionRequest):
                                        for i in range(body.n)],
                               usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0))
 
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
     async def events():
         def chunk(choices, **extra) -> bytes:
+            if include_usage:
+                extra.setdefault("usage", None)
             return sse.event(ChatCompletionChunk(id=rid, created=int(time.time()), model=ctx.model_name,
                                                  choices=choices, **extra))
-        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(body.n)])
-        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text), finish_reason="stop")
-                     for i in range(body.n)])
+        for i in range(body.n):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text), finish_reason="stop")])
         if sources is not None:
             yield chunk([], sources=sources)
-        if body.stream_options and body.stream_options.include_usage:
+        if include_usage:
             yield chunk([], usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0))
         yield sse.DONE
 
@@ -248,7 +245,7 @@ def _answer_without_engine(ctx: ServerContext, rid: str, body: ChatCompletionReq
         return sse.EventStream(headers=headers or {}, content=events())
     out = ChatCompletion(id=rid, model=ctx.model_name, servelm=note, usage=Usage(prompt_tokens=0, total_tokens=0),
                          choices=[ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=reason)])
-    return JSONResponse(out.model_dump(exclude_none=True), headers=headers or {})
+    return JSONResponse(out.model_dump(mode="json"), headers=headers or {})
 
 
 def _fallback(ctx: ServerContext, rid: str, body: ChatCompletionRequest, r: FallbackResult, info: dict):
@@ -277,8 +274,9 @@ def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompl
     model = ctx.model_name
 
     def chunk(choices, usage=None, **extra) -> bytes:
-        return sse.event(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage,
-                                             **extra))
+        if include_usage:  # null on every chunk but the last, as OpenAI sends it
+            extra["usage"] = usage
+        return sse.event(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **extra))
 
     stages = {i: ctx.pipeline.stream_stages(turn) for i in range(body.n)}
     calls = {}  # a forced call, or calls the model may write (tool_choice "auto")
@@ -313,6 +311,5 @@ def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompl
         found = turn.metadata.get("sources")
         return [chunk([], sources=found)] if found is not None else []
 
-    head = [chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                   for i in range(body.n)])]
+    head = [chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]) for i in range(body.n)]
     return stream_events([gen], body.n, step, chunk, include_usage, head, sources)

@@ -86,7 +86,7 @@ async def _screen(ctx: ServerContext, prompts, request_id: str, key_name: str) -
     return answers
 
 
-@router.post("/v1/completions", response_model=Completion, response_model_exclude_none=True,
+@router.post("/v1/completions", response_model=Completion,
              summary="Create a text completion (set stream=true for server-sent events)")
 async def create_completion(body: CompletionRequest, request: Request,
                             principal: Principal = Depends(require("chat"))):
@@ -163,7 +163,7 @@ async def create_completion(body: CompletionRequest, request: Request,
         used.completion_tokens, used.total_tokens = 0, used.prompt_tokens
     out = Completion(id=rid, model=ctx.model_name, servelm=note, usage=used,
                      choices=sorted(choices, key=lambda c: c.index))
-    return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
+    return JSONResponse(out.model_dump(mode="json"), headers=headers)
 
 
 def _review_header(answers: list[Answer | None]) -> dict:
@@ -227,8 +227,12 @@ def _stream(ctx: ServerContext, gens: list[Generation], run: list[int], answers:
     n = body.n
     echo = [text if body.echo else "" for text in texts]
 
-    def chunk(choices, usage=None) -> bytes:
-        return sse.event(Completion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices, usage=None, **extra) -> bytes:
+        if include_usage:  # null on every chunk but the last, as OpenAI sends it
+            extra["usage"] = usage
+        return sse.event(Completion(id=rid, created=created, model=ctx.model_name, choices=choices, **extra))
 
     # the engine's generation k answers prompt run[k]: its choice index k * n + j is sent as run[k] * n + j
     prompt_of = {k * n + j: (i, j) for k, i in enumerate(run) for j in range(n)}
@@ -261,7 +265,7 @@ def _stream(ctx: ServerContext, gens: list[Generation], run: list[int], answers:
     head = [CompletionChoice(index=i * n + j, text=echo[i], logprobs=lp)
             for lp, i in zip(prompt_lps, run) for j in range(n) if echo[i]]
     head += _fixed_choices(answers, n, echo)
-    events = [sse.event(Completion(id=rid, created=created, model=ctx.model_name, choices=head, servelm=note))
-              ] if head or note else []
-    return stream_events(gens, n, step, chunk, bool(body.stream_options and body.stream_options.include_usage),
-                         events)
+    events = [chunk([c], servelm=note if k == 0 else None) for k, c in enumerate(head)]
+    if note and not head:
+        events.append(chunk([], servelm=note))
+    return stream_events(gens, n, step, chunk, include_usage, events)
