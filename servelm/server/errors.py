@@ -47,8 +47,8 @@ class ClientGone(Exception):
     """The client disconnected before the answer was ready; there is nobody to answer."""
 
 
-def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    """Returns a 400 ``invalid_request_error``."""
+def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    """Returns a 400 ``invalid_request_error`` (``code`` ``invalid_value`` unless a more precise one is given)."""
     return APIError(400, message, param=param, code=code)
 
 
@@ -57,29 +57,52 @@ def from_engine(exc: InvalidRequestError) -> APIError:
     return APIError(400, exc.message, param=exc.param, code="invalid_value")
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """Turns pydantic's error list into one plain sentence and the offending field."""
+# pydantic's type errors (the JSON value has the wrong type) -> what OpenAI's message says was expected
+_EXPECTED = {"bool_type": "a boolean", "bool_parsing": "a boolean", "int_type": "an integer",
+             "int_parsing": "an integer", "int_from_float": "an integer", "float_type": "a number",
+             "float_parsing": "a number", "string_type": "a string", "list_type": "an array",
+             "dict_type": "an object", "model_type": "an object", "model_attributes_type": "an object"}
+
+
+def _json_type(value) -> str:
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    """Turns pydantic's error list into one plain sentence, the offending field and OpenAI's error code."""
     errors = exc.errors()
     if not errors:
-        return "Invalid request.", None
+        return "Invalid request.", None, "invalid_value"
     err = errors[0]
+    kind = err.get("type")
     loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
-    # pydantic adds the union member or validator name to loc (e.g. "str", "function-after[...]");
-    # a user needs only the field path.
-    loc = [p for p in loc if not (p.startswith(("function-", "tagged-union", "list[", "dict[")) or p in (
-        "str", "int", "float", "bool", "list", "dict"))]
+    # pydantic adds the union member or validator name to loc (e.g. "str", "function-after[...]",
+    # "literal['none','auto']"); a user needs only the field path.
+    loc = [p for p in loc if not (p.startswith(("function-", "tagged-union", "list[", "dict[", "literal[")) or p in (
+        "str", "int", "float", "bool", "list", "dict", "constrained-str", "constrained-int"))]
     param = ".".join(loc) or None
-    if err.get("type") == "json_invalid":
-        return "The request body is not valid JSON.", None
-    if err.get("type") == "missing" and param:
-        return f"Missing required parameter: '{param}'.", param
+    if kind == "json_invalid":
+        return "The request body is not valid JSON.", None, "invalid_json"
+    if kind == "unsupported_parameter":  # raised by a schema for a field servelm refuses
+        return f"{err['msg']}", err["ctx"]["param"], "unsupported_parameter"
+    if kind == "missing" and not param:
+        return "The request body is empty; send a JSON object.", None, "invalid_value"
+    if param and (kind == "missing" or (err.get("input", 0) is None and kind in _EXPECTED)):
+        return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"  # absent or null
+    if kind in _EXPECTED and param:
+        return (f"Invalid type for '{param}': expected {_EXPECTED[kind]}, but got {_json_type(err.get('input'))} "
+                "instead.", param, "invalid_type")
     msg = str(err.get("msg", "invalid value"))
     msg = msg.removeprefix("Value error, ")
     if param:
-        return f"Invalid value for '{param}': {msg}.", param
-    if err.get("type") in ("model_attributes_type", "dict_type"):
-        return "The request body must be a JSON object.", None
-    return f"{msg}.", None
+        return f"Invalid value for '{param}': {msg}.", param, "invalid_value"
+    if kind in ("model_attributes_type", "dict_type", "model_type"):
+        return "The request body must be a JSON object.", None, "invalid_type"
+    return f"{msg}.", None, "invalid_value"
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -99,19 +122,22 @@ def install_handlers(app: FastAPI) -> None:
         if request.method == "POST" and "json" not in ctype:
             return APIError(400, f"The request body must be JSON, sent with 'Content-Type: application/json' "
                                  f"(got '{ctype or 'none'}').", code="invalid_content_type").response()
-        message, param = _validation_message(exc)
-        return APIError(400, message, param=param, code="invalid_value").response()
+        message, param, code = _validation_message(exc)
+        return APIError(400, message, param=param, code=code).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = getattr(exc, "code", None)
         if exc.status_code == 404:
             message = f"Unknown route: {request.method} {request.url.path}."
         elif exc.status_code == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}."
+        elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's words for a body json.loads gave up on (e.g. nested too deep)
+            message, code = "The request body is not valid JSON.", "invalid_json"
         else:
             message = str(exc.detail)
-        return APIError(exc.status_code, message, code=getattr(exc, "code", None),
-                        headers=getattr(exc, "headers", None)).response()
+        return APIError(exc.status_code, message, code=code, headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:

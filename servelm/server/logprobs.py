@@ -9,7 +9,8 @@ from __future__ import annotations
 import codecs
 
 from servelm.engine import TokenLogprobs
-from servelm.server.schemas import ChatTokenLogprob, ChoiceLogprobs, CompletionLogprobs, TopLogprob
+from servelm.server.schemas import (ChatTokenLogprob, ChoiceLogprobs, CompletionLogprobs, PromptLogprob,
+                                    PromptLogprobs, TopLogprob)
 
 
 def chat_logprobs(items: list[TokenLogprobs], k: int) -> ChoiceLogprobs:
@@ -60,4 +61,20 @@ def completion_logprobs(items: list[TokenLogprobs], k: int, offsets: TextOffsets
         out.token_logprobs.append(t.chosen.logprob)
         out.top_logprobs.append({a.decoded: a.logprob for a in t.top[:k]} if k else None)
         out.text_offset.append(offsets.advance(t.chosen.token_bytes))
+    return out
+
+
+def vllm_prompt_logprobs(items: list[TokenLogprobs | None], k: int) -> PromptLogprobs:
+    """Returns vLLM's ``prompt_logprobs``: per prompt token ``{token_id: {logprob, rank, decoded_token}}`` of the
+    token itself and its ``k`` most likely alternatives (None for the first token)."""
+    out = []
+    for t in items:
+        if t is None:
+            out.append(None)
+            continue
+        top = t.top[:k]
+        rank = next((a.rank for a in t.top if a.token_id == t.chosen.token_id), None)
+        entry = {t.chosen.token_id: PromptLogprob(logprob=t.chosen.logprob, rank=rank, decoded_token=t.chosen.decoded)}
+        entry.update((a.token_id, PromptLogprob(logprob=a.logprob, rank=a.rank, decoded_token=a.decoded)) for a in top)
+        out.append(entry)
     return out

@@ -4,20 +4,57 @@ Unknown request fields are ignored, as OpenAI-compatible servers do, so newer SD
 """
 from __future__ import annotations
 
+import json
+import re
 import time
-from typing import Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from pydantic_core import PydanticUndefined
+from pydantic import (BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
+from pydantic_core import PydanticCustomError, PydanticUndefined
+
+
+# JSON types as OpenAI checks them: "stream": "yes", "n": "2" or "max_tokens": true get a 400 invalid_type
+# instead of being coerced (pydantic's lax mode), so a typo like "stream": "false" cannot pass as true.
+Bool = Annotated[bool, Strict()]
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]  # an integer is a number too
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(value: Any) -> Any:
+    """Returns ``value`` (parsed JSON) with every unpaired UTF-16 surrogate in its strings and keys replaced
+    by U+FFFD; a pair sent as two raw surrogates becomes the character it encodes.
+
+    JSON allows ``"\\ud83d"`` alone (JavaScript writes one whenever it cuts a string inside an emoji) and
+    Python's ``json.loads`` lets raw surrogate bytes through, but no tokenizer or database takes such a
+    string: replacing it, as a UTF-8 decoder would, keeps a cut emoji from turning into a 500."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value) is None:
+            return value
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if isinstance(value, list):
+        return [replace_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {replace_surrogates(k): replace_surrogates(v) for k, v in value.items()}
+    return value
 
 
 class _Request(BaseModel):
+    """Every request body: unknown fields ignored, strings free of lone surrogates."""
+
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data):
+        return replace_surrogates(data)
 
 
 # ---------------------------------------------------------------- shared pieces
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class ResponseFormat(_Request):
@@ -39,6 +76,23 @@ class Tool(_Request):
     function: FunctionDefinition
 
 
+class _Body(BaseModel):
+    """A chat or completions response body or part of one. OpenAI's required-but-nullable fields (a choice's
+    ``logprobs`` and ``finish_reason``, ``message.refusal``, ...) are sent as ``null`` (typed clients generated
+    from OpenAI's spec require them); the fields in ``_omit_none`` (servelm's extensions, and what OpenAI
+    leaves out when unused, e.g. ``tool_calls``) are left out while None, and those in ``_omit_unset`` unless
+    given (a chunk's ``usage``: ``null`` on every chunk only when ``include_usage`` asks for a usage chunk)."""
+
+    _omit_none: ClassVar[frozenset[str]] = frozenset()
+    _omit_unset: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unused(self, handler):
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None or not (
+            k in self._omit_none or (k in self._omit_unset and k not in self.model_fields_set))}
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
@@ -47,6 +101,25 @@ class Usage(BaseModel):
 
 class _SamplingFields(_Request):
     """Fields shared by chat and completions (ranges are also checked by the engine)."""
+
+    # vLLM request fields servelm does not implement, each with the value that asks for nothing: any other
+    # value is a 400 unsupported_parameter, since ignoring it would answer a different question.
+    _unsupported: ClassVar[dict[str, Any]] = {
+        "use_beam_search": False, "length_penalty": 1.0, "allowed_token_ids": None, "bad_words": None,
+        "truncate_prompt_tokens": None, "return_tokens_as_token_ids": False, "return_token_ids": False,
+        "skip_special_tokens": True, "spaces_between_special_tokens": True, "logits_processors": None,
+        "guided_whitespace_pattern": None, "priority": 0}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        for name, default in cls._unsupported.items():
+            value = data.get(name) if isinstance(data, dict) else None
+            if value is not None and value != default and value not in ([], {}):
+                also = f" or set it to {json.dumps(default)}" if default is not None else ""
+                raise PydanticCustomError("unsupported_parameter", f"{name} is not supported by this server; "
+                                          f"remove it{also}.", {"param": name})
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -68,15 +141,15 @@ class _SamplingFields(_Request):
         return v
 
     model: str | None = Field(None, description="Model id from /v1/models; default: the served model.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16, description="Completions to return.")
+    max_tokens: Int | None = Field(None, ge=1, description="Most tokens to generate.")
+    temperature: Float = Field(1.0, ge=0.0, le=2.0)
+    top_p: Float = Field(1.0, ge=0.0, le=1.0, description="0 keeps only the most likely token.")
+    n: Int = Field(1, ge=1, le=16, description="Completions to return.")
     stop: str | list[str] | None = Field(None, description="Up to 16 strings that end generation.")
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Makes sampling reproducible.")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    stream: bool = False
+    seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Makes sampling reproducible.")
+    presence_penalty: Float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Float = Field(0.0, ge=-2.0, le=2.0)
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema "
@@ -84,48 +157,57 @@ class _SamplingFields(_Request):
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100] "
                                                 "added to its logit before sampling; -100 bans the token.")
     # vLLM-style extras
-    top_k: int = Field(0, ge=-1, le=1_000_000)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    min_tokens: int = Field(0, ge=0)
-    ignore_eos: bool = False
+    top_k: Int = Field(0, ge=-1, le=1_000_000)
+    min_p: Float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: Float = Field(1.0, gt=0.0)
+    min_tokens: Int = Field(0, ge=0)
+    ignore_eos: Bool = False
     guided_json: dict | str | None = Field(None, description="vLLM: a JSON schema the output follows.")
     guided_regex: str | None = Field(None, description="vLLM: a regex the output matches.")
     guided_choice: list[str] | None = Field(None, description="vLLM: the output is one of these strings.")
     guided_grammar: str | None = Field(None, description="vLLM: an EBNF grammar (xgrammar's dialect).")
     structured_outputs: dict | None = Field(None, description="vLLM's newer form: one of json, regex, choice, "
                                             "grammar, json_object.")
+    stop_token_ids: list[int] | None = Field(None, max_length=256, description="vLLM: token ids that end "
+                                             "generation (the token is not part of the text).")
+    include_stop_str_in_output: Bool = Field(False, description="vLLM: keep the stop string that ended the text.")
+    prompt_logprobs: Int | None = Field(None, ge=0, le=20, description="vLLM: the logprob of every prompt token "
+                                        "and its k best alternatives, as vLLM returns them (not with stream).")
 
 
 # ---------------------------------------------------------------- chat
 class ContentPart(_Request):
-    """A message part; only ``{"type": "text", "text": ...}`` is served (the model reads text only)."""
+    """A message part: ``{"type": "text", "text": ...}``, or in an assistant message OpenAI's
+    ``{"type": "refusal", "refusal": ...}`` (read as text). The model reads text only."""
 
     type: str
     text: str | None = None
+    refusal: str | None = None
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+        ..., description="function: the legacy form of a tool result (read as a tool message).")
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: str | None = None               # passed to the chat template; a function message's function
     tool_calls: list[dict] | None = None  # an assistant turn that called tools (passed to the chat template)
     tool_call_id: str | None = None       # a tool turn's answer to one of them
+    function_call: dict | None = None     # the legacy form of one tool call: {"name", "arguments"}
 
     def text(self) -> str:
-        """Returns the message's text (text parts joined)."""
+        """Returns the message's text (text and refusal parts joined)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text if p.type == "text" else p.refusal for p in self.content)
 
 
 class RagOptions(_Request):
     """Retrieval-augmented generation: ground the answer in ``k`` passages of ``collection``."""
 
     collection: str = Field(..., min_length=1)
-    k: int = Field(4, ge=1, le=50)
+    k: Int = Field(4, ge=1, le=50)
     filters: dict[str, str | int | float | list[str | int | float]] | None = Field(
         None, description="Metadata filters, e.g. {\"source\": \"guide.pdf\"}.")
 
@@ -137,12 +219,12 @@ class FewShotExample(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer SDKs).")
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: Int | None = Field(None, ge=1, description="Alias of max_tokens (newer SDKs).")
+    logprobs: Bool = False
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
     strategy: str | None = Field(None, description="Prompt strategy: zero_shot, few_shot or chain_of_thought "
                                                    "(servelm extension).")
-    include_reasoning: bool = Field(False, description="chain_of_thought: also return the reasoning as "
+    include_reasoning: Bool = Field(False, description="chain_of_thought: also return the reasoning as "
                                                        "message.reasoning_content (servelm extension).")
     examples: list[FewShotExample] | None = Field(None, max_length=32,
                                                   description="few_shot: demonstrations (servelm extension).")
@@ -155,14 +237,23 @@ class ChatCompletionRequest(_SamplingFields):
         None, description="required or {\"type\": \"function\", \"function\": {\"name\": ...}}: the answer is "
                           "a call (constrained decoding), returned as message.tool_calls; auto (the default with "
                           "tools): calls the model writes are parsed out of its answer; none: tools are ignored.")
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: Bool | None = None
     functions: list[FunctionDefinition] | None = Field(None, max_length=128, description="Legacy form of tools.")
     function_call: Literal["none", "auto"] | dict | None = Field(None, description="Legacy form of tool_choice "
                                                                  "({\"name\": ...} forces that function).")
     modalities: list[Literal["text", "audio"]] | None = Field(None, description="Only text is served.")
+    add_generation_prompt: Bool = Field(True, description="vLLM: open the assistant's turn after the messages.")
+    continue_final_message: Bool = Field(False, description="vLLM: continue the last (assistant) message "
+                                         "instead of starting a new turn; needs add_generation_prompt false.")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM: extra variables for the chat "
+                                                        "template (e.g. {\"enable_thinking\": false}).")
+
+    _unsupported: ClassVar[dict[str, Any]] = {**_SamplingFields._unsupported, "chat_template": None,
+                                              "documents": None, "echo": False, "add_special_tokens": False,
+                                              "mm_processor_kwargs": None}
 
 
-class TopLogprob(BaseModel):
+class TopLogprob(_Body):
     token: str
     logprob: float
     bytes: list[int] | None = None
@@ -172,20 +263,37 @@ class ChatTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = []
 
 
-class ChoiceLogprobs(BaseModel):
+class ChoiceLogprobs(_Body):
     content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None  # never filled: the model writes no refusals of its own
 
 
-class _Choice(BaseModel):
+class PromptLogprob(BaseModel):
+    """One candidate token at one prompt position, in vLLM's ``prompt_logprobs`` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None  # 1 = most likely; null for the prompt's own token when it is not among the k best
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]  # per prompt token; the first is null (nothing predicts it)
+
+
+class _Choice(_Body):
     """What every response choice carries (chat, chat chunk, completion)."""
+
+    _omit_none = frozenset({"servelm", "prompt_logprobs"})
 
     index: int
     finish_reason: str | None = None
     servelm: dict | None = None  # per choice: review_id or content_filter details
 
 
-class _Response(BaseModel):
+class _Response(_Body):
     """What every generation response and stream chunk carries."""
+
+    _omit_none = frozenset({"servelm", "sources", "prompt_logprobs"})
+    _omit_unset = frozenset({"usage"})
 
     id: str
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -193,9 +301,12 @@ class _Response(BaseModel):
     servelm: dict | None = None  # servelm annotations: review_id, fallback, content_filter
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(_Body):
+    _omit_none = frozenset({"tool_calls", "function_call", "reasoning_content"})
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    refusal: str | None = None  # OpenAI's refusal text: never set, the model's refusals are its content
     tool_calls: list[dict] | None = None  # a forced tool call: [{id, type, function: {name, arguments}}]
     function_call: dict | None = None  # the legacy form: {name, arguments}
     reasoning_content: str | None = None  # chain_of_thought with include_reasoning (vLLM's field name)
@@ -211,9 +322,12 @@ class ChatCompletion(_Response):
     choices: list[ChatChoice]
     usage: Usage
     sources: list[dict] | None = Field(None, description="With 'rag': the cited chunks (servelm extension).")
+    prompt_logprobs: PromptLogprobs | None = Field(None, description="With prompt_logprobs (vLLM).")
 
 
-class DeltaMessage(BaseModel):
+class DeltaMessage(_Body):
+    _omit_none = frozenset({"role", "content", "tool_calls", "function_call"})  # a delta carries what is new
+
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[dict] | None = None  # [{index, id?, type?, function: {name?, arguments}}], as OpenAI streams
@@ -237,15 +351,17 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         ..., description="Text or token ids, or a batch of either (up to 256, and no more than the "
                          "server admits at once): choice j of prompt i has index i * n + j.")
-    max_tokens: int | None = Field(16, ge=0, description="Most tokens to generate; 0 with echo scores the "
+    max_tokens: Int | None = Field(16, ge=0, description="Most tokens to generate; 0 with echo scores the "
                                                          "prompt only (logprobs of every prompt token).")
-    best_of: int | None = Field(None, ge=1, description="Accepted only equal to n.")
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    best_of: Int | None = Field(None, ge=1, description="Accepted only equal to n.")
+    logprobs: Int | None = Field(None, ge=0, le=20)
+    echo: Bool = False
     suffix: str | None = None
 
+    _unsupported: ClassVar[dict[str, Any]] = {**_SamplingFields._unsupported, "add_special_tokens": True}
 
-class CompletionLogprobs(BaseModel):
+
+class CompletionLogprobs(_Body):
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
@@ -255,6 +371,7 @@ class CompletionLogprobs(BaseModel):
 class CompletionChoice(_Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # with prompt_logprobs (vLLM)
 
 
 class Completion(_Response):
@@ -316,8 +433,8 @@ class ModelList(BaseModel):
 
 class GenerateRequest(_Request):
     prompt: str = Field(..., min_length=1)
-    max_tokens: int = Field(150, ge=1)
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    max_tokens: Int = Field(150, ge=1)
+    temperature: Float = Field(0.7, ge=0.0, le=2.0)
 
 
 class GenerateResponse(BaseModel):

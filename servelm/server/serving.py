@@ -293,8 +293,12 @@ def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_si
                     prompt_logprobs: int | None = None, structured_output=None) -> SamplingParams:
     """Returns SamplingParams from an OpenAI body; raises APIError(400) for values the engine refuses."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    # top_k at or above the vocabulary keeps every token: the same as no top_k.
+    # top_k at or above the vocabulary keeps every token: the same as no top_k. OpenAI allows top_p 0, the
+    # smallest nucleus: only the most likely token, which is top_k 1.
     top_k = 0 if vocab_size and body.top_k >= vocab_size else body.top_k
+    top_p = body.top_p
+    if top_p == 0:
+        top_p, top_k = 1.0, 1
     # Any int64 seed is accepted (OpenAI's range) and folded to 32 bits: the engine derives per-choice
     # generator seeds from it, which must stay inside torch's 64-bit seed range. Folding is
     # deterministic, so equal seeds still give equal samples.
@@ -307,11 +311,17 @@ def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_si
             raise invalid("logit_bias keys must be token ids (integers, as strings).", "logit_bias") from None
     if max_tokens is not None and body.min_tokens > max_tokens:
         raise invalid(f"min_tokens ({body.min_tokens}) cannot exceed max_tokens ({max_tokens}).", "min_tokens")
+    if body.prompt_logprobs is not None and body.stream:  # as vLLM: they come once, with the whole prompt
+        raise invalid("prompt_logprobs is not available with stream=true.", "prompt_logprobs")
+    if body.prompt_logprobs is not None:
+        prompt_logprobs = max(prompt_logprobs or 0, body.prompt_logprobs)  # echo's logprobs share the prefill
     try:
-        return SamplingParams(n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+        return SamplingParams(n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=top_p,
                               top_k=top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                              seed=seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
+                              seed=seed, stop=stop, stop_token_ids=body.stop_token_ids or [],
+                              include_stop_str_in_output=body.include_stop_str_in_output,
+                              ignore_eos=body.ignore_eos, logprobs=logprobs,
                               min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs,
                               structured_output=structured_output, logit_bias=logit_bias)
     except InvalidRequestError as e:

@@ -14,9 +14,9 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # stop proxi
 
 
 def event(payload: BaseModel | dict) -> bytes:
-    """Returns one ``data: {...}`` event for a chunk model or dict."""
+    """Returns one ``data: {...}`` event for a chunk model (which decides what its None fields send) or dict."""
     if isinstance(payload, BaseModel):
-        text = payload.model_dump_json(exclude_none=True)
+        text = payload.model_dump_json()
     else:
         text = json.dumps(payload, separators=(",", ":"))
     return b"data: " + text.encode() + b"\n\n"

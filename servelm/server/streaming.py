@@ -31,8 +31,8 @@ async def stream_events(gens: list[Generation], n: int, step: ChoiceStep, chunk:
                         tail: Callable[[], list[bytes]] = list) -> AsyncIterator[bytes]:
     """Yields the SSE events of streamed generations of ``n`` choices each, ending with ``data: [DONE]``.
 
-    ``chunk(choices, usage=None)`` frames one event; ``head`` is sent first, ``tail()`` after the last
-    choice ended (before the usage chunk).
+    ``chunk(choices, usage=None)`` frames one event (of one choice: clients that read ``choices[0]`` miss
+    nothing); ``head`` is sent first, ``tail()`` after the last choice ended (before the usage chunk).
     """
     done: set[int] = set()
     try:
@@ -50,8 +50,8 @@ async def stream_events(gens: list[Generation], n: int, step: ChoiceStep, chunk:
                         done.add(index)
                     if choice is not None:
                         choices.append(choice)
-                if choices:
-                    yield chunk(choices)
+                for choice in choices:  # one choice per chunk, as OpenAI and vLLM send them
+                    yield chunk([choice])
                 if len(done) == n * len(gens):
                     break  # every choice ended (possibly filtered early): closing the streams aborts the rest
         for event in tail():

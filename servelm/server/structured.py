@@ -30,17 +30,44 @@ class ForcedTools:
     legacy: bool  # functions/function_call: answer with message.function_call
 
     def calls(self, text: str) -> list[dict] | None:
-        """Returns OpenAI tool calls parsed from the constrained ``text``, or None when it is not complete
-        JSON (cut by max_tokens or a stop string)."""
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return None
+        """Returns OpenAI tool calls parsed from the constrained ``text``, or None when it holds no complete
+        call (a named call's arguments cut by max_tokens or a stop string). "required" returns the complete
+        calls of an array cut after one or more of them, each distinct call once."""
         if self.name is not None:
+            try:
+                json.loads(text)
+            except ValueError:
+                return None
             return [_call(self.name, text)]
-        if not isinstance(value, list) or not value:
-            return None
-        return [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
+        # A small model at temperature 0 tends to repeat its call until max_tokens cuts the array: the calls
+        # it finished are still its answer. The grammar sets no maxItems (one tool may rightly be called for
+        # several cities), so the same call written again is dropped instead: it would only run twice.
+        seen, out = set(), []
+        for c in _complete_items(text):
+            if not isinstance(c, dict) or "name" not in c:
+                continue  # not a call the grammar wrote (the output guard rewrote the text)
+            key = (c["name"], json.dumps(c.get("parameters"), sort_keys=True))
+            if key not in seen:
+                seen.add(key)
+                out.append(_call(c["name"], json.dumps(c.get("parameters", {}), ensure_ascii=False)))
+        return out or None
+
+
+def _complete_items(text: str) -> list:
+    """Returns the complete elements at the start of the JSON array ``text`` (all of them when it is whole)."""
+    decoder, items = json.JSONDecoder(), []
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        return items
+    pos += 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            return items
+        items.append(item)
 
 
 def _call(name: str, arguments: str) -> dict:

@@ -12,7 +12,7 @@ from servelm.server import sse, structured, tool_parser
 from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import invalid
-from servelm.server.logprobs import chat_logprobs
+from servelm.server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from servelm.server.pipeline import Answer, ChatTurn, run_stream_stages
 from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatMessage, ChatChunkChoice, ChatCompletion,
                                     ChatCompletionChunk, ChatCompletionRequest, DeltaMessage, Tool, Usage)
@@ -26,7 +26,7 @@ router = APIRouter(tags=["openai"])
 _ROLE = {"developer": "system"}  # chat templates know system/user/assistant/tool
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True,
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
              summary="Create a chat completion (set stream=true for server-sent events)")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response,
                                  principal: Principal = Depends(require("chat"))):
@@ -54,8 +54,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         review = {"x-servelm-review-id": turn.held.servelm["review_id"]} if turn.held.servelm.get("review_id") else {}
         return _answer_without_engine(ctx, rid, body, turn.held.text, "content_filter", turn.held.servelm, review)
     tok = ctx.engine.tokenizer
-    prompt_ids = tok.encode(render_prompt(tok, turn.messages, tools, forced=forced is not None),
-                            add_special_tokens=False)
+    prompt_ids = tok.encode(render_prompt(tok, turn.messages, tools, forced=forced is not None,
+                                          add_generation_prompt=body.add_generation_prompt,
+                                          continue_final_message=body.continue_final_message,
+                                          template_kwargs=body.chat_template_kwargs), add_special_tokens=False)
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid("top_logprobs requires logprobs=true.", "top_logprobs")
     k = body.top_logprobs or 0
@@ -81,7 +83,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     result = await call_engine(ctx.guarding, turn.request_id, run_collect)
     if isinstance(result, FallbackResult):
         return _fallback(ctx, rid, body, result, info)
-    gen, raw = result
+    gen, (raw, prompt_lps) = result
     choices = []
     for index, c_text, reason, logprobs in raw:
         a = await ctx.pipeline.answer(turn, c_text)
@@ -106,15 +108,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     if note:
         response.headers["x-servelm-review-id"] = note["review_id"]
     out = ChatCompletion(id=rid, model=ctx.model_name, choices=choices, servelm=note,
-                         usage=usage([gen]), sources=turn.metadata.get("sources"))
-    if forced is None and not any(c.message.tool_calls or c.message.function_call for c in choices):
-        return out
-    # OpenAI sends "content": null beside tool calls; the route's exclude_none would drop the key
-    data = out.model_dump(exclude_none=True)
-    for c in data["choices"]:
-        c["message"].setdefault("content", None)
-    headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
-    return JSONResponse(data, headers=headers)
+                         usage=usage([gen]), sources=turn.metadata.get("sources"),
+                         prompt_logprobs=vllm_prompt_logprobs(prompt_lps, body.prompt_logprobs)
+                         if body.prompt_logprobs is not None and prompt_lps is not None else None)
+    return out
 
 
 def _broken_json() -> Answer:
@@ -125,20 +122,34 @@ def _broken_json() -> Answer:
 
 
 def turn_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Returns the request's messages as ``{"role", "content"}`` dicts in chat-template roles.
+    """Returns the request's messages as ``{"role", "content"}`` dicts in chat-template roles (with ``name``,
+    ``tool_calls`` and ``tool_call_id`` where given). The legacy function protocol is read as tools, as vLLM
+    does: an assistant ``function_call`` is a one-call ``tool_calls``, a ``function`` message the tool result
+    answering it.
 
     Raises APIError(400) for a user/system message without content or a non-text content part."""
     for i, m in enumerate(messages):
         if m.content is None and m.role in ("user", "system", "developer"):
             raise invalid(f"messages[{i}].content is required for a '{m.role}' message.", f"messages.{i}.content")
-        for part in m.content if isinstance(m.content, list) else ():
-            if part.type != "text" or part.text is None:
+        readable = ("text", "refusal") if m.role == "assistant" else ("text",)  # a refusal replays as text
+        for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
+            if part.type not in readable:
                 raise invalid(f"messages[{i}].content has a '{part.type}' part; this model reads text parts only.",
                               f"messages.{i}.content", "unsupported_content")
-    out = []
-    for m in messages:
+            if getattr(part, part.type) is None:
+                raise invalid(f"Missing required parameter: 'messages[{i}].content[{j}].{part.type}'.",
+                              f"messages.{i}.content.{j}.{part.type}", "missing_required_parameter")
+    out, call_ids = [], {}  # legacy calls by function name, so that a function message answers its call
+    for i, m in enumerate(messages):
         d = {"role": _ROLE.get(m.role, m.role), "content": m.text()}
-        d.update((k, v) for k in ("tool_calls", "tool_call_id") if (v := getattr(m, k)) is not None)
+        d.update((k, v) for k in ("name", "tool_calls", "tool_call_id") if (v := getattr(m, k)) is not None)
+        if m.function_call is not None and not m.tool_calls:
+            call_ids[m.function_call.get("name")] = cid = f"call_{i}"
+            d["tool_calls"] = [{"id": cid, "type": "function", "function": m.function_call}]
+        if m.role == "function":
+            d["role"] = "tool"
+            if m.name in call_ids:
+                d["tool_call_id"] = call_ids.pop(m.name)
         out.append(d)
     return out
 
@@ -158,22 +169,32 @@ def _given_tools(body: ChatCompletionRequest) -> list[dict]:
     return [t.model_dump(exclude_none=True) for t in body.tools or [Tool(function=f) for f in body.functions or []]]
 
 
-def render_prompt(tok, messages: list[dict], tools: list[dict] | None = None, forced: bool = False) -> str:
-    """Returns ``messages`` rendered by the model's chat template, ready for the assistant's turn.
+def render_prompt(tok, messages: list[dict], tools: list[dict] | None = None, forced: bool = False,
+                  add_generation_prompt: bool = True, continue_final_message: bool = False,
+                  template_kwargs: dict | None = None) -> str:
+    """Returns ``messages`` rendered by the model's chat template, ready for the assistant's turn (vLLM's
+    ``add_generation_prompt``), or ending inside the last assistant message, which the model then continues
+    (``continue_final_message``: the template's text is cut where that message's content ends, as
+    transformers and vLLM do). ``template_kwargs`` are extra template variables (vLLM's ``chat_template_kwargs``).
 
     ``tools`` go to a template that renders them (mentions ``tools``). For one that does not, they are
     described in the system message with the call format ``server/tool_parser.py`` reads back (only the
     functions when ``forced``: constrained decoding fixes the form), and earlier tool calls and results
-    are written out as text (``prompts/tools.py``)."""
-    kwargs = {}
+    are written out as text (``prompts/tools.py``). Raises APIError(400) when the template cannot render them."""
+    if continue_final_message and (add_generation_prompt or messages[-1]["role"] != "assistant"):
+        raise invalid("continue_final_message continues the last message, which must be an assistant message, "
+                      "and needs add_generation_prompt false.", "continue_final_message")
+    kwargs = dict(template_kwargs or {})
     if getattr(tok, "renders_tools", False):
-        kwargs = {"tools": tools} if tools else {}
+        kwargs |= {"tools": tools} if tools else {}
     elif tools:
         messages = with_tools(messages, tools, forced)
     elif any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         messages = tool_turns_as_text(messages)
+    if continue_final_message:
+        kwargs["continue_final_message"] = True
     try:
-        return tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
     except Exception as e:  # the model's template rejects e.g. a role order it cannot render
         raise invalid(f"The messages cannot be rendered by this model's chat template: {e}", "messages") from None
 
@@ -188,16 +209,20 @@ def _reply(ctx: ServerContext, turn: ChatTurn, body: ChatCompletionRequest):
                                        for i in range(body.n)],
                               usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0))
 
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
     async def events():
         def chunk(choices, **extra) -> bytes:
+            if include_usage:
+                extra.setdefault("usage", None)
             return sse.event(ChatCompletionChunk(id=rid, created=int(time.time()), model=ctx.model_name,
                                                  choices=choices, **extra))
-        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(body.n)])
-        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text), finish_reason="stop")
-                     for i in range(body.n)])
+        for i in range(body.n):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text), finish_reason="stop")])
         if sources is not None:
             yield chunk([], sources=sources)
-        if body.stream_options and body.stream_options.include_usage:
+        if include_usage:
             yield chunk([], usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0))
         yield sse.DONE
 
@@ -220,7 +245,7 @@ def _answer_without_engine(ctx: ServerContext, rid: str, body: ChatCompletionReq
         return sse.EventStream(headers=headers or {}, content=events())
     out = ChatCompletion(id=rid, model=ctx.model_name, servelm=note, usage=Usage(prompt_tokens=0, total_tokens=0),
                          choices=[ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=reason)])
-    return JSONResponse(out.model_dump(exclude_none=True), headers=headers or {})
+    return JSONResponse(out.model_dump(mode="json"), headers=headers or {})
 
 
 def _fallback(ctx: ServerContext, rid: str, body: ChatCompletionRequest, r: FallbackResult, info: dict):
@@ -229,12 +254,13 @@ def _fallback(ctx: ServerContext, rid: str, body: ChatCompletionRequest, r: Fall
                                   fallback_headers(r))
 
 
-async def _collect(gen: Generation, k: int) -> list[tuple]:
-    """Returns ``(index, text, finish_reason, logprobs)`` per choice as the engine wrote them."""
+async def _collect(gen: Generation, k: int) -> tuple[list[tuple], list | None]:
+    """Returns ``(index, text, finish_reason, logprobs)`` per choice as the engine wrote them, and the engine's
+    prompt logprobs (None unless asked)."""
     last = await gen.final()
     logprobs_on = gen.params.logprobs is not None
     return [(c.index, c.text, _finish(c.finish_reason), chat_logprobs(c.logprobs or [], k) if logprobs_on else None)
-            for c in sorted(last.outputs, key=lambda c: c.index)]
+            for c in sorted(last.outputs, key=lambda c: c.index)], last.prompt_logprobs
 
 
 def _finish(reason: str | None) -> str | None:
@@ -248,8 +274,9 @@ def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompl
     model = ctx.model_name
 
     def chunk(choices, usage=None, **extra) -> bytes:
-        return sse.event(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage,
-                                             **extra))
+        if include_usage:  # null on every chunk but the last, as OpenAI sends it
+            extra["usage"] = usage
+        return sse.event(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **extra))
 
     stages = {i: ctx.pipeline.stream_stages(turn) for i in range(body.n)}
     calls = {}  # a forced call, or calls the model may write (tool_choice "auto")
@@ -284,6 +311,5 @@ def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompl
         found = turn.metadata.get("sources")
         return [chunk([], sources=found)] if found is not None else []
 
-    head = [chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                   for i in range(body.n)])]
+    head = [chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]) for i in range(body.n)]
     return stream_events([gen], body.n, step, chunk, include_usage, head, sources)

@@ -18,7 +18,8 @@ from servelm.server import sse, structured
 from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import APIError, invalid
-from servelm.server.logprobs import TextOffsets, completion_logprobs, prompt_completion_logprobs
+from servelm.server.logprobs import (TextOffsets, completion_logprobs, prompt_completion_logprobs,
+                                    vllm_prompt_logprobs)
 from servelm.server.pipeline import Answer, run_stream_stages
 from servelm.server.schemas import Completion, CompletionChoice, CompletionRequest
 from servelm.safety import FallbackResult
@@ -85,7 +86,7 @@ async def _screen(ctx: ServerContext, prompts, request_id: str, key_name: str) -
     return answers
 
 
-@router.post("/v1/completions", response_model=Completion, response_model_exclude_none=True,
+@router.post("/v1/completions", response_model=Completion,
              summary="Create a text completion (set stream=true for server-sent events)")
 async def create_completion(body: CompletionRequest, request: Request,
                             principal: Principal = Depends(require("chat"))):
@@ -162,7 +163,7 @@ async def create_completion(body: CompletionRequest, request: Request,
         used.completion_tokens, used.total_tokens = 0, used.prompt_tokens
     out = Completion(id=rid, model=ctx.model_name, servelm=note, usage=used,
                      choices=sorted(choices, key=lambda c: c.index))
-    return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
+    return JSONResponse(out.model_dump(mode="json"), headers=headers)
 
 
 def _review_header(answers: list[Answer | None]) -> dict:
@@ -194,6 +195,9 @@ async def _collect(ctx: ServerContext, gen: Generation, body: CompletionRequest,
                    score_only: bool = False) -> list[CompletionChoice]:
     last = await gen.final()
     head = _echo_logprobs(ctx, gen, last, body)  # echo: the prompt's tokens come first in every choice's logprobs
+    prompt_lps = None
+    if body.prompt_logprobs is not None and last.prompt_logprobs is not None:
+        prompt_lps = vllm_prompt_logprobs(last.prompt_logprobs, body.prompt_logprobs)
     choices = []
     for c in sorted(last.outputs, key=lambda c: c.index):
         lp = None
@@ -202,7 +206,8 @@ async def _collect(ctx: ServerContext, gen: Generation, body: CompletionRequest,
                                      into=head.model_copy(deep=True) if head is not None else None)
         text = echo if score_only else echo + c.text
         reason = "length" if score_only else "stop" if c.finish_reason == "abort" else c.finish_reason
-        choices.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason))
+        choices.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason,
+                                        prompt_logprobs=prompt_lps))
     return choices
 
 
@@ -211,7 +216,7 @@ def _echo_logprobs(ctx: ServerContext, gen: Generation, out, body: CompletionReq
 
     ``out`` is any engine output after the prefill: the engine sends none before the first token is
     sampled, by which time every prompt token is scored."""
-    if body.logprobs is None or out is None or out.prompt_logprobs is None:
+    if body.logprobs is None or not body.echo or out is None or out.prompt_logprobs is None:
         return None
     return prompt_completion_logprobs(gen.prompt_ids, out.prompt_logprobs, body.logprobs, ctx.engine.tokenizer)
 
@@ -222,8 +227,12 @@ def _stream(ctx: ServerContext, gens: list[Generation], run: list[int], answers:
     n = body.n
     echo = [text if body.echo else "" for text in texts]
 
-    def chunk(choices, usage=None) -> bytes:
-        return sse.event(Completion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices, usage=None, **extra) -> bytes:
+        if include_usage:  # null on every chunk but the last, as OpenAI sends it
+            extra["usage"] = usage
+        return sse.event(Completion(id=rid, created=created, model=ctx.model_name, choices=choices, **extra))
 
     # the engine's generation k answers prompt run[k]: its choice index k * n + j is sent as run[k] * n + j
     prompt_of = {k * n + j: (i, j) for k, i in enumerate(run) for j in range(n)}
@@ -256,7 +265,7 @@ def _stream(ctx: ServerContext, gens: list[Generation], run: list[int], answers:
     head = [CompletionChoice(index=i * n + j, text=echo[i], logprobs=lp)
             for lp, i in zip(prompt_lps, run) for j in range(n) if echo[i]]
     head += _fixed_choices(answers, n, echo)
-    events = [sse.event(Completion(id=rid, created=created, model=ctx.model_name, choices=head, servelm=note))
-              ] if head or note else []
-    return stream_events(gens, n, step, chunk, bool(body.stream_options and body.stream_options.include_usage),
-                         events)
+    events = [chunk([c], servelm=note if k == 0 else None) for k, c in enumerate(head)]
+    if note and not head:
+        events.append(chunk([], servelm=note))
+    return stream_events(gens, n, step, chunk, include_usage, events)

@@ -5,26 +5,27 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from servelm.safety import ReviewError
 from servelm.server.auth import Principal, require
 from servelm.server.context import get_context
 from servelm.server.errors import APIError
+from servelm.server.schemas import _Request
 
 router = APIRouter()
 admin = APIRouter(prefix="/v1/admin", tags=["review"])
 
 
-class Decision(BaseModel):
+class Decision(_Request):
     text: str | None = Field(None, description="Approve with this answer instead of the held one.")
 
 
-class Edit(BaseModel):
+class Edit(_Request):
     text: str = Field(..., description="The answer to hold instead (the item stays pending).")
 
 
-class Fault(BaseModel):
+class Fault(_Request):
     engine: str = Field(..., pattern="^(stop|start)$", description="stop or start the engine's step loop.")
 
 
