@@ -196,9 +196,12 @@ def structured_output_from(spec, param: str = "structured_outputs") -> Structure
     Raises :class:`InvalidRequestError` naming a key servelm cannot honour (e.g. ``structural_tag``)."""
     if isinstance(spec, StructuredOutputParams):
         return spec
-    items = dict(spec) if isinstance(spec, dict) else {
-        k: getattr(spec, k) for k in (getattr(spec, "__dataclass_fields__", None) or vars(spec))}
     kinds = ("json", "json_object", "regex", "choice", "grammar")
+    if isinstance(spec, dict):
+        items = dict(spec)
+    else:  # vLLM's are dataclasses; read the kinds as attributes, the rest from the fields or __dict__
+        names = set(getattr(spec, "__dataclass_fields__", None) or getattr(spec, "__dict__", {})) | set(kinds)
+        items = {k: getattr(spec, k, None) for k in names}
     extra = [k for k, v in items.items() if k not in kinds and k not in _BACKEND_KEYS and v not in (None, False)]
     if extra:
         raise InvalidRequestError(f"{param}.{extra[0]} is not supported; use one of {', '.join(kinds)}.",
