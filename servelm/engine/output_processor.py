@@ -81,7 +81,8 @@ class OutputProcessor:
             outs.append(CompletionOutput(
                 index=s.index, text=text[:visible], token_ids=list(out_ids), delta_text=delta,
                 delta_token_ids=delta_ids, finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-                logprobs=s.logprobs, delta_logprobs=delta_lps, cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None))
+                logprobs=s.logprobs, delta_logprobs=delta_lps,
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None))
         first = seqs[0]
         metrics = RequestMetrics(
             arrival_time=arrival_time, first_scheduled_time=first.first_scheduled_time,

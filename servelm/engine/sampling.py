@@ -1,8 +1,9 @@
 """Batched sampling with per-request parameters, in one pass over the batch's logits.
 
-Order: logit bias → allowed tokens and bad words → penalties → structured-output masks → (raw logprobs) → greedy argmax, or
-temperature → top-k → top-p → min-p → draw. Draws use the exponential race (``argmax(p / Exp(1))``), which lets a
-seeded request draw its noise from its own generator while the rest share one call.
+Order: logit bias → allowed tokens and bad words → penalties → structured-output masks → (raw logprobs) →
+greedy argmax, or temperature → top-k → top-p → min-p → draw. Draws use the exponential race
+(``argmax(p / Exp(1))``), which lets a seeded request draw its noise from its own generator while the rest
+share one call.
 """
 from __future__ import annotations
 
@@ -95,9 +96,9 @@ class Sampler:
         for i, s in enumerate(seqs):
             p = s.params
             if p.allowed_token_ids is not None:
-                mask = torch.ones(vocab, dtype=torch.bool)
-                mask[[t for t in p.allowed_token_ids if t < vocab]] = False
-                logits[i].masked_fill_(mask.to(logits.device, non_blocking=True), float("-inf"))
+                mask = torch.ones(vocab, dtype=torch.bool, device=logits.device)
+                mask[host_to_device([t for t in p.allowed_token_ids if t < vocab], torch.int64, logits.device)] = False
+                logits[i].masked_fill_(mask, float("-inf"))
             for word in p.bad_words_token_ids or ():
                 prefix = word[:-1]
                 if not prefix or s.output_token_ids[len(s.output_token_ids) - len(prefix):] == prefix:
