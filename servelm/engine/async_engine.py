@@ -69,6 +69,10 @@ class AsyncEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    async def get_tokenizer(self):
+        """The Hugging Face tokenizer (vLLM's ``await engine.get_tokenizer()``); ``tokenizer`` is servelm's wrapper."""
+        return self.engine.tokenizer.hf
+
     @property
     def model_name(self) -> str:
         return self.engine.model_name
@@ -84,13 +88,19 @@ class AsyncEngine:
         return self._stats
 
     # -- requests --------------------------------------------------------------------------------
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: str | list[int] | dict, params: SamplingParams | None = None,
+                       request_id: str | None = None, *,
+                       sampling_params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request; the last one has ``finished=True``.
 
+        ``prompt`` is a text, token ids, or vLLM's ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``;
+        ``sampling_params=`` is vLLM's name for ``params`` (default: ``SamplingParams()``).
         Raises :class:`InvalidRequestError` for bad input before anything is queued, and
         :class:`EngineDeadError` if the engine is not running.
         """
+        if params is not None and sampling_params is not None:
+            raise TypeError("pass params or sampling_params, not both")
+        params = params or sampling_params or SamplingParams()
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         rid = request_id or uuid.uuid4().hex
@@ -98,7 +108,7 @@ class AsyncEngine:
             raise InvalidRequestError(f"request id {rid!r} is already in use.", "request_id")
         params.validate()
         eng = self.engine
-        text, ids = await asyncio.to_thread(eng.tokenize_prompt, prompt)
+        text, ids = await asyncio.to_thread(eng.tokenize_prompt, prompt, params)
         eng.resolve_max_tokens(len(ids), params)
         if params.structured_output is not None:  # compile off the step thread; add_request hits the cache
             await asyncio.to_thread(eng.grammars.compile, params.structured_output)

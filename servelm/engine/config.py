@@ -13,7 +13,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 class EngineConfig:
     """Everything that shapes an engine. ``model=None`` is the embedded SmolLM2 GGUF."""
 
-    model: str | None = None
+    model: str | None = None  # also a Hugging Face repo id ("org/name"), looked up in the HF cache
+    tokenizer: str | None = None  # default: the model's own; else a directory or repo id with tokenizer files
+    download_dir: str | None = None  # the Hugging Face cache for repo ids (default HF_HUB_CACHE)
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     quantization: str | None = None  # None, int8, int4, nf4, nf4-dq (see engine/quant)
     quant_calibration: str | None = None  # text file; nf4/nf4-dq search block scales with its statistics

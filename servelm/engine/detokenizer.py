@@ -13,8 +13,9 @@ from servelm.engine.tokenizer import Tokenizer
 def detokenize_new_text(tok: Tokenizer, seq: Sequence) -> str:
     """Return the text that the tokens since ``seq.read_offset`` add, advancing the offsets."""
     ids = seq.token_ids
-    prefix_text = tok.decode(ids[seq.prefix_offset:seq.read_offset])
-    full_text = tok.decode(ids[seq.prefix_offset:])
+    skip = seq.params.skip_special_tokens
+    prefix_text = tok.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
+    full_text = tok.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
     if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
         seq.prefix_offset = seq.read_offset
         seq.read_offset = len(ids)

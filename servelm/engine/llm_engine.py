@@ -73,12 +73,16 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         if loaded is None:
             loaded = load_model(config.model, self.dtype, self.device, config.max_model_len, config.seed,
-                                progress=config.show_progress)
+                                progress=config.show_progress, download_dir=config.download_dir)
         self.loaded = loaded
         self.model_config = loaded.config
         self.model = loaded.model
         src = loaded.tokenizer_source
-        if src is None:  # dummy weights: borrow the embedded model's tokenizer
+        if config.tokenizer:
+            from servelm.engine.models.loader import resolve_tokenizer
+
+            src = resolve_tokenizer(config.tokenizer, config.download_dir)
+        elif src is None:  # dummy weights: borrow the embedded model's tokenizer
             from servelm.engine.models.loader import default_model_path
 
             src = default_model_path()
@@ -127,8 +131,19 @@ class LLMEngine:
             self.tp.close()
 
     # -- requests ------------------------------------------------------------------------------
-    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        """Return (text or None, token ids); raises :class:`InvalidRequestError` for an empty or bad prompt."""
+    def tokenize_prompt(self, prompt: str | list[int] | dict,
+                        params: SamplingParams | None = None) -> tuple[str | None, list[int]]:
+        """Return (text or None, token ids) of a text, a list of token ids, or vLLM's ``{"prompt": text}`` /
+        ``{"prompt_token_ids": ids}`` dict; with ``params.truncate_prompt_tokens`` only the last k ids.
+
+        Raises :class:`InvalidRequestError` for an empty or bad prompt."""
+        text, ids = self._tokenize(prompt_from_dict(prompt) if isinstance(prompt, dict) else prompt)
+        k = params.truncate_prompt_tokens if params is not None else None
+        if k is not None:
+            ids = ids[-(self.max_model_len if k == -1 else k):]
+        return text, ids
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt must not be empty.", "prompt")
@@ -136,6 +151,9 @@ class LLMEngine:
             if not ids:
                 raise InvalidRequestError("prompt tokenizes to no tokens.", "prompt")
             return prompt, ids
+        if not isinstance(prompt, (list, tuple)):
+            raise InvalidRequestError(f"a prompt must be a string, a list of token ids or a dict with 'prompt' or "
+                                      f"'prompt_token_ids'; got {type(prompt).__name__}.", "prompt")
         ids = list(prompt)
         if not ids:
             raise InvalidRequestError("prompt must not be empty.", "prompt")
@@ -184,10 +202,15 @@ class LLMEngine:
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise InvalidRequestError(f"logit_bias token ids must be below the vocabulary size ({vocab}); got "
                                       f"{max(params.logit_bias)}.", "logit_bias")
-        if prompt_ids:  # already tokenized by the caller (AsyncEngine does it off the step thread)
+        if params.allowed_token_ids and max(params.allowed_token_ids) >= vocab:
+            raise InvalidRequestError(f"allowed_token_ids must be below the vocabulary size ({vocab}); got "
+                                      f"{max(params.allowed_token_ids)}.", "allowed_token_ids")
+        if params.bad_words and params.bad_words_token_ids is None:
+            params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+        if prompt_ids:  # already tokenized (and truncated) by the caller (AsyncEngine does it off the step thread)
             text, ids = (prompt if isinstance(prompt, str) else None), prompt_ids
         else:
-            text, ids = self.tokenize_prompt(prompt)
+            text, ids = self.tokenize_prompt(prompt, params)
         max_tokens = self.resolve_max_tokens(len(ids), params)
         grammar = self.grammars.compile(params.structured_output) if params.structured_output else None
         arrival = arrival_time if arrival_time is not None else time.monotonic()
@@ -260,6 +283,7 @@ class LLMEngine:
         p = seq.params
         return (seq.grammar is None and p.logprobs is None and p.prompt_logprobs is None and seq.generator is None
                 and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and not p.bad_words_token_ids
                 and seq.num_output_tokens >= p.min_tokens
                 and seq.num_output_tokens + seq.pending_tokens + 1 < seq.max_tokens
                 and seq.num_tokens_incl_pending + 1 < self.max_model_len)
@@ -388,6 +412,42 @@ def _num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: tor
     if blocks < 1:
         raise ValueError(f"the KV cache budget ({budget} bytes) holds no {per_block}-byte block")
     return int(blocks)
+
+
+def prompt_from_dict(prompt: dict) -> str | list[int]:
+    """The text or token ids of vLLM's ``TextPrompt`` (``{"prompt": str}``) or ``TokensPrompt``
+    (``{"prompt_token_ids": [int, ...]}``); raises :class:`InvalidRequestError` naming a missing or bad key."""
+    keys = set(prompt)
+    if keys == {"prompt"}:
+        if not isinstance(prompt["prompt"], str):
+            raise InvalidRequestError("prompt['prompt'] must be a string (use 'prompt_token_ids' for token ids).",
+                                      "prompt.prompt")
+        return prompt["prompt"]
+    if keys == {"prompt_token_ids"}:
+        ids = prompt["prompt_token_ids"]
+        if not isinstance(ids, (list, tuple)):
+            raise InvalidRequestError("prompt['prompt_token_ids'] must be a list of token ids.",
+                                      "prompt.prompt_token_ids")
+        return list(ids)
+    other = sorted(keys - {"prompt", "prompt_token_ids"})
+    if other:
+        raise InvalidRequestError(f"prompt dict key {other[0]!r} is not supported; give 'prompt' (text) or "
+                                  "'prompt_token_ids' (token ids).", f"prompt.{other[0]}")
+    raise InvalidRequestError("a prompt dict needs exactly one of 'prompt' (text) or 'prompt_token_ids' "
+                              f"(token ids); got {', '.join(map(repr, sorted(keys))) or 'no keys'}.", "prompt")
+
+
+def bad_words_token_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
+    """Each bad word's token ids, as vLLM derives them: the word as written, plus its form with a leading space
+    (a word in mid-text) when that is a different token sequence of the same length."""
+    out: list[list[int]] = []
+    for word in words:
+        plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        out.append(plain)
+        if spaced[0] != plain[0] and len(spaced) == len(plain):
+            out.append(spaced)
+    return out
 
 
 def _model_name(model: str | None, config_name: str) -> str:

@@ -25,10 +25,10 @@ class OutputProcessor:
         seq.token_ids.append(token_id)
         p = seq.params
         if lp is not None:
-            chosen, top = lp
+            chosen, top, rank = lp
             seq.cumulative_logprob += chosen
             seq.logprobs.append(TokenLogprobs(
-                self._logprob(token_id, chosen), [self._logprob(t, v, r + 1) for r, (t, v) in enumerate(top)]))
+                self._logprob(token_id, chosen, rank), [self._logprob(t, v, r + 1) for r, (t, v) in enumerate(top)]))
         if seq.grammar is not None and accept_token(seq, token_id):
             # the grammar is complete (it accepted EOS) or refused the token (masking rules that out)
             seq.finish_reason = "stop"
@@ -39,7 +39,7 @@ class OutputProcessor:
         if token_id in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token_id
             return
-        new_text = detokenize_new_text(self.tok, seq)
+        new_text = detokenize_new_text(self.tok, seq) if p.detokenize else ""
         if new_text:
             seq.output_text += new_text
             if p.stop and seq.num_output_tokens >= p.min_tokens:
@@ -52,11 +52,12 @@ class OutputProcessor:
         if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
-    def append_prompt_logprobs(self, seq: Sequence, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> None:
-        """Record the logprobs of the next prompt tokens of ``seq``: (token, logprob, top alternatives) each."""
-        for tok, lp, top in entries:
+    def append_prompt_logprobs(self, seq: Sequence,
+                               entries: list[tuple[int, float, list[tuple[int, float]], int]]) -> None:
+        """Record the logprobs of the next prompt tokens of ``seq``: (token, logprob, top alternatives, rank) each."""
+        for tok, lp, top, rank in entries:
             seq.prompt_logprobs.append(TokenLogprobs(
-                self._logprob(tok, lp), [self._logprob(t, v, r + 1) for r, (t, v) in enumerate(top)]))
+                self._logprob(tok, lp, rank), [self._logprob(t, v, r + 1) for r, (t, v) in enumerate(top)]))
 
     def _logprob(self, token_id: int, logprob: float, rank: int | None = None) -> Logprob:
         return Logprob(token_id, logprob, self.tok.decode([token_id], skip_special_tokens=False), rank,
@@ -80,7 +81,8 @@ class OutputProcessor:
             outs.append(CompletionOutput(
                 index=s.index, text=text[:visible], token_ids=list(out_ids), delta_text=delta,
                 delta_token_ids=delta_ids, finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-                logprobs=s.logprobs, delta_logprobs=delta_lps, cumulative_logprob=s.cumulative_logprob))
+                logprobs=s.logprobs, delta_logprobs=delta_lps,
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None))
         first = seqs[0]
         metrics = RequestMetrics(
             arrival_time=arrival_time, first_scheduled_time=first.first_scheduled_time,

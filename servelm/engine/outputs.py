@@ -1,6 +1,7 @@
 """What the engine hands back, shaped like vLLM's ``RequestOutput``."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 
@@ -15,13 +16,37 @@ class Logprob:
     rank: int | None = None
     token_bytes: bytes = b""
 
+    @property
+    def decoded_token(self) -> str:
+        """vLLM's name for ``decoded``."""
+        return self.decoded
+
 
 @dataclass(slots=True)
-class TokenLogprobs:
-    """The chosen token's logprob plus the ``k`` most likely alternatives at that position."""
+class TokenLogprobs(Mapping):
+    """The chosen token's logprob plus the ``k`` most likely alternatives at that position.
+
+    Also a read-only ``{token id: Logprob}`` mapping over the chosen token and the alternatives, as vLLM
+    shapes each position (``c.logprobs[i][c.token_ids[i]].logprob``); the chosen token comes first.
+    """
 
     chosen: Logprob
     top: list[Logprob] = field(default_factory=list)
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        if token_id == self.chosen.token_id:
+            return self.chosen
+        for lp in self.top:
+            if lp.token_id == token_id:
+                return lp
+        raise KeyError(token_id)
+
+    def __iter__(self) -> Iterator[int]:
+        yield self.chosen.token_id
+        yield from (lp.token_id for lp in self.top if lp.token_id != self.chosen.token_id)
+
+    def __len__(self) -> int:
+        return 1 + sum(lp.token_id != self.chosen.token_id for lp in self.top)
 
 
 @dataclass(slots=True)
@@ -42,7 +67,7 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprobs] | None = None
     delta_logprobs: list[TokenLogprobs] | None = None
-    cumulative_logprob: float = 0.0
+    cumulative_logprob: float | None = None  # None unless SamplingParams.logprobs was set (as vLLM)
 
     @property
     def finished(self) -> bool:

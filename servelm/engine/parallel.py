@@ -316,7 +316,8 @@ def _worker_main(config, rank: int, world: int, port: int, shm_name: str, ready,
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
         init_group(rank, world, port, device)
         log.info("tensor-parallel worker %d/%d up on %s", rank, world, device)
-        loaded = load_model(config.model, dtype, device, config.max_model_len, config.seed)
+        loaded = load_model(config.model, dtype, device, config.max_model_len, config.seed,
+                            download_dir=config.download_dir)
         runner, num_blocks = build_runner(config, loaded, device, dtype, sampler=None)
         log.info("tensor-parallel worker %d ready: %d KV blocks", rank, num_blocks)
         while True:

@@ -130,19 +130,21 @@ class ModelRunner:
         return logits, samplers, prompt_lp
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, pos: int, chunk: int = 256) -> list:
-        """(token, logprob, top-k) of prompt tokens ``pos + 1 ...`` from the hidden states at ``pos ...``."""
+        """(token, logprob, top-k, rank) of prompt tokens ``pos + 1 ...`` from the hidden states at ``pos ...``."""
         k = seq.params.prompt_logprobs
         out = []
         for i in range(0, hidden.shape[0], chunk):  # bounded memory: chunk x vocab floats at a time
             lp = torch.log_softmax(self.model.compute_logits(hidden[i:i + chunk]), dim=-1)
             targets = seq.token_ids[pos + 1 + i: pos + 1 + i + lp.shape[0]]
-            chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+            col = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])
+            chosen = col[:, 0].tolist()
+            ranks = ((lp > col).sum(dim=1) + 1).tolist()  # the prompt token's rank in the vocabulary (vLLM's)
             if k:
                 vals, ids = lp.topk(k, dim=-1)
                 tops = [list(zip(r_ids, r_vals)) for r_ids, r_vals in zip(ids.tolist(), vals.tolist())]
             else:
                 tops = [[] for _ in targets]
-            out.extend(zip(targets, chosen, tops))
+            out.extend(zip(targets, chosen, tops, ranks))
         return out
 
     @torch.inference_mode()

@@ -1,8 +1,9 @@
 """Batched sampling with per-request parameters, in one pass over the batch's logits.
 
-Order: logit bias → penalties → structured-output masks → (raw logprobs) → greedy argmax, or
-temperature → top-k → top-p → min-p → draw. Draws use the exponential race (``argmax(p / Exp(1))``), which lets a
-seeded request draw its noise from its own generator while the rest share one call.
+Order: logit bias → allowed tokens and bad words → penalties → structured-output masks → (raw logprobs) →
+greedy argmax, or temperature → top-k → top-p → min-p → draw. Draws use the exponential race
+(``argmax(p / Exp(1))``), which lets a seeded request draw its noise from its own generator while the rest
+share one call.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from servelm.engine.structured_output import apply_grammar_masks
 @dataclass(slots=True)
 class SampleResult:
     token_ids: list[int]
-    # Per row: (chosen logprob, [(token id, logprob), ...] top-k) or None when not requested.
+    # Per row: (chosen logprob, [(token id, logprob), ...] top-k, chosen's rank) or None when not requested.
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
 
 
@@ -42,7 +43,8 @@ class Sampler:
                 if p.logprobs > 0:
                     vals, ids = row.topk(p.logprobs)
                     top = list(zip(ids.tolist(), vals.tolist()))
-                lps[i] = (float(row[token_list[i]]), top)
+                chosen = row[token_list[i]]
+                lps[i] = (float(chosen), top, int((row > chosen).sum()) + 1)
         return SampleResult(token_list, lps)
 
     @torch.inference_mode()
@@ -58,6 +60,7 @@ class Sampler:
         """Float32 logits after penalties, early-EOS suppression and structured-output masks."""
         logits = logits.float().contiguous()  # the penalties index it flat
         self._apply_logit_bias(logits, seqs)
+        self._apply_token_bans(logits, seqs)
         self._apply_penalties(logits, seqs)
         self._suppress_early_eos(logits, seqs)
         if any(s.grammar is not None for s in seqs):
@@ -83,6 +86,27 @@ class Sampler:
             vals = host_to_device([v for i in rows for v in seqs[i].params.logit_bias.values()], torch.float32,
                                   logits.device)
             logits.index_put_((at[:, 0], at[:, 1]), vals, accumulate=True)
+
+    def _apply_token_bans(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """``allowed_token_ids`` (every other token gets -inf) and ``bad_words``, as vLLM applies them: a word's
+        last token is banned when the output so far ends with the word's other tokens (a one-token word is always
+        banned)."""
+        vocab = logits.shape[-1]
+        banned = []
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.allowed_token_ids is not None:
+                mask = torch.ones(vocab, dtype=torch.bool, device=logits.device)
+                mask[host_to_device([t for t in p.allowed_token_ids if t < vocab], torch.int64, logits.device)] = False
+                logits[i].masked_fill_(mask, float("-inf"))
+            for word in p.bad_words_token_ids or ():
+                prefix = word[:-1]
+                if not prefix or s.output_token_ids[len(s.output_token_ids) - len(prefix):] == prefix:
+                    banned.append([i, word[-1]])
+        if banned:
+            at = host_to_device(banned, torch.int64, logits.device)
+            logits.index_put_((at[:, 0], at[:, 1]), host_to_device([float("-inf")] * len(banned), torch.float32,
+                                                                   logits.device))
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Repetition penalty (prompt and output tokens; divides positive logits, multiplies negative ones, as

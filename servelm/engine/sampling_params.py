@@ -82,12 +82,35 @@ class SamplingParams:
     min_tokens: int = 0
     structured_output: StructuredOutputParams | None = None  # constrained decoding (JSON schema, regex, ...)
     logit_bias: dict[int, float] | None = None
+    # vLLM's names, so scripts written for vLLM run unchanged:
+    skip_special_tokens: bool = True  # drop special tokens (e.g. <|im_end|>) from the text
+    spaces_between_special_tokens: bool = True  # accepted; fast tokenizers (all servelm loads) do not use it
+    detokenize: bool = True  # False: token ids only, ``text`` stays empty (no stop strings)
+    allowed_token_ids: list[int] | None = None  # sample only among these ids
+    bad_words: list[str] | None = None  # words never to generate (vLLM's token-sequence rule, see sampling.py)
+    truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens (-1: the context window)
+    best_of: int | None = None  # accepted when equal to n (servelm returns every completion it samples)
+    output_kind: object = None  # ignored: LLM returns final outputs, AsyncEngine streams cumulative + delta
+    structured_outputs: object = None  # vLLM >= 0.10.2's name for structured_output (object or dict)
+    guided_decoding: object = None  # vLLM <= 0.10's name for structured_output (object or dict)
+    # bad_words as token-id sequences, filled by the engine from its tokenizer (vLLM's _bad_words_token_ids)
+    bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        for alias in ("structured_outputs", "guided_decoding"):
+            given = getattr(self, alias)
+            if given is None:
+                continue
+            if self.structured_output is not None:
+                raise InvalidRequestError(f"pass structured_output or {alias}, not both.", alias)
+            self.structured_output = structured_output_from(given, alias)
+            setattr(self, alias, None)
         self.validate()
 
     @property
@@ -117,6 +140,9 @@ class SamplingParams:
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise InvalidRequestError(
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.", "frequency_penalty")
+        if self.logprobs == -1 or self.prompt_logprobs == -1:
+            name = "logprobs" if self.logprobs == -1 else "prompt_logprobs"
+            raise InvalidRequestError(f"{name}=-1 (the whole vocabulary) is not supported; ask for at most 20.", name)
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequestError(f"logprobs must be in [0, 20], got {self.logprobs}.", "logprobs")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
@@ -130,6 +156,23 @@ class SamplingParams:
             raise InvalidRequestError(f"min_tokens must be >= 0, got {self.min_tokens}.", "min_tokens")
         if self.structured_output is not None:
             self.structured_output.validate()
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError(f"best_of={self.best_of} with n={self.n} is not supported: servelm returns all "
+                                      "the completions it samples; set n instead.", "best_of")
+        if not self.detokenize and self.stop:
+            raise InvalidRequestError("stop strings need detokenize=True (the text is what they match).", "stop")
+        if self.allowed_token_ids is not None and (
+                not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids
+                or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.allowed_token_ids)):
+            raise InvalidRequestError("allowed_token_ids must be a non-empty list of token ids (integers >= 0).",
+                                      "allowed_token_ids")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise InvalidRequestError("bad_words must be a list of non-empty strings.", "bad_words")
+        if self.truncate_prompt_tokens is not None and (
+                not isinstance(self.truncate_prompt_tokens, int) or self.truncate_prompt_tokens == 0
+                or self.truncate_prompt_tokens < -1):
+            raise InvalidRequestError(f"truncate_prompt_tokens must be -1 or >= 1, got {self.truncate_prompt_tokens}.",
+                                      "truncate_prompt_tokens")
         if self.logit_bias:
             if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.logit_bias):
                 raise InvalidRequestError("logit_bias keys must be token ids (integers >= 0).", "logit_bias")
@@ -138,3 +181,29 @@ class SamplingParams:
                 raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bad[0]}.", "logit_bias")
             if len(self.logit_bias) > 300:  # OpenAI's limit
                 raise InvalidRequestError("logit_bias may set at most 300 tokens.", "logit_bias")
+
+
+# The keys of vLLM's GuidedDecodingParams / StructuredOutputsParams that only pick or tune a backend: they do
+# not change what output is allowed, so they are accepted and ignored.
+_BACKEND_KEYS = ("backend", "disable_fallback", "disable_any_whitespace", "disable_additional_properties",
+                 "backend_was_auto", "_backend", "_backend_was_auto")
+
+
+def structured_output_from(spec, param: str = "structured_outputs") -> StructuredOutputParams:
+    """Returns ``spec`` (a :class:`StructuredOutputParams`, a dict, or an object such as vLLM's
+    ``StructuredOutputsParams``/``GuidedDecodingParams``) as servelm's :class:`StructuredOutputParams`.
+
+    Raises :class:`InvalidRequestError` naming a key servelm cannot honour (e.g. ``structural_tag``)."""
+    if isinstance(spec, StructuredOutputParams):
+        return spec
+    kinds = ("json", "json_object", "regex", "choice", "grammar")
+    if isinstance(spec, dict):
+        items = dict(spec)
+    else:  # vLLM's are dataclasses; read the kinds as attributes, the rest from the fields or __dict__
+        names = set(getattr(spec, "__dataclass_fields__", None) or getattr(spec, "__dict__", {})) | set(kinds)
+        items = {k: getattr(spec, k, None) for k in names}
+    extra = [k for k, v in items.items() if k not in kinds and k not in _BACKEND_KEYS and v not in (None, False)]
+    if extra:
+        raise InvalidRequestError(f"{param}.{extra[0]} is not supported; use one of {', '.join(kinds)}.",
+                                  f"{param}.{extra[0]}")
+    return StructuredOutputParams(**{k: items[k] for k in kinds if items.get(k) is not None})

@@ -120,9 +120,15 @@ class Tokenizer:
         """True when the chat template uses a ``tools`` variable (function definitions for the model)."""
         return "tools" in str(getattr(self.hf, "chat_template", None) or "")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render ``messages`` with the model's own chat template; raises ValueError if it has none."""
-        if not self.has_chat_template:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
+                            **kwargs) -> str | list[int]:
+        """Render ``messages`` with the model's own chat template (or ``chat_template=``): the text, or with
+        ``tokenize=True`` its token ids (no special tokens added: the template writes them). Other keywords
+        (``continue_final_message``, ``tools``, template variables) go to transformers.
+
+        Raises ValueError if there is no template."""
+        if not self.has_chat_template and not kwargs.get("chat_template"):
             raise ValueError("this model has no chat template; use the completions API with a plain prompt")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            **kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text

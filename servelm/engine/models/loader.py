@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,16 +40,24 @@ class LoadedModel:
     source_qtypes: dict[str, str] = field(default_factory=dict)  # our param name -> e.g. "Q4_1"
 
 
-def resolve_model(model: str | os.PathLike | None) -> str | Path:
-    """Return the embedded GGUF for ``None``, a ``dummy:<shape>`` spec as is, or an existing path.
+# What a safetensors model needs from a Hub repository: configs, weights and the tokenizer's files.
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-    Raises :class:`ModelLoadError` when the path does not exist.
+
+def resolve_model(model: str | os.PathLike | None, download_dir: str | None = None) -> str | Path:
+    """Return the embedded GGUF for ``None``, a ``dummy:<shape>`` spec as is, an existing path, or the local
+    snapshot of a Hugging Face repo id such as ``"org/name"`` (see :func:`resolve_hub`).
+
+    Raises :class:`ModelLoadError` when the path does not exist and the name is no repo id that resolves.
     """
     if model is None or model == "" or model == "default":
         return default_model_path()
     if isinstance(model, str) and model.startswith("dummy:"):
         return model
     path = Path(model).expanduser()
+    if not path.exists() and looks_like_repo_id(str(model)):
+        path = resolve_hub(str(model), HUB_MODEL_FILES, download_dir)
     if not path.exists():
         raise ModelLoadError(f"model path not found: {path}")
     if path.is_dir():
@@ -62,10 +71,36 @@ def resolve_model(model: str | os.PathLike | None) -> str | Path:
     return path
 
 
+def looks_like_repo_id(name: str) -> bool:
+    """True for ``org/name`` (one slash, no leading ``.``/``/``, no ``~``): a Hub repo id, not a path."""
+    return bool(_REPO_ID.match(name))
+
+
+def resolve_hub(repo_id: str, allow_patterns: list[str], cache_dir: str | None = None) -> Path:
+    """The local directory of ``repo_id``'s files matching ``allow_patterns``: downloaded into the Hugging Face
+    cache (``cache_dir``, default ``HF_HUB_CACHE``), or only looked up there when ``HF_HUB_OFFLINE=1``.
+
+    Raises :class:`ModelLoadError` when it is not there and cannot be downloaded."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, cache_dir=cache_dir))
+    except Exception as e:  # huggingface_hub raises a different error type per way of not finding it
+        where = cache_dir or constants.HF_HUB_CACHE
+        if constants.HF_HUB_OFFLINE:
+            raise ModelLoadError(
+                f"model {repo_id!r} is not a local path and is not in the Hugging Face cache ({where}); the hub is "
+                "offline (HF_HUB_OFFLINE=1), so it was not downloaded. Pass a local directory, or download it "
+                "first with network access (unset HF_HUB_OFFLINE).") from e
+        raise ModelLoadError(f"model {repo_id!r} is not a local path and could not be downloaded from the "
+                             f"Hugging Face Hub into {where}: {type(e).__name__}: {e}") from e
+
+
 def load_model(model: str | os.PathLike | None, dtype: torch.dtype, device: torch.device,
-               max_model_len: int | None = None, seed: int = 0, progress: bool = False) -> LoadedModel:
+               max_model_len: int | None = None, seed: int = 0, progress: bool = False,
+               download_dir: str | None = None) -> LoadedModel:
     """Load weights onto ``device`` in ``dtype``. Raises :class:`ModelLoadError` with the file's name."""
-    spec = resolve_model(model)
+    spec = resolve_model(model, download_dir)
     if isinstance(spec, str):  # dummy:<shape>
         cfg = preset(spec.split(":", 1)[1])
         _cap_len(cfg, max_model_len)
@@ -167,3 +202,14 @@ def read_hf_config(path: Path) -> dict:
         return json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from e
+
+
+def resolve_tokenizer(tokenizer: str, download_dir: str | None = None) -> Path:
+    """A tokenizer's source: an existing ``.gguf`` file or directory, or a repo id's tokenizer files from the
+    Hugging Face cache. Raises :class:`ModelLoadError` when neither."""
+    path = Path(tokenizer).expanduser()
+    if path.exists():
+        return path
+    if looks_like_repo_id(tokenizer):
+        return resolve_hub(tokenizer, ["*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"], download_dir)
+    raise ModelLoadError(f"tokenizer path not found: {path}")
