@@ -131,8 +131,22 @@ def test_prompt_logprobs_have_vllms_shape(raw, tokenizer):
     assert err["param"] == "prompt_logprobs"
 
 
-@pytest.mark.parametrize("field,value", [("use_beam_search", True), ("bad_words", ["x"]), ("allowed_token_ids", [1]),
-                                         ("truncate_prompt_tokens", 5), ("skip_special_tokens", False),
+def test_vllm_token_controls_take_effect(raw, tokenizer):
+    """allowed_token_ids, bad_words and skip_special_tokens reach the engine (vLLM's sampling fields)."""
+    base = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    plain = raw.post("/v1/completions", json=base).json()["choices"][0]["text"]
+    only = tokenizer.encode(" banana", add_special_tokens=False)
+    r = raw.post("/v1/completions", json={**base, "allowed_token_ids": only}).json()["choices"][0]["text"]
+    assert r == " banana" * 4
+    first = plain.split()[0]
+    banned = raw.post("/v1/completions", json={**base, "bad_words": [first]}).json()["choices"][0]["text"]
+    assert first not in banned.split() and banned != plain
+    end = raw.post("/v1/completions", json={**base, "max_tokens": 3, "allowed_token_ids": tokenizer.encode(
+        "<|im_end|>", add_special_tokens=False), "ignore_eos": True, "skip_special_tokens": False}).json()
+    assert end["choices"][0]["text"] == "<|im_end|>" * 3
+
+
+@pytest.mark.parametrize("field,value", [("use_beam_search", True), ("truncate_prompt_tokens", 5),
                                          ("chat_template", "{{ messages }}"), ("echo", True)])
 def test_vllm_fields_the_server_does_not_implement_are_refused(raw, field, value):
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, field: value}

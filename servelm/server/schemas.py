@@ -105,9 +105,9 @@ class _SamplingFields(_Request):
     # vLLM request fields servelm does not implement, each with the value that asks for nothing: any other
     # value is a 400 unsupported_parameter, since ignoring it would answer a different question.
     _unsupported: ClassVar[dict[str, Any]] = {
-        "use_beam_search": False, "length_penalty": 1.0, "allowed_token_ids": None, "bad_words": None,
+        "use_beam_search": False, "length_penalty": 1.0,
         "truncate_prompt_tokens": None, "return_tokens_as_token_ids": False, "return_token_ids": False,
-        "skip_special_tokens": True, "spaces_between_special_tokens": True, "logits_processors": None,
+        "spaces_between_special_tokens": True, "logits_processors": None,
         "guided_whitespace_pattern": None, "priority": 0}
 
     @model_validator(mode="before")
@@ -171,6 +171,10 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = Field(None, max_length=256, description="vLLM: token ids that end "
                                              "generation (the token is not part of the text).")
     include_stop_str_in_output: Bool = Field(False, description="vLLM: keep the stop string that ended the text.")
+    skip_special_tokens: Bool = Field(True, description="vLLM: leave special tokens (e.g. <|im_end|>) out of the text.")
+    allowed_token_ids: list[int] | None = Field(None, max_length=100_000,
+                                                description="vLLM: sample only among these token ids.")
+    bad_words: list[str] | None = Field(None, max_length=256, description="vLLM: words never to generate.")
     prompt_logprobs: Int | None = Field(None, ge=0, le=20, description="vLLM: the logprob of every prompt token "
                                         "and its k best alternatives, as vLLM returns them (not with stream).")
 

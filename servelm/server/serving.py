@@ -321,6 +321,8 @@ def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_si
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               seed=seed, stop=stop, stop_token_ids=body.stop_token_ids or [],
                               include_stop_str_in_output=body.include_stop_str_in_output,
+                              skip_special_tokens=body.skip_special_tokens, allowed_token_ids=body.allowed_token_ids,
+                              bad_words=body.bad_words,
                               ignore_eos=body.ignore_eos, logprobs=logprobs,
                               min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs,
                               structured_output=structured_output, logit_bias=logit_bias)
