@@ -103,6 +103,17 @@ async def test_below_threshold_says_documents_do_not_contain_it(svc):
     assert gen.calls == []
 
 
+async def test_a_request_can_ask_for_closer_passages(svc):
+    """min_relevance (LlamaIndex's similarity_cutoff per request): an answerable question with a bar above its
+    best passage gets "not in the documents" instead of an answer from loosely related text."""
+    gen = citing_writer("The lighthouse dates from 1873 [1].")
+    q = "When was the Fenwick lighthouse built?"
+    best = (await svc.retrieve("kb", q, k=1))[0].relevance
+    assert (await svc.query(RagQueryRequest(collection="kb", query=q, min_relevance=round(best - 0.05, 3)), gen)).found
+    r = await svc.query(RagQueryRequest(collection="kb", query=q, min_relevance=min(1.0, best + 0.05)), gen)
+    assert (r.answer, r.found) == (NO_ANSWER, False) and len(gen.calls) == 1
+
+
 async def test_stream_then_final_response(svc):
     events = [e async for e in svc.query_stream(
         RagQueryRequest(collection="kb", query="How many worker bees does a strong hive hold?"),

@@ -56,6 +56,9 @@ class RagQueryRequest(BaseModel):
     k: int = Field(default=5, ge=1, le=50)
     filters: dict[str, str | int | float | list[str | int | float]] | None = None
     mmr: bool | None = None
+    min_relevance: float | None = Field(default=None, ge=0, le=1, description=(
+        "cosine relevance a chunk needs to be used (default: the deployment's relevance_threshold, 0.3); "
+        "raise it to answer 'not in the documents' rather than from loosely related chunks"))
     stream: bool = False
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0)
@@ -94,3 +97,6 @@ class RagOptions(BaseModel):
     collection: str
     k: int = Field(default=5, ge=1, le=50)
     filters: dict[str, str | int | float | list[str | int | float]] | None = None
+    min_relevance: float | None = Field(default=None, ge=0, le=1, description=(
+        "cosine relevance a chunk needs to be used (default: the deployment's relevance_threshold, 0.3); "
+        "raise it to answer 'not in the documents' rather than from loosely related chunks"))

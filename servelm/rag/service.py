@@ -151,7 +151,8 @@ class RagService:
     async def _prepare(self, req: RagQueryRequest, history=None, render: Render | None = None
                        ) -> tuple[list[dict] | None, list[Hit]]:
         hits = await self.retrieve(req.collection, req.query, req.k, req.filters, req.mmr)
-        hits = [h for h in hits if h.relevance >= self.cfg.relevance_threshold]
+        floor = self.cfg.relevance_threshold if req.min_relevance is None else req.min_relevance
+        hits = [h for h in hits if h.relevance >= floor]
         if hits and self.screen is not None:
             hits = await self.screen(hits)
         if not hits:
@@ -196,7 +197,8 @@ class RagService:
         if last is None:
             raise ValueError("rag needs at least one user message (the question)")
         question = str(messages[last].get("content") or "")
-        req = RagQueryRequest(collection=opts.collection, query=question, k=opts.k, filters=opts.filters)
+        req = RagQueryRequest(collection=opts.collection, query=question, k=opts.k, filters=opts.filters,
+                              min_relevance=opts.min_relevance)
         out, used = await self._prepare(req, history=[m for m in messages[:last] if m.get("role") != "system"],
                                         render=render)
         return (out, used) if out is not None else (messages, [])

@@ -125,7 +125,8 @@ def install(pipeline: RequestPipeline, ctx) -> None:
         from servelm.rag.answer import NO_ANSWER
         from servelm.rag.schemas import RagOptions
 
-        opts = RagOptions(collection=turn.rag.collection, k=turn.rag.k, filters=turn.rag.filters)
+        opts = RagOptions(collection=turn.rag.collection, k=turn.rag.k, filters=turn.rag.filters,
+                          min_relevance=turn.rag.min_relevance)
         # With a prompt strategy, the strategy renders the prompt around the numbered context.
         req, strategy = turn.metadata.get("prompt_request"), turn.metadata.get("strategy")
         render = (lambda context: strategy.messages(replace(req, context=context))) if req is not None else None

@@ -214,6 +214,9 @@ class RagOptions(_Request):
     k: Int = Field(4, ge=1, le=50)
     filters: dict[str, str | int | float | list[str | int | float]] | None = Field(
         None, description="Metadata filters, e.g. {\"source\": \"guide.pdf\"}.")
+    min_relevance: float | None = Field(None, ge=0, le=1, description="Cosine relevance a passage needs (default "
+                                        "0.3); below it for every passage the answer says the documents do not "
+                                        "contain it.")
 
 
 class FewShotExample(_Request):
