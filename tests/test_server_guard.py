@@ -294,6 +294,10 @@ def test_rag_sources_and_chunks_pass_the_output_pii_policy(env):
         assert "7946" not in text and "harbour.master" not in text, (way, sources)
     chunk = call(env, "GET", f"/v1/collections/harbour/chunks/{chunk_id}", "alice").json()
     assert "7946" not in chunk["text"] and "<PHONE_NUMBER>" in chunk["text"] and "<EMAIL_ADDRESS>" in chunk["text"]
+    for way, sources in rag_sources(env, "alice").items():  # redacted as its chunk is: still a substring of it
+        for s in sources:
+            whole = call(env, "GET", f"/v1/collections/harbour/chunks/{s['chunk_id']}", "alice").json()["text"]
+            assert s["snippet"] in whole, (way, s["snippet"], whole)
 
 
 # ------------------------------------------------------------------ human review through the API

@@ -263,30 +263,35 @@ class Guard:
         return d
 
     def redact_pii(self, texts: list[str], request_id: str | None = None, api_key: str | None = None,
-                   supplied: str = "") -> list[str]:
+                   supplied: str = "", windows: list[tuple[int, int]] | None = None) -> list[str]:
         """Return ``texts`` (returned beside an answer, e.g. RAG sources) with the output PII policy applied.
 
         Such text cannot be held or blocked on its own, so the pii scanner's redact, block and review
         actions all redact it to ``<ENTITY_TYPE>``; allow (or pii disabled) returns it as is. A detector
         error fails per policy: closed gives "" for every text, open the texts unchanged. Never raises.
+        With ``windows``, ``texts[i]`` is a whole chunk and the result is its part ``[a, b)``, redacted as in the
+        whole chunk (name detection depends on context: a snippet then reads as its chunk does).
         """
+        windows = windows or [(0, len(t)) for t in texts]
         policy = self._policy(api_key, None)
         sp = policy.scanner("pii")
         if not sp.enabled or sp.action == "allow":
-            return list(texts)
+            return [t[a:b] for t, (a, b) in zip(texts, windows)]
         entities = tuple(sp.entities) if sp.entities else DEFAULT_ENTITIES
         out, found = [], 0
         try:
-            for text in map(_clean, texts):
+            for text, (a, b) in zip(map(_clean, texts), windows):
                 spans = not_supplied(text, get_pii_detector().detect(text, entities, sp.threshold), supplied)
-                out.append(redact(text, spans) if spans else text)
-                found += len(spans)
+                inside = [PiiSpan(s.entity, max(s.start, a) - a, min(s.end, b) - a, s.score)
+                          for s in spans if s.start < b and s.end > a]
+                out.append(redact(text[a:b], inside) if inside else text[a:b])
+                found += len(inside)
         except Exception as exc:
             mode = policy.fail_mode_for("pii")
             self.metrics.scanner_errors.labels("pii", mode).inc()
             log_event("scanner_error", request_id, level=logging.ERROR, stage="sources", scanner="pii",
                       fail_mode=mode, error=repr(exc))
-            return [""] * len(texts) if mode == "closed" else list(texts)
+            return [""] * len(texts) if mode == "closed" else [t[a:b] for t, (a, b) in zip(texts, windows)]
         if found:
             self.metrics.decisions.labels("sources", "pii", "redact").inc(found)
             log_event("guard_decision", request_id, stage="sources", action="redact", scanner="pii",

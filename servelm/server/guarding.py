@@ -177,13 +177,16 @@ class Guarding:
             return Answer("", "content_filter", servelm={"content_filter": {"scanner": d.scanner, "reason": d.reason}})
         return Answer(d.text)
 
-    async def redact_sources(self, texts: list[str], request_id: str, key_name: str, supplied: str = "") -> list[str]:
+    async def redact_sources(self, texts: list[str], request_id: str, key_name: str, supplied: str = "",
+                             windows: list[tuple[int, int]] | None = None) -> list[str]:
         """Returns retrieved text sent beside an answer (RAG sources, chunks) with the output PII policy
         applied: PII the policy does not allow becomes ``<ENTITY_TYPE>`` (servelm.safety.Guard.redact_pii),
-        except values found whole in ``supplied`` (the caller's question)."""
+        except values found whole in ``supplied`` (the caller's question). With ``windows`` the texts are
+        whole chunks and each result is the window ``[a, b)`` of one, redacted as its chunk is."""
         if self.guard is None or not texts:
-            return texts
-        return await self.guard.aredact_pii(texts, request_id=request_id, api_key=key_name, supplied=supplied)
+            return texts if windows is None else [t[a:b] for t, (a, b) in zip(texts, windows)]
+        return await self.guard.aredact_pii(texts, request_id=request_id, api_key=key_name, supplied=supplied,
+                                            windows=windows)
 
     def stream_scanner(self, request_id: str, key_name: str, prompt: str | None, supplied: str = "") -> "ChoiceStream":
         """Returns a stream stage guarding one streamed completion choice (no strategy); ``supplied`` as in

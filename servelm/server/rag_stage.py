@@ -106,8 +106,13 @@ async def _record(turn: ChatTurn, answer: str, guarding) -> None:
     sources = turn.metadata.setdefault("sources", [])
     seen = {s["chunk_id"] for s in sources}
     new = [s for s in cited_sources(answer, hits) if s["chunk_id"] not in seen]
-    snippets = await guarding.redact_sources([s["snippet"] for s in new], turn.request_id, turn.key_name,
-                                             turn.metadata.get("supplied", ""))
+    texts = {h.chunk.id: h.chunk.text for h in hits}
+    chunks = [texts[s["chunk_id"]] for s in new]
+    windows = [(max(c.find(s["snippet"]), 0), max(c.find(s["snippet"]), 0) + len(s["snippet"]))
+               for c, s in zip(chunks, new)]
+    # each snippet redacted as its whole chunk is (GET .../chunks/{id}): the snippet stays a substring of it
+    snippets = await guarding.redact_sources(chunks, turn.request_id, turn.key_name,
+                                             turn.metadata.get("supplied", ""), windows=windows)
     for s, snippet in zip(new, snippets):
         s["snippet"] = snippet
     sources.extend(new)

@@ -6,6 +6,7 @@ holds both.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import aclosing
 
@@ -182,13 +183,13 @@ async def rag_query(req: RagQueryRequest, request: Request, principal: Principal
         if answer.found:
             a = await g.scan_output(answer.answer, rid, principal.name, req.query, supplied=req.query)
             _guarded(answer, a.text, a.finish_reason, a.servelm)
-            await _redact_sources(g, answer, rid, principal.name, req.query)
+            await _redact_sources(g, svc, req.collection, answer, rid, principal.name, req.query)
         return _body(answer)
     stage = g.stream_scanner(rid, principal.name, req.query, supplied=req.query)
     events = svc.query_stream(req, _scanned(generate, stage))
     # The first event comes after retrieval and admission: errors there still get their HTTP status.
     first = await _call(anext(events), "collection")
-    return sse.EventStream(content=_stream(first, events, request, stage, principal.name, req.query))
+    return sse.EventStream(content=_stream(first, events, request, stage, principal.name, req))
 
 
 def _body(m) -> dict:
@@ -204,9 +205,18 @@ def _guarded(answer: RagQueryResponse, text: str, finish_reason: str | None, not
         answer.sources = []
 
 
-async def _redact_sources(g, answer: RagQueryResponse, request_id: str, key_name: str, question: str) -> None:
-    """Applies the output PII policy to the cited snippets, which quote the documents verbatim."""
-    snippets = await g.redact_sources([s.snippet for s in answer.sources], request_id, key_name, question)
+async def _redact_sources(g, svc, collection: str, answer: RagQueryResponse, request_id: str, key_name: str,
+                          question: str) -> None:
+    """Applies the output PII policy to the cited snippets, which quote the documents verbatim: each redacted as
+    its whole chunk is (GET .../chunks/{id}), so a snippet stays a substring of its chunk."""
+    if not answer.sources or g.guard is None:
+        return
+    found = await asyncio.to_thread(svc.store.get_chunks, collection, [s.chunk_id for s in answer.sources])
+    texts = {c.id: c.text for c in found}
+    chunks = [texts.get(s.chunk_id, s.snippet) for s in answer.sources]
+    windows = [(max(c.find(s.snippet), 0), max(c.find(s.snippet), 0) + len(s.snippet))
+               for c, s in zip(chunks, answer.sources)]
+    snippets = await g.redact_sources(chunks, request_id, key_name, question, windows=windows)
     for s, snippet in zip(answer.sources, snippets):
         s.snippet = snippet
 
@@ -234,7 +244,7 @@ def _single(out: RagQueryResponse, headers: dict):
     return sse.EventStream(headers=headers, content=events())
 
 
-async def _stream(first, events, request: Request, stage, key_name: str, question: str):
+async def _stream(first, events, request: Request, stage, key_name: str, req: RagQueryRequest):
     rid = request.scope.get("servelm", {}).get("request_id")
     g = get_context(request).guarding
     try:
@@ -242,7 +252,7 @@ async def _stream(first, events, request: Request, stage, key_name: str, questio
         async for ev in events:
             if isinstance(ev, RagQueryResponse) and ev.found:
                 _guarded(ev, ev.answer, stage.finish_reason, stage.servelm)
-                await _redact_sources(g, ev, rid, key_name, question)
+                await _redact_sources(g, _svc(request), req.collection, ev, rid, key_name, req.query)
             yield sse.event(_body(ev))
     except APIError as e:
         yield sse.error_event(e.body())
