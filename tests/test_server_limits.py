@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from server_harness import fleet
+from server_harness import Server, fleet
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -129,25 +129,29 @@ def test_no_auth_is_announced_and_log_prompts_logs_prompts(small):
     assert recs[0]["prompt"] == "PROMPT-LOG-MARKER" and recs[0]["key_name"] == "anonymous"
 
 
-def test_graceful_shutdown_finishes_in_flight_stream(small):
-    key = small.keys["user"]
-    body = {"model": MODEL, "prompt": "Count slowly:", "max_tokens": 40, "ignore_eos": True, "stream": True}
-    events = []
-    with httpx.stream("POST", small.url + "/v1/completions", json=body, headers=_auth(key), timeout=120) as r:
-        lines = r.iter_lines()
-        for line in lines:
-            if line:
-                events.append(line)
-                break
-        small.proc.send_signal(signal.SIGTERM)  # like `docker stop`
-        for line in lines:
-            if line:
-                events.append(line)
-    assert events[-1] == "data: [DONE]"
-    chunks = [json.loads(e[6:]) for e in events[:-1]]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert sum(len(c["choices"][0]["text"]) > 0 for c in chunks) >= 30  # the whole answer arrived
-    # uvicorn re-raises the SIGTERM it handled once shutdown is complete
-    assert small.proc.wait(60) in (0, -signal.SIGTERM)
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(small.url + "/health", timeout=2)
+def test_graceful_shutdown_finishes_in_flight_stream(tmp_path):
+    # a server of its own: the shared ones must outlive this test (later modules use them)
+    small = Server("shutdown", str(tmp_path), "--no-auth", "--no-guard", "--no-embeddings", "--no-rag").wait_ready()
+    try:
+        body = {"model": MODEL, "prompt": "Count slowly:", "max_tokens": 40, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", small.url + "/v1/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line:
+                    events.append(line)
+                    break
+            small.proc.send_signal(signal.SIGTERM)  # like `docker stop`
+            for line in lines:
+                if line:
+                    events.append(line)
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(len(c["choices"][0]["text"]) > 0 for c in chunks) >= 30  # the whole answer arrived
+        # uvicorn re-raises the SIGTERM it handled once shutdown is complete
+        assert small.proc.wait(60) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(small.url + "/health", timeout=2)
+    finally:
+        small.stop(signal.SIGKILL, 10)
