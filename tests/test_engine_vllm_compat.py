@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from servelm import LLM, SamplingParams
-from servelm.engine import AsyncEngine, InvalidRequestError
+from servelm.engine import AsyncEngine, EngineConfig, InvalidRequestError, LLMEngine
 from servelm.engine.models.config import ModelLoadError
 
 @dataclass
@@ -189,3 +189,23 @@ def test_hub_repo_id_loads_from_the_cache_offline(tmp_path, smol):
                                                                   ignore_eos=True))[0].outputs[0].token_ids == [want]
     with pytest.raises(ModelLoadError, match="not in the Hugging Face cache.*offline"):
         LLM(model="tiny-org/not-there", download_dir=str(tmp_path))
+
+
+def test_skip_tokenizer_init_serves_token_ids_and_refuses_text_clearly(smol):
+    """vLLM's ``skip_tokenizer_init``: token-id prompts give the same tokens as with the tokenizer, and
+    empty text; a text prompt or a text feature is refused by name rather than failing later."""
+    ids = smol.get_tokenizer().encode("The capital of France is")
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=1)
+    bare = LLM.from_engine(LLMEngine(EngineConfig(skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 26),
+                                     loaded=smol.engine.loaded))
+    assert bare.get_tokenizer() is None
+    out = bare.generate([{"prompt_token_ids": ids}], params)[0].outputs[0]
+    ref = smol.generate([{"prompt_token_ids": ids}], params)[0].outputs[0]
+    assert out.token_ids == ref.token_ids and ref.text and out.text == ""
+    assert out.logprobs[0][out.token_ids[0]].logprob == pytest.approx(ref.logprobs[0][ref.token_ids[0]].logprob)
+    with pytest.raises(InvalidRequestError, match="token ids") as e:
+        bare.generate(["The capital of France is"], params)
+    assert e.value.param == "prompt"
+    with pytest.raises(InvalidRequestError) as e:
+        bare.generate([ids], SamplingParams(max_tokens=4, stop=["."]))
+    assert e.value.param == "stop"

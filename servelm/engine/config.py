@@ -15,6 +15,7 @@ class EngineConfig:
 
     model: str | None = None  # also a Hugging Face repo id ("org/name"), looked up in the HF cache
     tokenizer: str | None = None  # default: the model's own; else a directory or repo id with tokenizer files
+    skip_tokenizer_init: bool = False  # vLLM's: token-id prompts only, outputs carry token ids and no text
     download_dir: str | None = None  # the Hugging Face cache for repo ids (default HF_HUB_CACHE)
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     quantization: str | None = None  # None, int8, int4, nf4, nf4-dq (see engine/quant)

@@ -17,6 +17,7 @@ import torch
 
 from servelm.engine.config import EngineConfig
 from servelm.engine.kv_cache import KVCacheManager
+from servelm.engine.models.config import ModelLoadError
 from servelm.engine.models.loader import LoadedModel, load_model
 from servelm.engine.output_processor import OutputProcessor
 from servelm.engine.outputs import RequestOutput
@@ -26,7 +27,7 @@ from servelm.engine.sampling_params import InvalidRequestError, SamplingParams
 from servelm.engine.scheduler import Scheduler, SchedulerConfig
 from servelm.engine.sequence import Sequence
 from servelm.engine.structured_output import GrammarCompiler
-from servelm.engine.tokenizer import Tokenizer
+from servelm.engine.tokenizer import TokenIdsOnly, Tokenizer
 
 log = logging.getLogger("servelm.engine")
 
@@ -77,16 +78,7 @@ class LLMEngine:
         self.loaded = loaded
         self.model_config = loaded.config
         self.model = loaded.model
-        src = loaded.tokenizer_source
-        if config.tokenizer:
-            from servelm.engine.models.loader import resolve_tokenizer
-
-            src = resolve_tokenizer(config.tokenizer, config.download_dir)
-        elif src is None:  # dummy weights: borrow the embedded model's tokenizer
-            from servelm.engine.models.loader import default_model_path
-
-            src = default_model_path()
-        self.tokenizer = Tokenizer.from_source(src, loaded.config.eos_token_ids)
+        self.tokenizer = self._load_tokenizer(config, loaded)
         if config.quantization:
             from servelm.engine.quant import calibration_windows, quantize_model  # noqa: PLC0415 (optional subsystem)
 
@@ -131,6 +123,29 @@ class LLMEngine:
             self.tp.close()
 
     # -- requests ------------------------------------------------------------------------------
+    @staticmethod
+    def _load_tokenizer(config: EngineConfig, loaded: LoadedModel) -> Tokenizer | TokenIdsOnly:
+        """The model's tokenizer, ``config.tokenizer``'s, or none (``skip_tokenizer_init``). Dummy weights
+        borrow the embedded model's tokenizer, and go without one where that model is not installed (a GPU
+        machine that only runs benchmarks)."""
+        cfg = loaded.config
+        if config.skip_tokenizer_init:
+            return TokenIdsOnly(cfg.vocab_size, cfg.eos_token_ids)
+        src = loaded.tokenizer_source
+        if config.tokenizer:
+            from servelm.engine.models.loader import resolve_tokenizer
+
+            src = resolve_tokenizer(config.tokenizer, config.download_dir)
+        elif src is None:
+            from servelm.engine.models.loader import default_model_path
+
+            try:
+                src = default_model_path()
+            except ModelLoadError:
+                log.warning("dummy weights without the embedded model's tokenizer: token-id prompts only")
+                return TokenIdsOnly(cfg.vocab_size, cfg.eos_token_ids)
+        return Tokenizer.from_source(src, cfg.eos_token_ids)
+
     def tokenize_prompt(self, prompt: str | list[int] | dict,
                         params: SamplingParams | None = None) -> tuple[str | None, list[int]]:
         """Return (text or None, token ids) of a text, a list of token ids, or vLLM's ``{"prompt": text}`` /
@@ -198,6 +213,11 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use.", "request_id")
         params.validate()
+        if isinstance(self.tokenizer, TokenIdsOnly):
+            for name in ("stop", "bad_words", "structured_output"):
+                if getattr(params, name):
+                    raise InvalidRequestError(f"{name} needs a tokenizer, and this engine has none "
+                                              "(skip_tokenizer_init).", name)
         vocab = self.model_config.vocab_size
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise InvalidRequestError(f"logit_bias token ids must be below the vocabulary size ({vocab}); got "

@@ -132,3 +132,35 @@ class Tokenizer:
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+class TokenIdsOnly:
+    """Stands in for :class:`Tokenizer` in an engine without one (vLLM's ``skip_tokenizer_init``, or dummy
+    weights where the embedded model is not installed): prompts must be token ids, outputs carry token ids
+    and empty text, and anything that needs text (stop strings, grammars, chat) is refused by name."""
+
+    hf = None
+    has_chat_template = False
+    renders_tools = False
+
+    def __init__(self, vocab_size: int, eos_token_ids: list[int] | None = None):
+        self.vocab_size = vocab_size
+        self.eos_token_ids: set[int] = set(eos_token_ids or [])
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        from servelm.engine.sampling_params import InvalidRequestError
+
+        raise InvalidRequestError("this engine has no tokenizer (skip_tokenizer_init): give the prompt as token "
+                                  "ids.", "prompt")
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return b""
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [""] * len(ids)
+
+    def apply_chat_template(self, messages: list[dict], *args, **kwargs):
+        raise ValueError("this engine has no tokenizer (skip_tokenizer_init), so it has no chat template")
