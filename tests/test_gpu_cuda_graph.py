@@ -34,7 +34,7 @@ def smol_cuda():
 
 def prompts(llm):
     """PROMPTS as texts, or as token ids of the same lengths in bytes where the model has no tokenizer."""
-    if llm.engine.tokenizer is not None:
+    if llm.get_tokenizer() is not None:
         return PROMPTS
     return [{"prompt_token_ids": [1 + b for b in p.encode()]} for p in PROMPTS]
 
