@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import math
 import struct
 import time
@@ -167,7 +168,30 @@ def test_generate_endpoint(srv, key):
     r = post(srv, "/generate", {"prompt": "Once upon a time", "max_tokens": 5}, key)
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"text", "tokens_generated"} and 1 <= body["tokens_generated"] <= 5 and body["text"]
+    assert set(body) == {"text", "tokens_generated", "finish_reason"} and body["text"]
+    assert 1 <= body["tokens_generated"] <= 5 and body["finish_reason"] in ("stop", "length")
+
+
+def test_generate_honours_sampling_fields_and_streams(srv, key):
+    """/generate's sampling fields reach the engine (a stop string ends the text, a seed repeats it), and
+    stream=true sends the same text as deltas whose last event says why it ended."""
+    base = {"prompt": "The capital of France is", "max_tokens": 24, "temperature": 0}
+    full = post(srv, "/generate", base, key).json()
+    assert full["finish_reason"] == "length" and "." in full["text"]
+    cut = post(srv, "/generate", base | {"stop": "."}, key).json()
+    assert cut["finish_reason"] == "stop" and cut["text"] == full["text"].split(".")[0]
+    sampled = base | {"temperature": 1.0, "top_p": 0.9, "top_k": 40, "seed": 7, "repetition_penalty": 1.1}
+    assert post(srv, "/generate", sampled, key).json() == post(srv, "/generate", sampled, key).json()
+    r = post(srv, "/generate", base | {"stream": True}, key)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == full["text"]
+    assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["tokens_generated"] == 24
+    assert all("finish_reason" not in c for c in chunks[:-1])
+    bad = post(srv, "/generate", base | {"top_p": 0}, key)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_p"
 
 
 # ------------------------------------------------------------------ models and embeddings

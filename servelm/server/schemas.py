@@ -439,11 +439,21 @@ class ModelList(BaseModel):
 
 
 class GenerateRequest(_Request):
+    """The simple endpoint: a raw prompt (no chat template) and the common sampling fields."""
+
     prompt: str = Field(..., min_length=1)
     max_tokens: Int = Field(150, ge=1)
     temperature: Float = Field(0.7, ge=0.0, le=2.0)
+    top_p: Float = Field(1.0, gt=0.0, le=1.0)
+    top_k: Int = Field(0, ge=-1, description="0 or -1: off.")
+    stop: str | list[str] | None = Field(None, description="Up to 16 strings that end generation (not returned).")
+    seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Makes sampling reproducible.")
+    repetition_penalty: Float = Field(1.0, gt=0.0)
+    stream: Bool = Field(False, description='Server-sent events of {"text": delta}; the last one also carries '
+                         "finish_reason and tokens_generated; then data: [DONE].")
 
 
 class GenerateResponse(BaseModel):
     text: str
     tokens_generated: int
+    finish_reason: str | None = None  # stop, length or content_filter

@@ -1,4 +1,9 @@
-"""POST /generate: the seed project's simple endpoint, kept for its users."""
+"""POST /generate: the seed project's simple endpoint, kept for its users.
+
+A raw prompt (no chat template) and the common sampling fields; ``{text, tokens_generated,
+finish_reason}`` back, or with ``stream: true`` server-sent events of ``{"text": delta}`` whose last one
+also carries ``finish_reason`` and ``tokens_generated``, then ``data: [DONE]``. Guarded like completions.
+"""
 from __future__ import annotations
 
 from contextlib import aclosing
@@ -6,23 +11,42 @@ from contextlib import aclosing
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from servelm.engine import SamplingParams
+from servelm.engine import InvalidRequestError, SamplingParams
 from servelm.safety import FallbackResult
+from servelm.server import sse
 from servelm.server.auth import Principal, require
-from servelm.server.context import get_context
-from servelm.server.schemas import GenerateRequest, GenerateResponse
+from servelm.server.context import ServerContext, get_context
+from servelm.server.errors import from_engine
 from servelm.server.guarding import call_engine, fallback_headers
-from servelm.server.serving import check_context, start, until_disconnect
+from servelm.server.pipeline import run_stream_stages
+from servelm.server.schemas import GenerateRequest, GenerateResponse
+from servelm.server.serving import Generation, check_context, start, until_disconnect
+from servelm.server.streaming import stream_events
 
 router = APIRouter(tags=["simple"])
+
+
+def _params(ctx: ServerContext, body: GenerateRequest) -> SamplingParams:
+    """The engine's SamplingParams for ``body``; raises APIError(400) naming a field the engine refuses."""
+    vocab = ctx.engine.tokenizer.vocab_size
+    try:
+        return SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=0 if body.top_k >= vocab else body.top_k, stop=body.stop,
+                              seed=None if body.seed is None else body.seed & 0xFFFFFFFF,  # as sampling_params()
+                              repetition_penalty=body.repetition_penalty)
+    except InvalidRequestError as e:
+        raise from_engine(e) from None
+
+
+def _reason(engine_reason: str | None) -> str | None:
+    return "stop" if engine_reason == "abort" else engine_reason
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text from a prompt")
 async def generate(body: GenerateRequest, request: Request, response: Response,
                    principal: Principal = Depends(require("chat"))):
-    """Returns ``{text, tokens_generated}`` for a raw prompt (no chat template), guarded like completions.
-
-    A blocked output comes back as empty text (the simple API has no finish reason).
+    """Returns ``{text, tokens_generated, finish_reason}`` for a raw prompt (no chat template), or an SSE
+    stream with ``stream: true``. A blocked output comes back as empty text, ``finish_reason: content_filter``.
     """
     ctx = get_context(request)
     if ctx.settings.log_prompts:
@@ -30,33 +54,71 @@ async def generate(body: GenerateRequest, request: Request, response: Response,
     rid = request.scope["servelm"]["request_id"]
     g = ctx.guarding
     ids = ctx.engine.tokenizer.encode(body.prompt, add_special_tokens=True)
-    params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature)
+    params = _params(ctx, body)
     check_context(ctx, len(ids), params.max_tokens, "prompt")
     held = await g.check_prompt(body.prompt, rid, principal.name, markers=ctx.special_tokens) if g is not None else None
     if held is not None:  # held for human review: GET /v1/reviews/{id} gives the answer once approved
-        return JSONResponse({"text": held.text, "tokens_generated": 0, "servelm": held.servelm},
-                            headers={"x-servelm-review-id": held.servelm["review_id"]})
+        return _fixed(body, {"text": held.text, "tokens_generated": 0, "finish_reason": "stop",
+                             "servelm": held.servelm}, {"x-servelm-review-id": held.servelm["review_id"]})
 
-    async def run():
+    async def run_stream() -> Generation:
         gen = await start(ctx, request, principal, ids, params, prompt_param="prompt")
         response.headers.update(gen.rate_headers)
+        return gen
 
-        async def collect() -> str:
-            text = ""
+    async def run():
+        gen = await run_stream()
+
+        async def collect() -> tuple[str, str | None]:
+            text, reason = "", None
             async with aclosing(gen.outputs()) as outputs:
                 async for out in outputs:
-                    text = out.outputs[0].text
-            return text
+                    text, reason = out.outputs[0].text, _reason(out.outputs[0].finish_reason)
+            return text, reason
 
         return gen, await until_disconnect(request, collect())
 
-    result = await call_engine(g, rid, run)
+    result = await call_engine(g, rid, run_stream if body.stream else run)
     if isinstance(result, FallbackResult):
         request.scope["servelm"]["fallback"] = result.kind
-        return JSONResponse({"text": result.text, "tokens_generated": 0,
+        return _fixed(body, {"text": result.text, "tokens_generated": 0, "finish_reason": "stop",
                              "servelm": {"fallback": {"kind": result.kind, "reason": result.reason}}},
-                            headers=fallback_headers(result))
-    gen, text = result
+                      fallback_headers(result))
+    if body.stream:
+        return sse.EventStream(headers=result.rate_headers, content=_stream(ctx, result, rid, principal.name,
+                                                                            body.prompt))
+    gen, (text, reason) = result
     if g is not None:
-        text = (await g.scan_output(text, rid, principal.name, body.prompt)).text
-    return GenerateResponse(text=text, tokens_generated=gen.completion_tokens)
+        scanned = await g.scan_output(text, rid, principal.name, body.prompt)
+        text, reason = scanned.text, scanned.finish_reason or reason
+    return GenerateResponse(text=text, tokens_generated=gen.completion_tokens, finish_reason=reason)
+
+
+def _fixed(body: GenerateRequest, answer: dict, headers: dict[str, str]):
+    """An answer the engine did not write (held for review, or a fallback), as JSON or as a one-event stream."""
+    if not body.stream:
+        return JSONResponse(answer, headers=headers)
+
+    async def events():
+        yield sse.event(answer)
+        yield sse.DONE
+
+    return sse.EventStream(events(), headers=headers)
+
+
+def _stream(ctx: ServerContext, gen: Generation, request_id: str, key_name: str, prompt: str):
+    """The SSE events of one streamed generation, through the output guard when there is one."""
+    g = ctx.guarding
+    scanner = g.stream_scanner(request_id, key_name, prompt) if g is not None and g.guard is not None else None
+
+    async def step(_, c):
+        text, reason, ended = c.delta_text, _reason(c.finish_reason), False
+        if scanner is not None:
+            text = await run_stream_stages([scanner], text, c.finished)
+            if scanner.finish_reason:  # the guard ended the answer
+                ended, reason = True, scanner.finish_reason
+        if reason is not None:
+            return {"text": text, "finish_reason": reason, "tokens_generated": gen.completion_tokens}, ended
+        return ({"text": text} if text else None), ended  # nothing while the guard holds text back
+
+    return stream_events([gen], 1, step, lambda choices, usage=None: sse.event(choices[0]), False)
