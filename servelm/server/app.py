@@ -22,7 +22,8 @@ from servelm.server.middleware import RequestMiddleware
 from servelm.server.pipeline import RequestPipeline
 from servelm.server.rate_limit import RateLimiter
 from servelm.server import playground, rag_stage
-from servelm.server.routes import admin, chat, completions, embeddings, generate, health, models, rag, review, tokenize
+from servelm.server.routes import (admin, chat, completions, embeddings, generate, health, models, rag, responses,
+                                   review, tokenize)
 from servelm.server.settings import ServerSettings
 
 log = logging.getLogger("servelm.server")
@@ -92,7 +93,7 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
                   description="OpenAI-compatible LLM server. Authenticate with `Authorization: Bearer <key>`.")
     app.state.servelm = ctx
     install_handlers(app)
-    for module in (chat, completions, embeddings, models, tokenize, generate, health, admin, review, rag):
+    for module in (chat, responses, completions, embeddings, models, tokenize, generate, health, admin, review, rag):
         app.include_router(module.router)
     playground.install(app)  # the web page at /playground and its small read-only API
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, get_metrics=lambda: ctx.metrics,

@@ -1,0 +1,107 @@
+"""POST /v1/responses (OpenAI's Responses API) on the real server, driven with the OpenAI SDK: the same
+answers as chat completions, its stream events, structured output, function calls, and clear 400s."""
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from server_harness import create_key
+
+MODEL = "SmolLM2-135M-Instruct"
+QUESTION = "What is the capital of France?"
+TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather in a city.",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+
+
+@pytest.fixture(scope="module")
+def key(srv):
+    k = create_key(srv.data_dir, "responses-user")
+    srv.keys["responses-user"] = k
+    return k
+
+
+def test_a_response_says_what_chat_completions_says(client):
+    r = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=24, temperature=0)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                          max_tokens=24, temperature=0)
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL
+    assert r.output_text == chat.choices[0].message.content and r.output_text
+    assert [o.type for o in r.output] == ["message"] and r.output[0].role == "assistant"
+    assert r.status == "completed" and r.incomplete_details is None
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    # instructions are the system message; message items with content parts are the conversation
+    r = client.responses.create(model=MODEL, instructions="Answer in one word.", temperature=0, max_output_tokens=16,
+                                input=[{"role": "user", "content": [{"type": "input_text", "text": QUESTION}]}])
+    chat = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=16, messages=[
+        {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": QUESTION}])
+    assert r.output_text == chat.choices[0].message.content
+
+
+def test_stream_events_build_the_same_answer(client):
+    whole = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=24, temperature=0).output_text
+    events = list(client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=24, temperature=0,
+                                          stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole
+    assert events[-1].response.output_text == whole and events[-1].response.usage.output_tokens > 0
+    with client.responses.stream(model=MODEL, input=QUESTION, max_output_tokens=24, temperature=0) as stream:
+        final = stream.get_final_response()  # the SDK's accumulator checks the items' identities
+    assert final.output_text == whole
+
+
+def test_max_output_tokens_makes_an_incomplete_response(client):
+    r = client.responses.create(model=MODEL, input="Write a long story.", max_output_tokens=3)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 3
+    events = list(client.responses.create(model=MODEL, input="Write a long story.", max_output_tokens=3, stream=True))
+    assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
+
+
+def test_text_format_json_schema_is_enforced(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London"]},
+                                               "sunny": {"type": "boolean"}}, "required": ["city", "sunny"]}
+    r = client.responses.create(model=MODEL, input="Describe the weather.", max_output_tokens=40, temperature=0,
+                                text={"format": {"type": "json_schema", "name": "weather", "schema": schema}})
+    answer = json.loads(r.output_text)
+    assert answer["city"] in ("Paris", "London") and isinstance(answer["sunny"], bool)
+
+
+def test_function_calls_and_their_outputs(client):
+    r = client.responses.create(model=MODEL, input="Weather in Paris?", tools=TOOLS, tool_choice="required",
+                                max_output_tokens=60, temperature=0)
+    call = r.output[-1]
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id
+    assert "city" in json.loads(call.arguments)
+    with client.responses.stream(model=MODEL, input="Weather in Paris?", tools=TOOLS, tool_choice="required",
+                                 max_output_tokens=60, temperature=0) as stream:
+        streamed = stream.get_final_response().output[-1]
+    assert (streamed.type, streamed.name, streamed.arguments) == ("function_call", call.name, call.arguments)
+    # the call and its result go back in the input, as the SDK's agents send them
+    follow = client.responses.create(model=MODEL, tools=TOOLS, max_output_tokens=24, temperature=0, input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "22 C and sunny"}])
+    assert follow.status in ("completed", "incomplete") and follow.output
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"previous_response_id": "resp_123"}, "previous_response_id"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
+     "input[0].content[0]"),
+    ({"input": []}, "input"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+    ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
+])
+def test_what_cannot_be_served_gets_a_400_naming_it(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(**({"model": MODEL, "input": "hi"} | extra))
+    assert e.value.status_code == 400 and e.value.body["param"] == param
