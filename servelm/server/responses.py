@@ -8,10 +8,9 @@ Nothing is stored: ``previous_response_id`` is refused, and the conversation tra
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
 from pydantic import Field
 
@@ -205,96 +204,3 @@ def response_object(r: ResponsesRequest, chat: dict) -> dict:
     status, incomplete = status_of(choice.get("finish_reason"))
     return envelope(r, new_id("resp"), int(time.time()), chat.get("model"), status, output, usage_of(chat.get("usage")),
                     incomplete, {"servelm": chat.get("servelm") or choice.get("servelm"), "sources": chat.get("sources")})
-
-
-def chat_chunks_as_json(raw: bytes) -> list[dict | None]:
-    """The JSON payloads of the SSE events in ``raw`` (None for ``[DONE]``)."""
-    out = []
-    for event in raw.split(b"\n\n"):
-        for line in event.split(b"\n"):
-            if line.startswith(b"data: "):
-                data = line[6:].strip()
-                out.append(None if data == b"[DONE]" else json.loads(data))
-    return out
-
-
-async def stream_events(r: ResponsesRequest, model: str, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Responses stream events (created, output items and parts with their deltas, then completed or
-    incomplete) from a chat completion's SSE ``chunks``."""
-    rid, created, seq = new_id("resp"), int(time.time()), iter(range(1 << 62))
-
-    def ev(kind: str, **fields) -> bytes:
-        data = json.dumps({"type": kind, "sequence_number": next(seq), **fields}, separators=(",", ":"))
-        return f"event: {kind}\ndata: {data}\n\n".encode()
-
-    output: list[dict] = []
-    msg = None  # index of the open message item
-    usage = reason = note = sources = None
-    head = envelope(r, rid, created, model, "in_progress", [])
-    yield ev("response.created", response=head)
-    yield ev("response.in_progress", response=head)
-
-    def close_message():
-        item = output[msg]
-        part = item["content"][0]
-        ids = {"item_id": item["id"], "output_index": msg, "content_index": 0}
-        item["status"] = "completed"
-        return [ev("response.output_text.done", **ids, text=part["text"], logprobs=[]),
-                ev("response.content_part.done", **ids, part=part),
-                ev("response.output_item.done", output_index=msg, item=item)]
-
-    buffer = b""
-    async for raw in chunks:
-        buffer += raw
-        complete, _, buffer = buffer.rpartition(b"\n\n")
-        for data in chat_chunks_as_json(complete):
-            if data is None:
-                continue
-            if "error" in data:  # the chat stream failed after the headers went out
-                e = data["error"]
-                yield ev("error", code=e.get("code"), message=e.get("message"), param=e.get("param"))
-                return
-            usage = usage_of(data.get("usage")) or usage
-            note, sources = data.get("servelm") or note, data.get("sources") or sources
-            for choice in data.get("choices") or []:
-                delta = choice.get("delta") or {}
-                note = choice.get("servelm") or note
-                if delta.get("content"):
-                    if msg is None:
-                        msg = len(output)
-                        output.append(message_item(new_id("msg"), None, "in_progress"))
-                        yield ev("response.output_item.added", output_index=msg, item=output[msg])
-                        output[msg]["content"].append({"type": "output_text", "text": "", "annotations": [],
-                                                       "logprobs": []})
-                        yield ev("response.content_part.added", item_id=output[msg]["id"], output_index=msg,
-                                 content_index=0, part=output[msg]["content"][0])
-                    output[msg]["content"][0]["text"] += delta["content"]
-                    yield ev("response.output_text.delta", item_id=output[msg]["id"], output_index=msg,
-                             content_index=0, delta=delta["content"], logprobs=[])
-                for call in delta.get("tool_calls") or []:  # each call comes whole in one chunk
-                    if msg is not None:
-                        for e in close_message():
-                            yield e
-                        msg = None
-                    item = call_item(call, "in_progress", "")
-                    i, args = len(output), (call.get("function") or {}).get("arguments", "")
-                    output.append(item)
-                    yield ev("response.output_item.added", output_index=i, item=item)
-                    yield ev("response.function_call_arguments.delta", item_id=item["id"], output_index=i, delta=args)
-                    item["arguments"], item["status"] = args, "completed"
-                    yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
-                             arguments=args)
-                    yield ev("response.output_item.done", output_index=i, item=item)
-                reason = choice.get("finish_reason") or reason
-    if msg is None and not output:  # nothing was written (or a guard withheld it all): an empty message
-        msg = len(output)
-        output.append(message_item(new_id("msg"), "", "in_progress"))
-        yield ev("response.output_item.added", output_index=msg, item=output[msg])
-        yield ev("response.content_part.added", item_id=output[msg]["id"], output_index=msg, content_index=0,
-                 part=output[msg]["content"][0])
-    if msg is not None:
-        for e in close_message():
-            yield e
-    status, incomplete = status_of(reason)
-    final = envelope(r, rid, created, model, status, output, usage, incomplete, {"servelm": note, "sources": sources})
-    yield ev("response.completed" if status == "completed" else "response.incomplete", response=final)

@@ -12,7 +12,8 @@ from starlette.responses import StreamingResponse
 from servelm.server import sse
 from servelm.server.auth import Principal, require
 from servelm.server.context import get_context
-from servelm.server.responses import ResponsesRequest, chat_body, response_object, stream_events
+from servelm.server.responses import ResponsesRequest, chat_body, response_object
+from servelm.server.responses_stream import stream_events
 from servelm.server.routes.chat import create_chat_completion
 from servelm.server.schemas import ChatCompletionRequest
 
