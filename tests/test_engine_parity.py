@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from servelm.engine import LLM, SamplingParams
 
@@ -53,20 +53,31 @@ def _tiny_dir(tmp_path_factory, smol, kind: str):
     common = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
                   initializer_range=0.3, tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
-    cfg = LlamaConfig(rope_theta=10000.0, **common) if kind == "llama" else Qwen2Config(rope_theta=1e6, **common)
+    if kind == "llama":
+        cfg = LlamaConfig(rope_theta=10000.0, **common)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(rope_theta=1e6, **common)
+    else:  # Qwen3: q/k norms, and a head_dim that is not hidden_size / heads
+        cfg = Qwen3Config(rope_theta=1e6, head_dim=32, **common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)  # not the initial ones, so that loading them is checked
     d = tmp_path_factory.mktemp(f"tiny-{kind}")
     model.save_pretrained(d, safe_serialization=True)
     smol.tokenizer.hf.save_pretrained(d)
     return d, model
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_tiny_random_safetensors_configs_match_transformers(tmp_path_factory, smol, kind):
     d, ref_model = _tiny_dir(tmp_path_factory, smol, kind)
     if kind == "qwen2":
         assert ref_model.model.layers[0].self_attn.q_proj.bias is not None  # qkv bias is exercised
+    if kind == "qwen3":
+        assert ref_model.model.layers[0].self_attn.q_norm is not None
     llm = LLM(model=str(d), dtype="float32", device="cpu")
     assert llm.engine.model_config.num_kv_heads == 2 and llm.engine.model_config.num_heads == 8
     for prompt in PROMPTS[:4]:
@@ -77,3 +88,50 @@ def test_tiny_random_safetensors_configs_match_transformers(tmp_path_factory, sm
     outs = llm.generate(PROMPTS[:4], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     for out in outs:
         assert out.outputs[0].token_ids == _hf_greedy(ref_model, out.prompt_token_ids, 24, None)
+
+
+# HF name (after "model.layers.N.") -> GGUF name (after "blk.N."), as llama.cpp's converter writes them
+_GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+               "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def test_qwen3_gguf_matches_transformers(tmp_path_factory, smol):
+    """A Qwen3 GGUF (per-head q/k norms, head_dim 32 != hidden / heads) loads with its norms and gives
+    transformers' logits; the tokenizer comes from the HF directory (``tokenizer=``)."""
+    import gguf
+
+    d, ref_model = _tiny_dir(tmp_path_factory, smol, "qwen3")
+    c = ref_model.config
+    path = d / "tiny-qwen3.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(1e6)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_vocab_size(c.vocab_size)
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    for name, p in ref_model.state_dict().items():
+        if name not in top:
+            _, _, idx, stem = name.removesuffix(".weight").split(".", 3)
+            top[name] = f"blk.{idx}.{_GGUF_LAYER[stem]}.weight"
+        w.add_tensor(top[name], p.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    llm = LLM(model=str(path), tokenizer=str(d), dtype="float32", device="cpu")
+    assert llm.engine.model_config.qk_norm and llm.engine.model_config.head_dim == 32
+    for prompt in PROMPTS[:4]:
+        ids = llm.tokenizer.encode(prompt)
+        with torch.no_grad():
+            ref = ref_model(torch.tensor([ids])).logits[0].float()
+        assert (llm.engine.prompt_logits(ids) - ref).abs().max().item() <= 1e-3

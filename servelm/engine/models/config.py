@@ -10,12 +10,12 @@ class ModelLoadError(ValueError):
 
 
 # Architectures this decoder implements (HF ``model_type`` / GGUF ``general.architecture``).
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(slots=True)
 class ModelConfig:
-    """Hyper-parameters of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+    """Hyper-parameters of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2)."""
 
     arch: str = "llama"
     vocab_size: int = 32000
@@ -31,6 +31,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has biases on q, k and v
+    qk_norm: bool = False  # Qwen3 RMS-normalises each head's q and k before the rotary embedding
     name: str = "model"
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -58,6 +59,7 @@ class ModelConfig:
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(d.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
             name=name,
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
         )
@@ -91,6 +93,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                        num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1000000.0,
                        max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=True,
                        rms_norm_eps=1e-6),
+    "qwen3-0.6b": dict(arch="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+                       max_position_embeddings=40960, tie_word_embeddings=True, qk_norm=True, rms_norm_eps=1e-6),
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                          num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
                          max_position_embeddings=8192, tie_word_embeddings=True),

@@ -21,6 +21,8 @@ _LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -117,6 +119,7 @@ def _config(reader, arch: str, path: Path) -> ModelConfig:
         max_position_embeddings=int(get("context_length", 4096)),
         tie_word_embeddings=False,
         attention_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
         name=path.stem,
         eos_token_ids=sorted({int(x) for x in (eos, eot) if x is not None}),
     )

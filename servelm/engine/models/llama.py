@@ -95,12 +95,16 @@ class Attention(nn.Module):
         # q, k and v in one matmul: rows [q; k; v].
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin, rope: RotaryEmbedding, ctx) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: per head, over head_dim
+            q, k = self.q_norm(q), self.k_norm(k)
         # rotary embedding on q and k, K/V into the cache, attention: [T, num_heads, head_dim]
         o = ctx.attention(self.layer_idx, q, k, v, rotary=(rope, positions, cos_sin))
         return self.o_proj(o.reshape(-1, self.q_size))

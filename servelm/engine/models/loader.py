@@ -152,6 +152,9 @@ def build_model(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtyp
             sd[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
                 [take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")])
         sd[f"layers.{i}.self_attn.o_proj.weight"] = take(a + "o_proj.weight")
+        if cfg.qk_norm:
+            sd[f"layers.{i}.self_attn.q_norm.weight"] = take(a + "q_norm.weight")
+            sd[f"layers.{i}.self_attn.k_norm.weight"] = take(a + "k_norm.weight")
         sd[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
             [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
         sd[f"layers.{i}.mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight")
