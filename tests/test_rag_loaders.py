@@ -49,6 +49,7 @@ def test_json_and_jsonl():
     ("bad.json", b"{not json", "invalid JSON at line 1"),
     ("bad.jsonl", b'{"a": 1}\n{oops\n', "invalid JSON on line 2"),
     ("binary.txt", bytes(range(256)) * 4, "not valid UTF-8 text .* no other text encoding fits"),
+    ("old.docx", b"\xd0\xcf\x11\xe0 a Word 97 file", "not a readable .docx file"),
 ])
 def test_bad_files_get_a_clear_error(name, data, match):
     with pytest.raises(LoaderError, match=match) as e:
@@ -63,6 +64,34 @@ def test_windows_and_latin1_text_files_are_decoded():
     assert load_bytes("menu.txt", menu.encode("cp1252"))[0].text == menu
     german = "Straße über Größe: Müller aß Äpfel und Öl. Die Brücke ist lang."
     assert load_bytes("de.txt", german.encode("latin-1"))[0].text == german
+
+
+def test_docx_paragraphs_and_tables_in_document_order():
+    import io
+
+    import docx
+
+    d = docx.Document()
+    d.add_heading("Quarterly report", 1)
+    d.add_paragraph("Revenue grew 12% in the third quarter.")
+    table = d.add_table(rows=2, cols=2)
+    for (r, c), text in {(0, 0): "Region", (0, 1): "Sales", (1, 0): "EMEA", (1, 1): "4.2M"}.items():
+        table.cell(r, c).text = text
+    d.add_paragraph("The outlook is stable.")
+    buf = io.BytesIO()
+    d.save(buf)
+    (page,) = load_bytes("report.docx", buf.getvalue())
+    assert page.text == ("Quarterly report\n\nRevenue grew 12% in the third quarter.\n\nRegion | Sales\nEMEA | 4.2M"
+                         "\n\nThe outlook is stable.")
+
+
+def test_csv_rows_keep_their_column_names():
+    """Each row becomes a paragraph of ``column: value`` lines (empty cells left out), so a chunk that
+    holds a row says what its values are; the delimiter is sniffed (; here), or a tab for .tsv."""
+    (page,) = load_bytes("people.csv", "name;city;age\nAlice;Paris;30\nBob;;41\n".encode())
+    assert page.text == "name: Alice\ncity: Paris\nage: 30\n\nname: Bob\nage: 41"
+    (tsv,) = load_bytes("t.tsv", b"product\tprice\nlamp, brass\t12\n")
+    assert tsv.text == "product: lamp, brass\nprice: 12"
 
 
 def test_size_limit():

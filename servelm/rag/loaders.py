@@ -1,16 +1,18 @@
-"""Turn a file's bytes into text pages with well-kept parsers (pypdf, BeautifulSoup, json).
+"""Turn a file's bytes into text pages with well-kept parsers (pypdf, python-docx, BeautifulSoup, csv, json).
 
 Every failure is a :class:`LoaderError` whose message names the file and what to fix;
 the ingester records it for that file and carries on with the rest of the batch.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 
-SUPPORTED = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".json", ".jsonl")
+SUPPORTED = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".docx", ".csv", ".tsv", ".json", ".jsonl")
 
 
 class LoaderError(ValueError):
@@ -46,6 +48,8 @@ def load_bytes(filename: str, data: bytes, max_bytes: int | None = None) -> list
         raise LoaderError(f"{filename}: the file is empty")
     if ext == ".pdf":
         pages = _pdf(filename, data)
+    elif ext == ".docx":
+        pages = [Page(_docx(filename, data))]
     else:
         text = _decode(filename, data)
         if ext in (".html", ".htm"):
@@ -54,6 +58,8 @@ def load_bytes(filename: str, data: bytes, max_bytes: int | None = None) -> list
             text = _json_text(filename, text)
         elif ext == ".jsonl":
             text = _jsonl_text(filename, text)
+        elif ext in (".csv", ".tsv"):
+            text = _csv_text(filename, text, "\t" if ext == ".tsv" else None)
         pages = [Page(text)]
     pages = [p for p in pages if p.text.strip()]
     if not pages:
@@ -128,6 +134,49 @@ def _jsonl_text(filename: str, text: str) -> str:
         except json.JSONDecodeError as e:
             raise LoaderError(f"{filename}: invalid JSON on line {n}: {e.msg}") from e
     return "\n\n".join(records)
+
+
+def _csv_text(filename: str, text: str, delimiter: str | None) -> str:
+    """One paragraph per row, each cell as ``column: value`` (LangChain's CSVLoader writes rows so), so a
+    retrieved chunk carries its column names. The delimiter is sniffed unless the extension says it."""
+    if delimiter is None:
+        try:
+            delimiter = csv.Sniffer().sniff(text[:8192], delimiters=",;\t|").delimiter
+        except csv.Error:
+            delimiter = ","
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter) if any(c.strip() for c in r)]
+    except csv.Error as e:
+        raise LoaderError(f"{filename}: invalid CSV ({e}); check its quoting") from e
+    if len(rows) < 2:
+        return "\n".join(" ".join(r) for r in rows)  # a header alone, or one line: the text as it is
+    header = [h.strip() or f"column {i + 1}" for i, h in enumerate(rows[0])]
+    records = []
+    for row in rows[1:]:
+        cells = [(header[i] if i < len(header) else f"column {i + 1}", v.strip()) for i, v in enumerate(row)]
+        records.append("\n".join(f"{k}: {v}" for k, v in cells if v))
+    return "\n\n".join(records)
+
+
+def _docx(filename: str, data: bytes) -> str:
+    """Paragraphs and tables in document order; a table row becomes one line of ``|``-separated cells."""
+    from docx import Document
+    from docx.opc.exceptions import PackageNotFoundError
+    from docx.table import Table
+
+    try:
+        doc = Document(io.BytesIO(data))
+    except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as e:
+        raise LoaderError(f"{filename}: not a readable .docx file ({type(e).__name__}); re-save it from Word "
+                          "(a .doc from before 2007 must be converted first)") from e
+    blocks = []
+    for item in doc.iter_inner_content():
+        if isinstance(item, Table):
+            rows = [" | ".join(c.text.strip() for c in row.cells) for row in item.rows]
+            blocks.append("\n".join(r for r in rows if r.strip(" |")))
+        elif item.text.strip():
+            blocks.append(item.text.strip())
+    return "\n\n".join(b for b in blocks if b)
 
 
 def _pdf(filename: str, data: bytes) -> list[Page]:
