@@ -65,3 +65,20 @@ def test_ladder():
     assert batch_ladder(3) == [1, 2, 3]
     assert batch_ladder(64) == [1, 2, 4, 8, 16, 32, 48, 64]
     assert batch_ladder(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+def test_qwen3_shape_graph_decode_matches_eager():
+    """Qwen3's per-head q/k norms run through the fused RMSNorm kernel (a [T, heads, head_dim] view of the
+    qkv output); graphs replay them as eager runs them. Random weights in Qwen3-0.6B's shape."""
+    loaded = load_model("dummy:qwen3-0.6b", torch.bfloat16, torch.device("cuda"))
+    assert loaded.config.qk_norm and loaded.model.layers[0].self_attn.q_norm is not None
+    prompts = [{"prompt_token_ids": [(7 * i + 13 * j) % 151936 for j in range(n)]}
+               for i, n in enumerate([5, 40, 300])]
+    runs = []
+    for eager in (True, False):
+        cfg = EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=4, enforce_eager=eager,
+                           kv_cache_memory_bytes=1 << 30, async_scheduling=not eager, skip_tokenizer_init=True)
+        llm = LLM.from_engine(LLMEngine(cfg, loaded=loaded))
+        outs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
+        runs.append([o.outputs[0].token_ids for o in outs])
+    assert all(len(t) == 32 for t in runs[1]) and runs[1] == runs[0]
