@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from server_harness import create_key
+from server_harness import create_key, fleet, openai_client
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France?"
@@ -83,6 +83,19 @@ def test_function_calls_and_their_outputs(client):
                                  max_output_tokens=60, temperature=0) as stream:
         streamed = stream.get_final_response().output[-1]
     assert (streamed.type, streamed.name, streamed.arguments) == ("function_call", call.name, call.arguments)
+    # a named function streams its arguments in pieces (on a server without an output guard, which would
+    # batch them): one item, its deltas adding up to the whole
+    small = fleet().get("small")
+    raw = openai_client(small, small.keys["user"])
+    named = {"type": "function", "name": "get_weather"}
+    events = list(raw.responses.create(model=MODEL, input="Weather in Paris?", tools=TOOLS, tool_choice=named,
+                                       max_output_tokens=60, temperature=0, stream=True))
+    added = [e for e in events if e.type == "response.output_item.added"]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(added) == 1 and added[0].item.type == "function_call" and len(deltas) > 1
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert "".join(deltas) == done.arguments == events[-1].response.output[0].arguments
+    assert "city" in json.loads(done.arguments)
     # the call and its result go back in the input, as the SDK's agents send them
     follow = client.responses.create(model=MODEL, tools=TOOLS, max_output_tokens=24, temperature=0, input=[
         {"role": "user", "content": "Weather in Paris?"},

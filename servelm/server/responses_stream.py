@@ -31,6 +31,7 @@ async def stream_events(r: ResponsesRequest, model: str, chunks: AsyncIterator[b
 
     output: list[dict] = []
     msg = None  # index of the open message item
+    calls: dict[int, int] = {}  # the chat stream's tool-call index -> its item's index in output
     usage = reason = note = sources = None
     head = envelope(r, rid, created, model, "in_progress", [])
     yield ev("response.created", response=head)
@@ -73,21 +74,29 @@ async def stream_events(r: ResponsesRequest, model: str, chunks: AsyncIterator[b
                     output[msg]["content"][0]["text"] += delta["content"]
                     yield ev("response.output_text.delta", item_id=output[msg]["id"], output_index=msg,
                              content_index=0, delta=delta["content"], logprobs=[])
-                for call in delta.get("tool_calls") or []:  # each call comes whole in one chunk
+                # a call's first delta names it, later ones (same index) add to its arguments
+                for call in delta.get("tool_calls") or []:
                     if msg is not None:
                         for e in close_message():
                             yield e
                         msg = None
-                    item = call_item(call, "in_progress", "")
-                    i, args = len(output), (call.get("function") or {}).get("arguments", "")
-                    output.append(item)
-                    yield ev("response.output_item.added", output_index=i, item=item)
-                    yield ev("response.function_call_arguments.delta", item_id=item["id"], output_index=i, delta=args)
-                    item["arguments"], item["status"] = args, "completed"
-                    yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
-                             arguments=args)
-                    yield ev("response.output_item.done", output_index=i, item=item)
+                    k = call.get("index", 0)
+                    if k not in calls:
+                        calls[k] = len(output)
+                        output.append(call_item(call, "in_progress", ""))
+                        yield ev("response.output_item.added", output_index=calls[k], item=output[calls[k]])
+                    item, args = output[calls[k]], (call.get("function") or {}).get("arguments") or ""
+                    if args:
+                        item["arguments"] += args
+                        yield ev("response.function_call_arguments.delta", item_id=item["id"],
+                                 output_index=calls[k], delta=args)
                 reason = choice.get("finish_reason") or reason
+    for i in calls.values():
+        item = output[i]
+        item["status"] = "completed"
+        yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                 arguments=item["arguments"])
+        yield ev("response.output_item.done", output_index=i, item=item)
     if msg is None and not output:  # nothing was written (or a guard withheld it all): an empty message
         msg = len(output)
         output.append(message_item(new_id("msg"), "", "in_progress"))
