@@ -135,3 +135,39 @@ def test_qwen3_gguf_matches_transformers(tmp_path_factory, smol):
         with torch.no_grad():
             ref = ref_model(torch.tensor([ids])).logits[0].float()
         assert (llm.engine.prompt_logits(ids) - ref).abs().max().item() <= 1e-3
+
+
+def test_a_sentencepiece_only_checkpoint_loads(tmp_path, smol):
+    """Older Llama/Mistral repositories ship a SentencePiece ``tokenizer.model`` and no ``tokenizer.json``:
+    the directory loads (transformers converts the tokenizer) and generates as transformers does."""
+    import json
+    import os
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(PROMPTS * 20 + [f"line {i}: the quick brown fox {i * 7}" for i in range(200)]))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    d = tmp_path / "sp-llama"
+    cfg = LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.3, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(d, safe_serialization=True)
+    os.replace(tmp_path / "tokenizer.model", d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                         "eos_token": "</s>", "unk_token": "<unk>"}))
+    assert not (d / "tokenizer.json").exists()
+    llm = LLM(model=str(d), dtype="float32", device="cpu")
+    ref_tok = AutoTokenizer.from_pretrained(str(d))
+    assert llm.tokenizer.encode(PROMPTS[0]) == ref_tok.encode(PROMPTS[0])
+    out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    for o in out:
+        ids = o.outputs[0].token_ids
+        assert ids == _hf_greedy(model, o.prompt_token_ids, 16, None)
+        assert llm.tokenizer.decode(o.prompt_token_ids + ids) == ref_tok.decode(o.prompt_token_ids + ids,
+                                                                                  skip_special_tokens=True)
