@@ -97,44 +97,102 @@ _GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "se
                "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
-def test_qwen3_gguf_matches_transformers(tmp_path_factory, smol):
-    """A Qwen3 GGUF (per-head q/k norms, head_dim 32 != hidden / heads) loads with its norms and gives
-    transformers' logits; the tokenizer comes from the HF directory (``tokenizer=``)."""
+def _write_gguf(path, arch: str, model, rope_freqs=None) -> None:
+    """Writes ``model`` (a transformers decoder) as llama.cpp's converter would: F32 tensors under GGUF
+    names, q/k rows permuted for llama, and ``rope_freqs`` when given."""
     import gguf
 
-    d, ref_model = _tiny_dir(tmp_path_factory, smol, "qwen3")
-    c = ref_model.config
-    path = d / "tiny-qwen3.gguf"
-    w = gguf.GGUFWriter(str(path), "qwen3")
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(1e6)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
     w.add_context_length(c.max_position_embeddings)
     w.add_vocab_size(c.vocab_size)
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
-    for name, p in ref_model.state_dict().items():
+
+    def permute(t, heads):  # llama.cpp's LlamaModel.permute
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    for name, p in model.state_dict().items():
+        t = p.float()
         if name not in top:
             _, _, idx, stem = name.removesuffix(".weight").split(".", 3)
             top[name] = f"blk.{idx}.{_GGUF_LAYER[stem]}.weight"
-        w.add_tensor(top[name], p.float().numpy())
+            if arch == "llama" and stem == "self_attn.q_proj":
+                t = permute(t, c.num_attention_heads)
+            elif arch == "llama" and stem == "self_attn.k_proj":
+                t = permute(t, c.num_key_value_heads)
+        w.add_tensor(top[name], t.numpy())
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype("float32"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    llm = LLM(model=str(path), tokenizer=str(d), dtype="float32", device="cpu")
-    assert llm.engine.model_config.qk_norm and llm.engine.model_config.head_dim == 32
-    for prompt in PROMPTS[:4]:
+
+
+def _logits_match(llm, ref_model, prompts) -> None:
+    for prompt in prompts:
         ids = llm.tokenizer.encode(prompt)
         with torch.no_grad():
             ref = ref_model(torch.tensor([ids])).logits[0].float()
-        assert (llm.engine.prompt_logits(ids) - ref).abs().max().item() <= 1e-3
+        assert (llm.engine.prompt_logits(ids) - ref).abs().max().item() <= 1e-3, prompt
+
+
+def test_qwen3_gguf_matches_transformers(tmp_path_factory, smol):
+    """A Qwen3 GGUF (per-head q/k norms, head_dim 32 != hidden / heads) loads with its norms and gives
+    transformers' logits; the tokenizer comes from the HF directory (``tokenizer=``)."""
+    d, ref_model = _tiny_dir(tmp_path_factory, smol, "qwen3")
+    _write_gguf(d / "tiny-qwen3.gguf", "qwen3", ref_model)
+    llm = LLM(model=str(d / "tiny-qwen3.gguf"), tokenizer=str(d), dtype="float32", device="cpu")
+    assert llm.engine.model_config.qk_norm and llm.engine.model_config.head_dim == 32
+    _logits_match(llm, ref_model, PROMPTS[:4])
+
+
+def test_llama3_rope_scaling_from_a_gguf_rope_freqs_tensor(tmp_path_factory, smol):
+    """Llama 3.1+ GGUFs carry llama3 rope scaling as a ``rope_freqs`` tensor of per-frequency divisors
+    (llama.cpp's converter writes no scaling parameters): loaded, they give the logits of the HF model
+    with its ``rope_scaling``, beyond the original context where the scaling matters most."""
+    import math
+
+    import numpy as np
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.3, rope_theta=10000.0, rope_scaling=scaling, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    ref_model = AutoModelForCausalLM.from_config(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny-llama3-rope")
+    smol.tokenizer.hf.save_pretrained(d)
+    # llama.cpp's convert_hf_to_gguf.py (LlamaModel.generate_extra_tensors), in float64
+    base = 10000.0 ** (-np.arange(0, 16, 2, dtype=np.float64) / 16)
+    low_wavelen, high_wavelen = 32 / 1.0, 32 / 4.0
+    factors = []
+    for freq in base:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(8.0)
+        else:
+            smooth = (32 / wavelen - 1.0) / (4.0 - 1.0)
+            factors.append(1 / ((1 - smooth) / 8.0 + smooth))
+    assert len(set(factors)) > 2  # unscaled, scaled and smoothed frequencies are all exercised
+    _write_gguf(d / "tiny-llama3.gguf", "llama", ref_model, rope_freqs=np.array(factors))
+    llm = LLM(model=str(d / "tiny-llama3.gguf"), tokenizer=str(d), dtype="float32", device="cpu")
+    assert llm.engine.model_config.rope_scaling["rope_type"] == "freq_factors"
+    _logits_match(llm, ref_model, [PROMPTS[0], " ".join(PROMPTS)])  # the second is ~100 tokens, past 32
 
 
 def test_a_sentencepiece_only_checkpoint_loads(tmp_path, smol):

@@ -55,9 +55,15 @@ def read_gguf(path: Path, progress: bool = False) -> tuple[ModelConfig, dict[str
     tensors: dict[str, torch.Tensor] = {}
     qtypes: dict[str, str] = {}
     for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress):
+        if t.name == "rope_freqs.weight":
+            # Llama 3.1+ (llama3 rope scaling): llama.cpp's converter writes the per-frequency divisors
+            # instead of the scaling parameters, and its rotary embedding divides each frequency by them
+            factors = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
+            cfg.rope_scaling = {"rope_type": "freq_factors", "factors": factors.tolist()}
+            continue
         hf_name = _hf_name(t.name)
         if hf_name is None:
-            continue  # e.g. rope_freqs (recomputed from the config)
+            continue
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:

@@ -34,7 +34,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding, with llama3/linear scaling applied."""
+    """Inverse frequencies of the rotary embedding, with llama3/linear scaling (or a GGUF's per-frequency
+    divisors, ``freq_factors``) applied."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
     rs = cfg.rope_scaling
     if not rs:
@@ -42,6 +43,12 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     kind = rs.get("rope_type")
     if kind == "linear":
         return inv_freq / rs["factor"]
+    if kind == "freq_factors":
+        factors = torch.tensor(rs["factors"], dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise ModelLoadError(f"rope_freqs has {factors.numel()} factors; head_dim {cfg.head_dim} needs "
+                                 f"{inv_freq.numel()}")
+        return inv_freq / factors
     if kind == "llama3":
         factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
         old_len = rs["original_max_position_embeddings"]
