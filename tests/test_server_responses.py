@@ -118,3 +118,29 @@ def test_what_cannot_be_served_gets_a_400_naming_it(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(**({"model": MODEL, "input": "hi"} | extra))
     assert e.value.status_code == 400 and e.value.body["param"] == param
+
+
+def test_langchain_chat_model_on_the_responses_api(srv, key):
+    """LangChain's ChatOpenAI(use_responses_api=True): messages, streaming, bound tools and structured output."""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    llm = ChatOpenAI(base_url=srv.url + "/v1", api_key=key, model=MODEL, use_responses_api=True, temperature=0,
+                     max_tokens=24, max_retries=0)
+    answer = llm.invoke([("system", "Be brief."), ("human", QUESTION)])
+    assert answer.text and answer.usage_metadata["output_tokens"] > 0
+    assert "".join(c.text for c in llm.stream([("system", "Be brief."), ("human", QUESTION)])) == answer.text
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    call = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Paris?").tool_calls[0]
+    assert call["name"] == "get_weather" and set(call["args"]) == {"city"}
+
+    class City(BaseModel):
+        name: str
+
+    assert isinstance(llm.with_structured_output(City).invoke("Name a city in France.").name, str)
