@@ -112,6 +112,8 @@ def test_function_calls_and_their_outputs(client):
     ({"tools": [{"type": "web_search"}]}, "tools[0]"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"max_output_tokens": 100_000}, "max_output_tokens"),  # past the context window: the chat route's 400, renamed
+    ({"input": "word " * 9000}, "input"),
     ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
 ])
 def test_what_cannot_be_served_gets_a_400_naming_it(client, extra, param):

@@ -12,6 +12,7 @@ from starlette.responses import StreamingResponse
 from servelm.server import sse
 from servelm.server.auth import Principal, require
 from servelm.server.context import get_context
+from servelm.server.errors import APIError
 from servelm.server.responses import ResponsesRequest, chat_body, response_object
 from servelm.server.responses_stream import stream_events
 from servelm.server.routes.chat import create_chat_completion
@@ -20,6 +21,16 @@ from servelm.server.schemas import ChatCompletionRequest
 router = APIRouter(tags=["openai"])
 
 _SKIP_HEADERS = {"content-type", "content-length"}
+# chat request fields -> the Responses fields they came from
+_FIELDS = {"max_tokens": "max_output_tokens", "response_format": "text.format", "messages": "input"}
+
+
+def _renamed(e: APIError) -> APIError:
+    head = (e.param or "").split(".")[0]
+    if head in _FIELDS:
+        e.param = _FIELDS[head]
+        e.message = e.message.replace("max_tokens", "max_output_tokens")
+    return e
 
 
 @router.post("/v1/responses", summary="Create a model response (OpenAI Responses API; nothing is stored)")
@@ -30,7 +41,10 @@ async def create_response(body: ResponsesRequest, request: Request, response: Re
         chat = ChatCompletionRequest.model_validate(chat_body(body))
     except ValidationError as e:  # a value the chat request refuses: the same 400 as on /v1/chat/completions
         raise RequestValidationError(e.errors()) from None
-    result = await create_chat_completion(chat, request, response, principal)
+    try:
+        result = await create_chat_completion(chat, request, response, principal)
+    except APIError as e:  # name the Responses field, not the chat one it was translated to
+        raise _renamed(e) from None
     if isinstance(result, StreamingResponse):  # stream=true: the chat stream (or a held / fallback answer as one)
         headers = {k: v for k, v in result.headers.items() if k not in _SKIP_HEADERS}
         return sse.EventStream(_events(body, get_context(request).model_name, result), headers=headers)
