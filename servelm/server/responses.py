@@ -19,7 +19,7 @@ from servelm.server.schemas import Bool, Float, Int, _Request
 
 # sampling fields a client may add through extra_body, passed to the chat request as they are
 _PASSED = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
-           "ignore_eos", "min_tokens", "logit_bias", "user", "parallel_tool_calls")
+           "ignore_eos", "min_tokens", "logit_bias", "user")
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 
 
@@ -202,5 +202,6 @@ def response_object(r: ResponsesRequest, chat: dict) -> dict:
     if msg.get("content") or not calls:
         output.insert(0, message_item(new_id("msg"), msg.get("content") or ""))
     status, incomplete = status_of(choice.get("finish_reason"))
-    return envelope(r, new_id("resp"), int(time.time()), chat.get("model"), status, output, usage_of(chat.get("usage")),
-                    incomplete, {"servelm": chat.get("servelm") or choice.get("servelm"), "sources": chat.get("sources")})
+    extra = {"servelm": chat.get("servelm") or choice.get("servelm"), "sources": chat.get("sources")}
+    return envelope(r, new_id("resp"), int(time.time()), chat.get("model"), status, output,
+                    usage_of(chat.get("usage")), incomplete, extra)

@@ -289,6 +289,12 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+def client_finish_reason(engine_reason: str | None) -> str | None:
+    """The OpenAI finish reason for the engine's: an aborted request (the server ended it, e.g. on
+    shutdown) reads as "stop"."""
+    return "stop" if engine_reason == "abort" else engine_reason
+
+
 def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_size: int | None = None,
                     prompt_logprobs: int | None = None, structured_output=None) -> SamplingParams:
     """Returns SamplingParams from an OpenAI body; raises APIError(400) for values the engine refuses."""

@@ -18,7 +18,7 @@ from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatMessage, C
                                     ChatCompletionChunk, ChatCompletionRequest, DeltaMessage, Tool, Usage)
 from servelm.safety import FallbackResult
 from servelm.server.guarding import call_engine, fallback_headers
-from servelm.server.serving import Generation, sampling_params, start, until_disconnect
+from servelm.server.serving import Generation, client_finish_reason, sampling_params, start, until_disconnect
 from servelm.server.streaming import stream_events, usage
 
 router = APIRouter(tags=["openai"])
@@ -259,12 +259,9 @@ async def _collect(gen: Generation, k: int) -> tuple[list[tuple], list | None]:
     prompt logprobs (None unless asked)."""
     last = await gen.final()
     logprobs_on = gen.params.logprobs is not None
-    return [(c.index, c.text, _finish(c.finish_reason), chat_logprobs(c.logprobs or [], k) if logprobs_on else None)
+    return [(c.index, c.text, client_finish_reason(c.finish_reason),
+             chat_logprobs(c.logprobs or [], k) if logprobs_on else None)
             for c in sorted(last.outputs, key=lambda c: c.index)], last.prompt_logprobs
-
-
-def _finish(reason: str | None) -> str | None:
-    return "stop" if reason == "abort" else reason
 
 
 def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompletionRequest, rid: str,
@@ -288,7 +285,7 @@ def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompl
 
     async def step(index, c):
         delta, ended = c.delta_text, False
-        reason, note = _finish(c.finish_reason), None
+        reason, note = client_finish_reason(c.finish_reason), None
         if stages[index]:
             delta = await run_stream_stages(stages[index], delta, c.finished)
             stopped = next((s for s in stages[index] if getattr(s, "finish_reason", None)), None)

@@ -24,7 +24,7 @@ from servelm.server.pipeline import Answer, run_stream_stages
 from servelm.server.schemas import Completion, CompletionChoice, CompletionRequest
 from servelm.safety import FallbackResult
 from servelm.server.guarding import call_engine, fallback_headers
-from servelm.server.serving import (Generation, check_context, finish_all, gather_all,
+from servelm.server.serving import (Generation, check_context, client_finish_reason, finish_all, gather_all,
                                     sampling_params, start_batch, until_disconnect)
 from servelm.server.streaming import stream_events, usage
 
@@ -205,7 +205,7 @@ async def _collect(ctx: ServerContext, gen: Generation, body: CompletionRequest,
             lp = completion_logprobs([] if score_only else c.logprobs or [], body.logprobs, TextOffsets(len(echo)),
                                      into=head.model_copy(deep=True) if head is not None else None)
         text = echo if score_only else echo + c.text
-        reason = "length" if score_only else "stop" if c.finish_reason == "abort" else c.finish_reason
+        reason = "length" if score_only else client_finish_reason(c.finish_reason)
         choices.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=reason,
                                         prompt_logprobs=prompt_lps))
     return choices
@@ -245,7 +245,7 @@ def _stream(ctx: ServerContext, gens: list[Generation], run: list[int], answers:
         i, j = prompt_of[k]
         lp, ended = None, False
         text, servelm = c.delta_text, None
-        reason = "stop" if c.finish_reason == "abort" else c.finish_reason
+        reason = client_finish_reason(c.finish_reason)
         scanner = scanners[k]
         if scanner is not None:
             text = await run_stream_stages([scanner], text, c.finished)

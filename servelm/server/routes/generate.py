@@ -20,7 +20,7 @@ from servelm.server.errors import from_engine
 from servelm.server.guarding import call_engine, fallback_headers
 from servelm.server.pipeline import run_stream_stages
 from servelm.server.schemas import GenerateRequest, GenerateResponse
-from servelm.server.serving import Generation, check_context, start, until_disconnect
+from servelm.server.serving import Generation, check_context, client_finish_reason, start, until_disconnect
 from servelm.server.streaming import stream_events
 
 router = APIRouter(tags=["simple"])
@@ -36,10 +36,6 @@ def _params(ctx: ServerContext, body: GenerateRequest) -> SamplingParams:
                               repetition_penalty=body.repetition_penalty)
     except InvalidRequestError as e:
         raise from_engine(e) from None
-
-
-def _reason(engine_reason: str | None) -> str | None:
-    return "stop" if engine_reason == "abort" else engine_reason
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text from a prompt")
@@ -58,7 +54,7 @@ async def generate(body: GenerateRequest, request: Request, response: Response,
     check_context(ctx, len(ids), params.max_tokens, "prompt")
     held = await g.check_prompt(body.prompt, rid, principal.name, markers=ctx.special_tokens) if g is not None else None
     if held is not None:  # held for human review: GET /v1/reviews/{id} gives the answer once approved
-        return _fixed(body, {"text": held.text, "tokens_generated": 0, "finish_reason": "stop",
+        return _fixed(body, {"text": held.text, "tokens_generated": 0, "finish_reason": "content_filter",
                              "servelm": held.servelm}, {"x-servelm-review-id": held.servelm["review_id"]})
 
     async def run_stream() -> Generation:
@@ -73,7 +69,7 @@ async def generate(body: GenerateRequest, request: Request, response: Response,
             text, reason = "", None
             async with aclosing(gen.outputs()) as outputs:
                 async for out in outputs:
-                    text, reason = out.outputs[0].text, _reason(out.outputs[0].finish_reason)
+                    text, reason = out.outputs[0].text, client_finish_reason(out.outputs[0].finish_reason)
             return text, reason
 
         return gen, await until_disconnect(request, collect())
@@ -112,7 +108,7 @@ def _stream(ctx: ServerContext, gen: Generation, request_id: str, key_name: str,
     scanner = g.stream_scanner(request_id, key_name, prompt) if g is not None and g.guard is not None else None
 
     async def step(_, c):
-        text, reason, ended = c.delta_text, _reason(c.finish_reason), False
+        text, reason, ended = c.delta_text, client_finish_reason(c.finish_reason), False
         if scanner is not None:
             text = await run_stream_stages([scanner], text, c.finished)
             if scanner.finish_reason:  # the guard ended the answer
