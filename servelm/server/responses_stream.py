@@ -37,6 +37,14 @@ async def stream_events(r: ResponsesRequest, model: str, chunks: AsyncIterator[b
     yield ev("response.created", response=head)
     yield ev("response.in_progress", response=head)
 
+    def open_message():  # appends the message item at output[msg] with its empty text part
+        item = message_item(new_id("msg"), None, "in_progress")
+        output.append(item)
+        added = ev("response.output_item.added", output_index=msg, item=item)  # sent with no parts yet
+        item["content"].append({"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        return [added, ev("response.content_part.added", item_id=item["id"], output_index=msg, content_index=0,
+                          part=item["content"][0])]
+
     def close_message():
         item = output[msg]
         part = item["content"][0]
@@ -65,12 +73,8 @@ async def stream_events(r: ResponsesRequest, model: str, chunks: AsyncIterator[b
                 if delta.get("content"):
                     if msg is None:
                         msg = len(output)
-                        output.append(message_item(new_id("msg"), None, "in_progress"))
-                        yield ev("response.output_item.added", output_index=msg, item=output[msg])
-                        output[msg]["content"].append({"type": "output_text", "text": "", "annotations": [],
-                                                       "logprobs": []})
-                        yield ev("response.content_part.added", item_id=output[msg]["id"], output_index=msg,
-                                 content_index=0, part=output[msg]["content"][0])
+                        for e in open_message():
+                            yield e
                     output[msg]["content"][0]["text"] += delta["content"]
                     yield ev("response.output_text.delta", item_id=output[msg]["id"], output_index=msg,
                              content_index=0, delta=delta["content"], logprobs=[])
@@ -98,11 +102,9 @@ async def stream_events(r: ResponsesRequest, model: str, chunks: AsyncIterator[b
                  arguments=item["arguments"])
         yield ev("response.output_item.done", output_index=i, item=item)
     if msg is None and not output:  # nothing was written (or a guard withheld it all): an empty message
-        msg = len(output)
-        output.append(message_item(new_id("msg"), "", "in_progress"))
-        yield ev("response.output_item.added", output_index=msg, item=output[msg])
-        yield ev("response.content_part.added", item_id=output[msg]["id"], output_index=msg, content_index=0,
-                 part=output[msg]["content"][0])
+        msg = 0
+        for e in open_message():
+            yield e
     if msg is not None:
         for e in close_message():
             yield e
