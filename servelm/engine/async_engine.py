@@ -27,6 +27,11 @@ class EngineDeadError(RuntimeError):
     """The engine is not running (not started, stopped, or its step loop failed)."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed this one request inside a step (e.g. its logits processor raised); the step went
+    on without it and every other request is unaffected."""
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
         self.config = config or EngineConfig()
@@ -95,8 +100,9 @@ class AsyncEngine:
 
         ``prompt`` is a text, token ids, or vLLM's ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``;
         ``sampling_params=`` is vLLM's name for ``params`` (default: ``SamplingParams()``).
-        Raises :class:`InvalidRequestError` for bad input before anything is queued, and
-        :class:`EngineDeadError` if the engine is not running.
+        Raises :class:`InvalidRequestError` for bad input before anything is queued,
+        :class:`EngineDeadError` if the engine is not running (or its step failed for every request), and
+        :class:`RequestFailedError` if the engine failed this request alone (the others go on).
         """
         if params is not None and sampling_params is not None:
             raise TypeError("pass params or sampling_params, not both")
@@ -106,8 +112,8 @@ class AsyncEngine:
         rid = request_id or uuid.uuid4().hex
         if rid in self._streams:
             raise InvalidRequestError(f"request id {rid!r} is already in use.", "request_id")
-        params.validate()
         eng = self.engine
+        eng.validate_params(params)  # here, not only on the step thread: a bad request never gets a stream
         text, ids = await asyncio.to_thread(eng.tokenize_prompt, prompt, params)
         eng.resolve_max_tokens(len(ids), params)
         if params.structured_output is not None:  # compile off the step thread; add_request hits the cache
@@ -152,7 +158,7 @@ class AsyncEngine:
                 break
             try:
                 outputs = eng.step()
-            except Exception as e:  # a failed step must not hang its clients: fail them and go on
+            except Exception as e:  # not one request's fault (LLMEngine isolates those): fail them all, go on
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
@@ -200,7 +206,10 @@ class AsyncEngine:
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            self._deliver(out.request_id, out)
+            if out.error is not None:
+                self._deliver(out.request_id, RequestFailedError(f"the engine failed this request: {out.error}"))
+            else:
+                self._deliver(out.request_id, out)
 
     def _deliver(self, rid: str, item) -> None:
         stream = self._streams.get(rid)

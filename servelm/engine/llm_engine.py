@@ -106,6 +106,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.output = OutputProcessor(self.tokenizer, self.tokenizer.eos_token_ids, self.max_model_len)
         self.requests: dict[str, _Request] = {}
+        self._failed: list[RequestOutput] = []  # outputs of requests that failed in this step (see _fail_request)
         # Async scheduling pays off where the device runs apart from the host (CUDA); on CPU it would only
         # hold each token back one step. Tensor-parallel workers receive token ids, so it is off there.
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
@@ -173,7 +174,7 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("prompt must not be empty.", "prompt")
         vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}).", "prompt")
         return None, ids
 
@@ -207,26 +208,27 @@ class LLMEngine:
                 f"do not fit the KV cache, which holds {capacity} tokens; reduce max_tokens.", "max_tokens")
         return max_tokens
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, prompt_ids: list[int] | None = None) -> None:
-        """Queue a request; raises :class:`InvalidRequestError` (and queues nothing) for bad input."""
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use.", "request_id")
-        params.validate()
+    def validate_params(self, params: SamplingParams) -> None:
+        """Check ``params`` against this engine: every field in range and every token id it carries inside
+        the model's vocabulary (the one rule, :meth:`SamplingParams.validate`, with the vocabulary size).
+
+        Raises :class:`InvalidRequestError` naming the field; also for features that need a tokenizer when
+        the engine has none. Fills ``params.bad_words_token_ids`` from the tokenizer."""
         if isinstance(self.tokenizer, TokenIdsOnly):
             for name in ("stop", "bad_words", "structured_output"):
                 if getattr(params, name):
                     raise InvalidRequestError(f"{name} needs a tokenizer, and this engine has none "
                                               "(skip_tokenizer_init).", name)
-        vocab = self.model_config.vocab_size
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise InvalidRequestError(f"logit_bias token ids must be below the vocabulary size ({vocab}); got "
-                                      f"{max(params.logit_bias)}.", "logit_bias")
-        if params.allowed_token_ids and max(params.allowed_token_ids) >= vocab:
-            raise InvalidRequestError(f"allowed_token_ids must be below the vocabulary size ({vocab}); got "
-                                      f"{max(params.allowed_token_ids)}.", "allowed_token_ids")
         if params.bad_words and params.bad_words_token_ids is None:
             params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+        params.validate(self.model_config.vocab_size)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None, prompt_ids: list[int] | None = None) -> None:
+        """Queue a request; raises :class:`InvalidRequestError` (and queues nothing) for bad input."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use.", "request_id")
+        self.validate_params(params)
         if prompt_ids:  # already tokenized (and truncated) by the caller (AsyncEngine does it off the step thread)
             text, ids = (prompt if isinstance(prompt, str) else None), prompt_ids
         else:
@@ -275,14 +277,15 @@ class LLMEngine:
             return []
         self.steps += 1
         if inflight is None and not self._may_overlap(batch.items):
-            result = self.runner.run(batch.items)
-            self._account(batch.items)
-            for seq, entries in result.prompt_logprobs:
-                self.output.append_prompt_logprobs(seq, entries)
+            items, result = self._run_isolating(batch.items)
+            self._account(items)
             touched: dict[str, None] = {}
-            if result.sample is not None:
+            for seq, entries in result.prompt_logprobs if result is not None else ():
+                self._guarded(seq, self.output.append_prompt_logprobs, seq, entries)
+            if result is not None and result.sample is not None:
                 for seq, tok, lp in zip(result.seqs, result.sample.token_ids, result.sample.logprobs):
-                    self._append(seq, tok, lp, touched)
+                    if not seq.finished:  # a sibling's failure may have ended it
+                        self._append(seq, tok, lp, touched)
             return self._outputs(touched)
         if inflight is not None and len(batch.items) != len(self.scheduler.running):
             # _can_continue_overlap rules this out: a pending token is read only by the very next step
@@ -297,13 +300,69 @@ class LLMEngine:
         self.overlapped_steps += inflight is not None
         return outputs
 
+    def _run_isolating(self, items: list[tuple[Sequence, int]]):
+        """Returns (the items that ran, their StepResult or None when none is left) of ``runner.run(items)``.
+
+        When the step raises, each item runs alone to find the sequences whose step fails by itself
+        (a logits processor, a grammar, bad sampling state); their requests fail (an output with
+        ``error`` set) and the step runs again without them. Seeded generators are rewound before
+        every run, so the others' samples are the ones they would have drawn in a batch without the
+        failed requests. Raises what the step raised when no item fails alone, or when all of several
+        do (then the fault is the engine's, not a request's)."""
+        seeded = [(s, s.generator.get_state()) for s, _ in items if s.generator is not None]
+        try:
+            return items, self.runner.run(items)
+        except Exception as exc:
+            culprits: dict[str, Exception] = {}
+            for item in items:
+                for seq, state in seeded:
+                    seq.generator.set_state(state)
+                try:
+                    self.runner.run([item])
+                except Exception as e:  # this sequence's step fails on its own: it is the request's fault
+                    culprits.setdefault(item[0].request_id, e)
+            if not culprits or (len(items) > 1 and all(s.request_id in culprits for s, _ in items)):
+                raise exc
+            log.warning("engine step failed for %d request(s); retrying the step without them: %r",
+                        len(culprits), exc)
+            for rid, e in culprits.items():
+                self._fail_request(rid, e)
+            items = [(s, n) for s, n in items if s.request_id not in culprits]
+            for seq, state in seeded:
+                seq.generator.set_state(state)
+            return items, (self.runner.run(items) if items else None)
+
+    def _guarded(self, seq: Sequence, fn, *args) -> bool:
+        """Returns whether ``fn(*args)`` ran; when it raises, only ``seq``'s request fails."""
+        try:
+            fn(*args)
+            return True
+        except Exception as e:  # detokenizing, stop rules, a grammar: one sequence's state, one request's failure
+            log.warning("request %s failed after its step: %r", seq.request_id, e)
+            self._fail_request(seq.request_id, e)
+            return False
+
+    def _fail_request(self, request_id: str, error: Exception) -> None:
+        """End the request with finish_reason ``error`` and free its blocks; its output (with ``error`` set)
+        goes out with this step's outputs."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for s in req.seqs:
+            if not s.finished:
+                s.finish_reason = "error"
+                self.scheduler.finish(s)
+        out = self.output.make_output(request_id, req.prompt, req.prompt_ids, req.seqs, req.arrival_time, True)
+        out.error = f"{type(error).__name__}: {error}"
+        self._failed.append(out)
+
     def _overlappable(self, seq: Sequence) -> bool:
         """Whether ``seq`` can take part in an overlapped step: its sampling needs nothing the previous
         token changes on the host, and the token it samples cannot be its last by length."""
         p = seq.params
         return (seq.grammar is None and p.logprobs is None and p.prompt_logprobs is None and seq.generator is None
                 and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and not p.bad_words_token_ids
+                and not p.bad_words_token_ids and not p.logits_processors
                 and seq.num_output_tokens >= p.min_tokens
                 and seq.num_output_tokens + seq.pending_tokens + 1 < seq.max_tokens
                 and seq.num_tokens_incl_pending + 1 < self.max_model_len)
@@ -347,13 +406,14 @@ class LLMEngine:
             self.kv.cache_full_blocks(seq, prev)
 
     def _append(self, seq: Sequence, token: int, lp, touched: dict[str, None]) -> None:
-        self.output.append_token(seq, token, lp)
+        if not self._guarded(seq, self.output.append_token, seq, token, lp):
+            return
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
         touched[seq.request_id] = None
 
     def _outputs(self, touched: dict[str, None]) -> list[RequestOutput]:
-        outputs = []
+        outputs, self._failed = self._failed, []
         for rid in touched:
             req = self.requests.get(rid)
             if req is None:  # aborted meanwhile

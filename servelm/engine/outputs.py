@@ -99,3 +99,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (vLLM's shape).
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # Set when the engine failed this request alone (its completions end with finish_reason "error"):
+    # what raised, as "ExceptionType: message". Other requests of the same steps are unaffected.
+    error: str | None = None

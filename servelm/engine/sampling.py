@@ -1,6 +1,6 @@
 """Batched sampling with per-request parameters, in one pass over the batch's logits.
 
-Order: logit bias → allowed tokens and bad words → penalties → structured-output masks → (raw logprobs) →
+Order: logit bias → allowed tokens and bad words → logits processors → penalties → structured-output masks → (raw logprobs) →
 greedy argmax, or temperature → top-k → top-p → min-p → draw. Draws use the exponential race
 (``argmax(p / Exp(1))``), which lets a seeded request draw its noise from its own generator while the rest
 share one call.
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from servelm.engine.sampling_params import logits_processor_arity
 from servelm.engine.sequence import Sequence
 from servelm.engine.structured_output import apply_grammar_masks
 
@@ -61,6 +62,7 @@ class Sampler:
         logits = logits.float().contiguous()  # the penalties index it flat
         self._apply_logit_bias(logits, seqs)
         self._apply_token_bans(logits, seqs)
+        self._apply_logits_processors(logits, seqs)
         self._apply_penalties(logits, seqs)
         self._suppress_early_eos(logits, seqs)
         if any(s.grammar is not None for s in seqs):
@@ -107,6 +109,17 @@ class Sampler:
             at = host_to_device(banned, torch.int64, logits.device)
             logits.index_put_((at[:, 0], at[:, 1]), host_to_device([float("-inf")] * len(banned), torch.float32,
                                                                    logits.device))
+
+    @staticmethod
+    def _apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Each row through its request's ``logits_processors`` (vLLM's per-request callables), in order."""
+        for i, s in enumerate(seqs):
+            for fn in s.params.logits_processors or ():
+                out_ids = s.output_token_ids
+                if logits_processor_arity(fn) == 3:
+                    logits[i] = fn(s.token_ids[:s.num_prompt_tokens], out_ids, logits[i])
+                else:
+                    logits[i] = fn(out_ids, logits[i])
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Repetition penalty (prompt and output tokens; divides positive logits, multiplies negative ones, as

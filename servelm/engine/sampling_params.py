@@ -1,7 +1,11 @@
 """Per-request sampling parameters, shaped like vLLM's ``SamplingParams``."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from typing import Callable
+
+INT64_MIN, UINT64_END = -(1 << 63), 1 << 64  # a seed is any 64-bit integer, signed or not (torch's range)
 
 
 class InvalidRequestError(ValueError):
@@ -88,6 +92,9 @@ class SamplingParams:
     detokenize: bool = True  # False: token ids only, ``text`` stays empty (no stop strings)
     allowed_token_ids: list[int] | None = None  # sample only among these ids
     bad_words: list[str] | None = None  # words never to generate (vLLM's token-sequence rule, see sampling.py)
+    # vLLM's per-request logits processors: each ``fn(output_token_ids, logits)`` or ``fn(prompt_token_ids,
+    # output_token_ids, logits)`` gets one row's float32 logits and returns them (changed in place or new)
+    logits_processors: list[Callable] | None = field(default=None, compare=False)
     truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens (-1: the context window)
     best_of: int | None = None  # accepted when equal to n (servelm returns every completion it samples)
     output_kind: object = None  # ignored: LLM returns final outputs, AsyncEngine streams cumulative + delta
@@ -117,12 +124,24 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self) -> None:
-        """Raise :class:`InvalidRequestError` naming the first bad field."""
-        if not isinstance(self.n, int) or self.n < 1:
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise :class:`InvalidRequestError` naming the first bad field.
+
+        With ``vocab_size`` (the engine passes its model's) every token id the parameters carry
+        (``stop_token_ids``, ``logit_bias`` keys, ``allowed_token_ids``, ``bad_words`` ids) must also be
+        below it: the sampler indexes the logits with them, so an id outside the vocabulary must never
+        reach a step."""
+        for name in ("n", "max_tokens", "top_k", "seed", "min_tokens", "logprobs", "prompt_logprobs",
+                     "truncate_prompt_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise InvalidRequestError(f"{name} must be an integer, got {v!r}.", name)
+        if self.n < 1:
             raise InvalidRequestError(f"n must be at least 1, got {self.n}.", "n")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}.", "max_tokens")
+        if self.seed is not None and not INT64_MIN <= self.seed < UINT64_END:
+            raise InvalidRequestError(f"seed must be a 64-bit integer, got {self.seed}.", "seed")
         if self.temperature < 0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}.", "temperature")
         if not 0.0 < self.top_p <= 1.0:
@@ -154,6 +173,10 @@ class SamplingParams:
             raise InvalidRequestError("at most 16 stop strings are allowed.", "stop")
         if self.min_tokens < 0:
             raise InvalidRequestError(f"min_tokens must be >= 0, got {self.min_tokens}.", "min_tokens")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) cannot exceed max_tokens ({self.max_tokens}).",
+                                      "min_tokens")
+        _check_token_ids("stop_token_ids", self.stop_token_ids, vocab_size)
         if self.structured_output is not None:
             self.structured_output.validate()
         if self.best_of is not None and self.best_of != self.n:
@@ -161,11 +184,11 @@ class SamplingParams:
                                       "the completions it samples; set n instead.", "best_of")
         if not self.detokenize and self.stop:
             raise InvalidRequestError("stop strings need detokenize=True (the text is what they match).", "stop")
-        if self.allowed_token_ids is not None and (
-                not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids
-                or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.allowed_token_ids)):
-            raise InvalidRequestError("allowed_token_ids must be a non-empty list of token ids (integers >= 0).",
-                                      "allowed_token_ids")
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+                raise InvalidRequestError("allowed_token_ids must be a non-empty list of token ids.",
+                                          "allowed_token_ids")
+            _check_token_ids("allowed_token_ids", self.allowed_token_ids, vocab_size)
         if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
             raise InvalidRequestError("bad_words must be a list of non-empty strings.", "bad_words")
         if self.truncate_prompt_tokens is not None and (
@@ -174,13 +197,38 @@ class SamplingParams:
             raise InvalidRequestError(f"truncate_prompt_tokens must be -1 or >= 1, got {self.truncate_prompt_tokens}.",
                                       "truncate_prompt_tokens")
         if self.logit_bias:
-            if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.logit_bias):
-                raise InvalidRequestError("logit_bias keys must be token ids (integers >= 0).", "logit_bias")
+            _check_token_ids("logit_bias", list(self.logit_bias), vocab_size, "logit_bias keys")
             bad = [v for v in self.logit_bias.values() if not -100.0 <= v <= 100.0]
             if bad:
                 raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bad[0]}.", "logit_bias")
             if len(self.logit_bias) > 300:  # OpenAI's limit
                 raise InvalidRequestError("logit_bias may set at most 300 tokens.", "logit_bias")
+        for word in self.bad_words_token_ids or ():
+            _check_token_ids("bad_words", word, vocab_size, "bad_words token ids")
+        if self.logits_processors is not None and (not isinstance(self.logits_processors, (list, tuple))
+                                                   or any(not callable(f) for f in self.logits_processors)):
+            raise InvalidRequestError("logits_processors must be a list of callables.", "logits_processors")
+
+
+def _check_token_ids(param: str, ids, vocab_size: int | None, what: str | None = None) -> None:
+    """Raise :class:`InvalidRequestError` naming ``param`` unless every one of ``ids`` is an integer token id
+    in ``[0, vocab_size)`` (only ``>= 0`` while the vocabulary is not known)."""
+    what = what or param
+    for t in ids:
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise InvalidRequestError(f"{what} must be token ids (integers), got {t!r}.", param)
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            span = f"0 to {vocab_size - 1}" if vocab_size is not None else "integers >= 0"
+            raise InvalidRequestError(f"{what} must be token ids of this model's vocabulary ({span}); got {t}.",
+                                      param)
+
+
+def logits_processor_arity(fn: Callable) -> int:
+    """Returns 3 for vLLM's ``fn(prompt_token_ids, output_token_ids, logits)`` form, else 2."""
+    try:
+        return 3 if len(inspect.signature(fn).parameters) == 3 else 2
+    except (TypeError, ValueError):  # a builtin without a signature: the common two-argument form
+        return 2
 
 
 # The keys of vLLM's GuidedDecodingParams / StructuredOutputsParams that only pick or tune a backend: they do
