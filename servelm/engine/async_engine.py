@@ -207,7 +207,7 @@ class AsyncEngine:
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             if out.error is not None:
-                self._deliver(out.request_id, RequestFailedError(f"the engine failed this request: {out.error}"))
+                self._deliver(out.request_id, RequestFailedError(out.error))
             else:
                 self._deliver(out.request_id, out)
 

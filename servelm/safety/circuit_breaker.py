@@ -15,7 +15,11 @@ T = TypeVar("T")
 
 
 class CircuitOpenError(RuntimeError):
-    """The breaker is open: the engine is not called."""
+    """The breaker is open: the engine is not called. ``retry_after_s``: seconds until it lets a trial through."""
+
+    def __init__(self, message: str, retry_after_s: float = 0.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class OverloadedError(RuntimeError):
@@ -51,6 +55,13 @@ class CircuitBreaker:
             return "half_open"
         return "open"
 
+    @property
+    def retry_after_s(self) -> float:
+        """Returns the seconds until an open breaker half-opens (0 unless open)."""
+        if self.state != "open":
+            return 0.0
+        return max(0.0, self.config.reset_timeout_s - (self.clock() - self.opened_at))
+
     def _set_open(self, is_open: bool) -> None:
         self.opened_at = self.clock() if is_open else None
         if self._on_state:
@@ -72,7 +83,8 @@ class CircuitBreaker:
         """Raise :class:`CircuitOpenError` if a call must not go through now."""
         state = self.state
         if state == "open" or (state == "half_open" and self._trial_running):
-            raise CircuitOpenError(f"circuit '{self.name}' is open after {self.failures} failures")
+            raise CircuitOpenError(f"circuit '{self.name}' is open after {self.failures} failures",
+                                   self.retry_after_s or 1.0)
         self._trial_running = state == "half_open"
 
     async def call(self, fn: Callable[[], Awaitable[T]], timeout_s: float | None = None,

@@ -102,8 +102,13 @@ class ResilientCaller:
 
     def __init__(self, breaker: CircuitBreaker, fallbacks: list, metrics: GuardMetrics | None = None,
                  overloaded: Callable[[], bool] | None = None,
-                 is_failure: Callable[[BaseException], bool] | None = None):
+                 is_failure: Callable[[BaseException], bool] | None = None,
+                 answer_on: frozenset[str] | None = None):
         self.breaker = breaker
+        # The reasons ("error", "circuit_open", "timeout", "overloaded") the fallbacks answer; None: all.
+        # For the others the error is re-raised (after counting against the breaker), so the client gets
+        # an error status instead of a canned text.
+        self.answer_on = answer_on
         # Errors for which is_failure is False (bad input, rate limits, a client that left) are re-raised
         # as they are: neither counted against the engine nor answered by a fallback.
         self.is_failure = is_failure
@@ -115,7 +120,8 @@ class ResilientCaller:
 
     async def call(self, prompt: str, fn: Callable[[], Awaitable[str]], request_id: str | None = None,
                    timeout_s: float | None = None) -> FallbackResult:
-        """Return the engine's answer, or a marked fallback answer; re-raises if no fallback answers."""
+        """Return the engine's answer, or a marked fallback answer; re-raises if no fallback answers (or
+        ``answer_on`` leaves the failure's reason out)."""
         try:
             if self.overloaded is not None and self.overloaded():
                 raise OverloadedError("engine queue is over its limit")
@@ -124,6 +130,8 @@ class ResilientCaller:
             if self.is_failure is not None and not self.is_failure(exc):
                 raise
             reason = _reason(exc)
+            if self.answer_on is not None and reason not in self.answer_on:
+                raise
             for fb in self.fallbacks:
                 answer = await fb.answer(prompt)
                 if answer is not None:

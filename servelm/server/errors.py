@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from servelm.engine import EngineDeadError, InvalidRequestError
+from servelm.engine import EngineDeadError, InvalidRequestError, RequestFailedError
+from servelm.safety import CircuitOpenError
 
 log = logging.getLogger("servelm.server")
 
@@ -55,6 +57,20 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_value")
 def from_engine(exc: InvalidRequestError) -> APIError:
     """Returns the 400 for an engine-side validation failure."""
     return APIError(400, exc.message, param=exc.param, code="invalid_value")
+
+
+def circuit_open(exc: CircuitOpenError) -> APIError:
+    """Returns the 503 (with Retry-After: when the breaker lets a trial request through) while the engine's
+    circuit breaker is open after repeated engine failures."""
+    return APIError(503, "The engine failed repeatedly and is resting; retry after the Retry-After delay.",
+                    code="circuit_open", headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
+
+
+def request_failed(exc: RequestFailedError) -> APIError:
+    """Returns the 500 for a request the engine failed alone (other requests were served)."""
+    return APIError(500, f"Generation failed inside the engine for this request ({exc}); other requests are "
+                         "unaffected. Change the request's parameters or report the error.",
+                    code="request_failed", type="server_error")
 
 
 # pydantic's type errors (the JSON value has the wrong type) -> what OpenAI's message says was expected
@@ -143,6 +159,14 @@ def install_handlers(app: FastAPI) -> None:
     async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
         return APIError(503, f"The engine is not running ({exc}); retry shortly.", code="engine_unavailable",
                         headers={"Retry-After": "5"}).response()
+
+    @app.exception_handler(CircuitOpenError)
+    async def _circuit_open(request: Request, exc: CircuitOpenError) -> JSONResponse:
+        return circuit_open(exc).response()
+
+    @app.exception_handler(RequestFailedError)
+    async def _request_failed(request: Request, exc: RequestFailedError) -> JSONResponse:
+        return request_failed(exc).response()
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, exc: ClientGone) -> Response:

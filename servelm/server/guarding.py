@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
-from servelm.engine import InvalidRequestError
+from servelm.engine import InvalidRequestError, RequestFailedError
 from servelm.prompts import ChainOfThought, Example, PromptRequest, UnknownStrategyError, resolve_strategy
 from servelm.prompts.strategies import DEFAULT_SYSTEM
 from servelm.safety import (BreakerConfig, CircuitBreaker, FallbackResult, Guard, OverloadedError, ResilientCaller,
@@ -21,6 +21,9 @@ from servelm.server.pipeline import Answer, ChatTurn, RequestPipeline
 
 T = TypeVar("T")
 _ENGINE_CODES = {"engine_error", "engine_unavailable"}
+# settings.fallback_on's names -> the ResilientCaller's failure reasons
+_FALLBACK_REASONS = {"engine_error": "error", "circuit_open": "circuit_open", "timeout": "timeout",
+                     "overloaded": "overloaded"}
 _INJECTION_SCANNERS = {"injection_rules", "prompt_injection"}
 
 
@@ -284,7 +287,8 @@ def _is_failure(exc: BaseException) -> bool:
     """True for errors that say the engine is unwell (not the client's: bad input, limits, leaving)."""
     if isinstance(exc, APIError):
         return exc.code in _ENGINE_CODES
-    return not isinstance(exc, (ClientGone, InvalidRequestError, ValueError))
+    # RequestFailedError: the engine failed that one request and served the rest, so it stays healthy
+    return not isinstance(exc, (ClientGone, InvalidRequestError, ValueError, RequestFailedError))
 
 
 async def call_engine(g: Guarding, request_id: str, fn: Callable[[], Awaitable[T]]) -> T | FallbackResult:
@@ -326,8 +330,9 @@ def build_guarding(settings, registry) -> Guarding:
     if settings.fallback == "static":
         breaker = CircuitBreaker("engine", BreakerConfig(settings.breaker_failures, settings.breaker_reset_s,
                                                          call_timeout_s=None))  # the request timeout governs
+        answer_on = frozenset(_FALLBACK_REASONS[f] for f in settings.fallback_on)
         caller = ResilientCaller(breaker, [StaticFallback(settings.fallback_message)],
-                                 metrics=GuardMetrics.get(registry), is_failure=_is_failure)
+                                 metrics=GuardMetrics.get(registry), is_failure=_is_failure, answer_on=answer_on)
         caller.metrics.breaker_state.labels("engine").set(0)
     if settings.default_strategy is not None:
         resolve_strategy(settings.default_strategy)  # fail at start, not on the first request

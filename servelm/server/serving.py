@@ -178,6 +178,9 @@ async def start_batch(ctx: ServerContext, request: Request, principal: Principal
     """
     info = request.scope.setdefault("servelm", {})
     rid = info.get("request_id") or "req"
+    fault = request.headers.get(FAULT_HEADER) if ctx.settings.enable_fault_injection else None
+    if fault is not None:
+        params = inject_fault(params, fault)
     for ids in prompts:
         check_context(ctx, len(ids), params.max_tokens, prompt_param)
     gens: list[Generation] = []
@@ -218,6 +221,31 @@ async def start_batch(ctx: ServerContext, request: Request, principal: Principal
         await finish_all(gens)
         raise
     return gens
+
+
+FAULT_HEADER = "x-servelm-fault"
+
+
+class InjectedFault(RuntimeError):
+    """Raised inside the engine step for a request that asked for it (test-only fault injection)."""
+
+
+def inject_fault(params: SamplingParams, spec: str) -> SamplingParams:
+    """Returns ``params`` with a logits processor that raises once the request has sampled ``N`` tokens,
+    for the ``x-servelm-fault: sample:N`` header (``sample`` alone: at the first token). Honoured only
+    with ``enable_fault_injection`` (tests), so one request can be made to fail inside the engine step.
+    Raises APIError(400) for another value."""
+    kind, _, count = spec.strip().partition(":")
+    if kind != "sample" or not (count or "0").isdigit():
+        raise invalid(f"{FAULT_HEADER} must be 'sample' or 'sample:N' (fail after N tokens), got {spec!r}.",
+                      FAULT_HEADER)
+    after = int(count or 0)
+
+    def fail(output_ids, logits):
+        if len(output_ids) >= after:
+            raise InjectedFault(f"fault injected after {after} tokens")
+        return logits
+    return replace(params, logits_processors=[*(params.logits_processors or ()), fail])
 
 
 def _budget(ctx: ServerContext, g: Generation) -> int:
@@ -315,8 +343,6 @@ def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_si
             logit_bias = {int(t): float(v) for t, v in body.logit_bias.items()}
         except ValueError:
             raise invalid("logit_bias keys must be token ids (integers, as strings).", "logit_bias") from None
-    if max_tokens is not None and body.min_tokens > max_tokens:
-        raise invalid(f"min_tokens ({body.min_tokens}) cannot exceed max_tokens ({max_tokens}).", "min_tokens")
     if body.prompt_logprobs is not None and body.stream:  # as vLLM: they come once, with the whole prompt
         raise invalid("prompt_logprobs is not available with stream=true.", "prompt_logprobs")
     if body.prompt_logprobs is not None:

@@ -71,11 +71,13 @@ class ServerSettings(BaseSettings):
     policy: str | None = Field(None, description="Guard policy YAML; None = the shipped default policy.")
     default_strategy: str | None = Field(None, description="Prompt strategy for requests without 'strategy' "
                                          "(zero_shot, few_shot, chain_of_thought); None = messages as sent.")
-    fallback: Literal["static", "none"] = Field("static", description="What answers when the engine fails: a "
-                                                "static message (marked in the response) or none (HTTP 503).")
+    fallback: Literal["static", "none"] = Field("static", description="static: engine calls run behind a circuit "
+                                                "breaker, and the failures named in fallback_on get the static "
+                                                "message (marked in the response); none: no breaker, no fallback.")
     fallback_message: str = "The service is temporarily unavailable; please retry shortly."
-    fallback_on: list[Literal["engine_error", "timeout", "overloaded"]] = Field(
-        ["engine_error"], description="Failures the fallback answers; the others keep their 503/504.")
+    fallback_on: list[Literal["engine_error", "circuit_open", "timeout", "overloaded"]] = Field(
+        [], description="Failures the static message answers with HTTP 200 (marked as a fallback); by default "
+        "none: each keeps its error status (503 engine_unavailable / circuit_open, 504), with Retry-After.")
     breaker_failures: int = Field(3, ge=1, description="Consecutive engine failures that open the breaker.")
     breaker_reset_s: float = Field(30.0, gt=0, description="Seconds the open breaker waits before a trial call.")
     enable_fault_injection: bool = Field(False, description="TEST ONLY: admin route that stops/starts the engine.")

@@ -14,8 +14,9 @@ import logging
 from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable
 
+from servelm.engine import RequestFailedError
 from servelm.server import sse
-from servelm.server.errors import APIError
+from servelm.server.errors import APIError, request_failed
 from servelm.server.schemas import Usage
 from servelm.server.serving import Generation, finish_all, merged_outputs
 
@@ -61,6 +62,10 @@ async def stream_events(gens: list[Generation], n: int, step: ChoiceStep, chunk:
     except APIError as e:  # headers are gone; tell the client in the stream (the SDK raises on it)
         _note_error(gens, e.code)
         yield sse.error_event(e.body())
+    except RequestFailedError as e:  # the engine failed this request alone and serves the others
+        log.warning("request failed in the engine: %s", e, extra={"request_id": gens[0].request_id})
+        _note_error(gens, "request_failed")
+        yield sse.error_event(request_failed(e).body())
     except Exception as e:  # e.g. the engine died mid-stream: end the stream with an error, not a cut
         log.exception("stream failed", extra={"request_id": gens[0].request_id})
         _note_error(gens, type(e).__name__)

@@ -85,12 +85,18 @@ async def audit(request: Request, review_id: str | None = None, _: Principal = D
     return {"object": "list", "data": await _do(_queue(request).audit_log, review_id)}
 
 
-@admin.post("/fault", include_in_schema=False, summary="TEST ONLY: stop or start the engine (needs --enable-fault-injection)")
+def _fault_injection_on(request: Request) -> None:
+    """Raises 404 (as for any unknown route) unless the server enabled fault injection. A dependency of the
+    route, so it runs before the key and the body are checked: a disabled route reveals nothing."""
+    if not get_context(request).settings.enable_fault_injection:
+        raise APIError(404, f"Unknown route: {request.method} {request.url.path}.")
+
+
+@admin.post("/fault", include_in_schema=False, dependencies=[Depends(_fault_injection_on)],
+            summary="TEST ONLY: stop or start the engine (needs --enable-fault-injection)")
 async def fault(body: Fault, request: Request, _: Principal = Depends(require("admin"))) -> dict:
     """Returns ``{"engine": "stopped"|"running"}``; 404 unless the server enabled fault injection."""
     ctx = get_context(request)
-    if not ctx.settings.enable_fault_injection:
-        raise APIError(404, f"Unknown route: POST {request.url.path}.")
     if body.engine == "stop":
         await ctx.engine.shutdown()
         return {"engine": "stopped"}
