@@ -48,7 +48,9 @@ def env():
             [("root", "admin"), ("alice", "chat"), ("bob", "chat"), ("reviewed", "chat"), ("pii-off", "chat"),
              ("pii-review", "chat")]}
     Path(root, "policy.yaml").write_text(POLICY)
-    Path(root, "servelm.yaml").write_text(f"breaker_reset_s: 1\nfallback_message: {FALLBACK!r}\n")
+    # a deployment that asks for the marked fallback text instead of the default 503s
+    Path(root, "servelm.yaml").write_text(f"breaker_reset_s: 1\nfallback_message: {FALLBACK!r}\n"
+                                          "fallback_on: [engine_error, circuit_open]\n")
     srv = Server("guard", root, "--no-embeddings", "--policy", os.path.join(root, "policy.yaml"),
                  "--config", os.path.join(root, "servelm.yaml"), "--enable-fault-injection")
     srv.keys = keys

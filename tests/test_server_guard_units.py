@@ -6,9 +6,9 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from servelm.engine import EngineDeadError
+from servelm.engine import EngineDeadError, RequestFailedError
 from servelm.prompts import UnknownStrategyError
-from servelm.safety import FallbackResult, PolicyError
+from servelm.safety import CircuitOpenError, FallbackResult, PolicyError
 from servelm.server.errors import APIError, ClientGone
 from servelm.server.guarding import build_guarding, call_engine
 from servelm.server.pipeline import Answer, ChatTurn, RequestPipeline
@@ -42,8 +42,28 @@ def test_client_errors_pass_through_and_never_open_the_breaker(tmp_path, exc):
     assert g.caller.breaker.state == "closed" and g.caller.breaker.failures == 0
 
 
+def test_engine_failures_keep_their_error_then_the_breaker_opens_and_says_when_to_retry(tmp_path):
+    g, reg = guarding(tmp_path, breaker_reset_s=20)
+    for _ in range(3):
+        with pytest.raises(EngineDeadError):
+            run(call_engine(g, "r", raiser(EngineDeadError("stopped"))))
+    with pytest.raises(CircuitOpenError) as e:
+        run(call_engine(g, "r", raiser(EngineDeadError("stopped"))))
+    assert 0 < e.value.retry_after_s <= 20 and g.caller.breaker.state == "open"
+    text = generate_latest(reg).decode()
+    assert 'servelm_circuit_breaker_open{name="engine"} 1.0' in text and "servelm_fallbacks_total{" not in text
+
+
+def test_a_request_the_engine_failed_alone_never_counts_against_the_breaker(tmp_path):
+    g, _ = guarding(tmp_path, fallback_on=["engine_error", "circuit_open"])
+    for _ in range(5):
+        with pytest.raises(RequestFailedError):
+            run(call_engine(g, "r", raiser(RequestFailedError("Boom: its logits processor raised"))))
+    assert g.caller.breaker.state == "closed" and g.caller.breaker.failures == 0
+
+
 def test_engine_failure_gets_the_marked_static_fallback_then_the_breaker_opens(tmp_path):
-    g, reg = guarding(tmp_path)
+    g, reg = guarding(tmp_path, fallback_on=["engine_error", "circuit_open"])
     reasons = [run(call_engine(g, "r", raiser(EngineDeadError("stopped")))).reason for _ in range(4)]
     assert reasons == ["error", "error", "error", "circuit_open"]
     r = run(call_engine(g, "r", raiser(EngineDeadError("stopped"))))

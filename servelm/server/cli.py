@@ -60,10 +60,12 @@ def register(subparsers) -> None:
                    choices=["zero_shot", "few_shot", "chain_of_thought"],
                    help="Prompt strategy for requests that name none (default: the messages as sent).")
     p.add_argument("--fallback", default=_S, choices=["static", "none"],
-                   help="When the engine fails: answer a static message, marked as a fallback (default), or 503.")
+                   help="static (default): a circuit breaker around the engine, and the static message for the "
+                        "failures fallback_on names (none by default: errors keep their 503); none: neither.")
     p.add_argument("--fallback-message", default=_S, help="The static fallback's text.")
     p.add_argument("--enable-fault-injection", action="store_true", default=_S,
-                   help="TEST ONLY: POST /v1/admin/fault {\"engine\": \"stop\"|\"start\"} stops/starts the engine.")
+                   help="TEST ONLY: POST /v1/admin/fault {\"engine\": \"stop\"|\"start\"} stops/starts the engine; "
+                        "a request with the header x-servelm-fault: sample[:N] fails inside the step (after N tokens).")
     p.set_defaults(func=_serve)
 
     # --config/--data-dir are accepted before or after the action ("keys --data-dir D list" or "keys list --data-dir D").

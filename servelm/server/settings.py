@@ -80,7 +80,8 @@ class ServerSettings(BaseSettings):
         "none: each keeps its error status (503 engine_unavailable / circuit_open, 504), with Retry-After.")
     breaker_failures: int = Field(3, ge=1, description="Consecutive engine failures that open the breaker.")
     breaker_reset_s: float = Field(30.0, gt=0, description="Seconds the open breaker waits before a trial call.")
-    enable_fault_injection: bool = Field(False, description="TEST ONLY: admin route that stops/starts the engine.")
+    enable_fault_injection: bool = Field(False, description="TEST ONLY: admin route that stops/starts the engine, and "
+                                         "the x-servelm-fault request header that fails one request in the step.")
 
     # Observability
     log_prompts: bool = False
