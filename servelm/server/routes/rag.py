@@ -10,7 +10,7 @@ import asyncio
 import logging
 from contextlib import aclosing
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
@@ -20,6 +20,7 @@ from servelm.server.auth import Principal, require
 from servelm.server.context import get_context
 from servelm.server.errors import APIError, invalid
 from servelm.server.rag_stage import engine_generate, rag_error
+from servelm.server.schemas import INT64_MAX
 from servelm.server.serving import until_disconnect
 
 router = APIRouter(tags=["rag"])
@@ -81,7 +82,8 @@ async def delete_document(name: str, doc_id: str, request: Request, principal: P
 
 
 @router.get("/v1/collections/{name}/chunks/{chunk_id}", summary="Get a chunk (to show a cited passage)")
-async def get_chunk(name: str, chunk_id: int, request: Request, principal: Principal = Depends(READ)):
+async def get_chunk(name: str, request: Request, chunk_id: int = Path(ge=0, le=INT64_MAX),
+                     principal: Principal = Depends(READ)):
     """Returns ``{chunk_id, doc_id, source, page, start, end, text}`` (``text`` under the output PII policy,
     as the sources of answers are); 404 when unknown."""
     import asyncio
