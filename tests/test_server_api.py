@@ -487,12 +487,12 @@ def _poll_log(srv, rid, timeout=5.0):
 
 
 def test_keys_never_appear_in_logs_or_metrics(srv, admin_key):
-    metrics_text = httpx.get(srv.url + "/metrics").text
+    metrics_text = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {admin_key}"}).text
     out = srv.output()
     assert len(srv.keys) >= 5
     for name, k in srv.keys.items():
         assert k not in out, name
-        assert k not in metrics_text, name
+        assert k not in metrics_text and f'key="{name}"' not in metrics_text, name
         assert k[len("sk-servelm-"):][:16] not in out
     # the admin key is printed once, in the first-start banner, and nowhere else
     banner_end = out.index("=" * 80, out.index("created an admin API key"))

@@ -14,8 +14,9 @@ from servelm.paths import open_sqlite
 from servelm.server.schemas import INT64_MAX
 
 KEY_PREFIX = "sk-servelm-"
-# "admin" implies every other scope; "rag" allows changing RAG collections (reading them needs chat or rag).
-SCOPES = ("chat", "embeddings", "models", "rag", "admin")
+# "admin" implies every other scope; "rag" allows changing RAG collections (reading them needs chat or rag);
+# "metrics" reads /metrics (a Prometheus scraper's key).
+SCOPES = ("chat", "embeddings", "models", "rag", "metrics", "admin")
 DEFAULT_SCOPES = ("chat", "embeddings", "models")
 
 _SCHEMA = """

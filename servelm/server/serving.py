@@ -195,7 +195,7 @@ async def start_batch(ctx: ServerContext, request: Request, principal: Principal
             reservation = await ctx.limiter.acquire(principal.name, principal.rpm, principal.tpm, sum(costs))
         except APIError as e:
             if e.status == 429:
-                ctx.metrics.rate_limited.labels(key=principal.name, limit=e.code or "").inc()
+                ctx.metrics.rate_limited.labels(key=principal.label, limit=e.code or "").inc()
             raise
         except Exception:
             raise APIError(503, "The rate-limit store is unreachable; retry shortly.", code="rate_limit_store_down",

@@ -81,6 +81,9 @@ class ServerSettings(BaseSettings):
     enable_fault_injection: bool = Field(False, description="TEST ONLY: admin route that stops/starts the engine.")
 
     # Observability
+    metrics_auth: bool = Field(True, description="/metrics needs a key with the metrics (or admin) scope; false "
+                               "opens it to anyone who can reach the port (a private scrape network).")
+    metrics_key_names: bool = Field(False, description="Label per-key metrics with key names instead of key-<id>.")
     log_prompts: bool = False
     log_level: str = "info"
 
