@@ -50,6 +50,15 @@ def create_key(data_dir: str, name: str, scopes: str = "chat,embeddings,models",
         store.close()
 
 
+def key_label(data_dir: str, name: str) -> str:
+    """Returns how /metrics names the key called ``name`` (by id: metrics never show key names)."""
+    store = KeyStore(os.path.join(data_dir, "keys.sqlite3"))
+    try:
+        return f"key-{store.get(name).id}"
+    finally:
+        store.close()
+
+
 class Redis:
     """A private redis-server on a free port."""
 

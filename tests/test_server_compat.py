@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import os
 
 import httpx
 import openai
 import pytest
 
-from server_harness import create_key, fleet, openai_client
-from servelm.server.keys import KeyStore
+from server_harness import create_key, fleet, key_label, openai_client
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Roses are red,"]
@@ -121,9 +119,7 @@ def test_langchain_openai_llm_sends_one_batched_request(srv, key, client):
 
     llm = LangChainOpenAI(base_url=srv.url + "/v1", api_key=key, model=MODEL, max_tokens=6, temperature=0,
                           max_retries=0)
-    store = KeyStore(os.path.join(srv.data_dir, "keys.sqlite3"))
-    label = f"key-{store.get('compat').id}"  # metrics name keys by id, never by name
-    store.close()
+    label = key_label(srv.data_dir, "compat")  # metrics name keys by id, never by name
     count = lambda: srv.metrics().get(f'servelm:requests_total{{endpoint="/v1/completions",key="{label}",status="200"}}', 0)
     before = count()
     result = llm.generate(PROMPTS)
