@@ -44,17 +44,23 @@ def test_settings_reject_typos_and_bad_values(tmp_path):
 def test_serve_flags_reach_the_engine_settings(tmp_path):
     import argparse
 
-    from servelm.server.cli import _SERVE_FIELDS, _settings, register
+    from servelm.server.cli import _settings, register
+
+    fields = tuple(ServerSettings.model_fields)
 
     calib = tmp_path / "calib.txt"
     calib.write_text("Some calibration text.")
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--quantization", "nf4-dq", "--quant-calibration", str(calib),
-                              "--tensor-parallel-size", "2"])
-    s = _settings(args, _SERVE_FIELDS)
+                              "--tensor-parallel-size", "2", "--max-queue-wait-s", "2.5", "--no-metrics-auth"])
+    s = _settings(args, fields)
     assert (s.quantization, s.quant_calibration, s.tensor_parallel_size) == ("nf4-dq", str(calib), 2)
-    assert _settings(parser.parse_args(["serve"]), _SERVE_FIELDS).quant_calibration is None
+    # settings without a hand-written flag get one from their declaration in settings.py
+    assert (s.max_queue_wait_s, s.metrics_auth, s.queue_wait_bound_s) == (2.5, False, 2.5)
+    default = _settings(parser.parse_args(["serve"]), fields)
+    assert default.quant_calibration is None and default.metrics_auth is True
+    assert default.queue_wait_bound_s == default.request_timeout_s
 
 
 def test_key_store_keeps_only_hashes(tmp_path):

@@ -46,7 +46,8 @@ def _too_slow(what: str, expected: float, bound: float) -> APIError:
 
 class Admission:
     """Counts generation requests in flight; refuses beyond ``running + queue`` with a fast 503, and
-    sooner when the queue ahead would take longer than ``max_wait_s`` to clear.
+    sooner when the queue ahead would take longer than ``max_wait_s`` to clear or the request could not
+    be served within ``timeout_s`` (the queue ahead plus one service time).
 
     The engine runs ``max_running`` at once; ``max_queue`` more may wait. Refusing at the door
     (instead of queueing without bound) keeps latency for admitted requests predictable and tells
@@ -54,13 +55,15 @@ class Admission:
     """
 
     def __init__(self, max_running: int, max_queue: int, max_wait_s: float = math.inf,
-                 lanes: dict[str, "Lane"] | None = None):
+                 timeout_s: float = math.inf, lanes: dict[str, "Lane"] | None = None):
         self.running = max_running
         self.capacity = max_running + max_queue
         self.max_wait_s = max_wait_s
+        self.timeout_s = timeout_s
         self.inflight = 0
         self.draining = False
         self.service = ServiceTime()
+        self.on_refuse = None  # on_refuse(reason): a lane refused a request ("overloaded", "shutting_down", ...)
         self.lanes = lanes or {}
         for lane in self.lanes.values():
             lane.admission = self
@@ -81,6 +84,12 @@ class Admission:
         expected = self.expected_wait()
         if expected > self.max_wait_s:
             raise _too_slow("this request", expected, self.max_wait_s)
+        if expected > 0 and expected + self.service.mean > self.timeout_s:
+            raise APIError(503, f"The server is busy: this request would wait about {expected:.0f} s to start and "
+                                f"then need about {self.service.mean:.0f} s, past the request timeout of "
+                                f"{self.timeout_s:g} s; retry later.", code="server_overloaded",
+                           headers={"Retry-After": str(max(1, math.ceil(expected + self.service.mean
+                                                                        - self.timeout_s)))})
         self.inflight += 1
 
     def leave(self, service_s: float | None = None) -> None:
@@ -107,6 +116,14 @@ class Lane:
         self._slots = asyncio.Semaphore(running)
 
     def _check(self, key: str) -> None:
+        try:
+            self._refusal(key)
+        except APIError as e:
+            if self.admission is not None and self.admission.on_refuse is not None:
+                self.admission.on_refuse({"server_overloaded": "overloaded"}.get(e.code, e.code))
+            raise
+
+    def _refusal(self, key: str) -> None:
         if self.admission is not None and self.admission.draining:
             raise _shutting_down()
         if self.per_key and self.by_key[key] >= self.per_key:
@@ -137,6 +154,8 @@ class Lane:
         except BaseException as e:  # the wait bound passed, or the client left while waiting
             self._count(key, -1)
             if isinstance(e, TimeoutError):
+                if self.admission is not None and self.admission.on_refuse is not None:
+                    self.admission.on_refuse("queue_timeout")
                 raise APIError(503, f"The server is busy: this {self.what} request waited {self.max_wait_s:g} s "
                                     "(the wait bound) without starting; retry later.", code="queue_timeout",
                                headers={"Retry-After": str(max(1, math.ceil(self.service.mean)))}) from None
