@@ -53,11 +53,7 @@ def _refusal(r: httpx.Response, status: int, codes: tuple[str, ...]) -> None:
 # ------------------------------------------------------------------ embeddings: bounded, per key and overall
 def test_concurrent_large_embedding_requests_are_bounded(srv):
     keys = [create_key(srv.data_dir, f"embedder-{i}", "embeddings") for i in range(2)]
-    body = {"input": [f"passage {i}: " + "the quick brown fox jumps over the lazy dog " * 12 for i in range(32)]}
-    with httpx.Client(base_url=srv.url, timeout=300) as h:
-        t = time.monotonic()
-        assert h.post("/v1/embeddings", json=body, headers=_auth(keys[0])).status_code == 200
-        alone = time.monotonic() - t
+    body = {"input": [f"passage {i}: " + "the quick brown fox jumps over the lazy dog " * 12 for i in range(64)]}
 
     async def one(h, key):
         t = time.monotonic()
@@ -70,16 +66,21 @@ def test_concurrent_large_embedding_requests_are_bounded(srv):
             return await asyncio.gather(*[one(h, keys[i % 2]) for i in range(200)])
 
     results = asyncio.run(burst())
+    with httpx.Client(base_url=srv.url, timeout=300) as h:
+        t = time.monotonic()
+        assert h.post("/v1/embeddings", json=body, headers=_auth(keys[0])).status_code == 200
+        alone = time.monotonic() - t
     ok = [r for r, _ in results if r.status_code == 200]
-    per_key = [r for r, _ in results if r.status_code == 429]
-    overall = [r for r, _ in results if r.status_code == 503]
+    per_key = [r for r, _ in results if r.status_code == 429]  # over the key's share of the queue
+    overall = [r for r, _ in results if r.status_code == 503]  # queue full, or the wait would pass the bound
     assert len(ok) + len(per_key) + len(overall) == 200
-    assert 1 <= len(ok) < 200 and per_key  # two keys of 100 each: each key's excess over its share is a 429
+    # the queue holds 1 working + 4 waiting: from a burst this size most requests are refused at once
+    assert 1 <= len(ok) and len(per_key) + len(overall) >= 150
     for r in per_key:
         _refusal(r, 429, ("too_many_concurrent_requests",))
     for r in overall:
         _refusal(r, 503, ("server_overloaded", "queue_timeout"))
-    assert all(len(r.json()["data"]) == 32 for r in ok)
+    assert all(len(r.json()["data"]) == 64 for r in ok)
     # Nobody queues behind 199 others: the slowest answer took the wait bound plus a few requests'
     # service (unbounded, the last of 200 such requests waited minutes).
     assert max(took for _, took in results) < WAIT_BOUND_S + 6 * alone + 30

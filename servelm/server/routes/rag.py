@@ -20,7 +20,7 @@ from servelm.server.auth import Principal, require
 from servelm.server.context import get_context
 from servelm.server.errors import APIError, invalid
 from servelm.server.rag_stage import engine_generate, rag_error
-from servelm.server.schemas import INT64_MAX
+from servelm.server.schemas import INT64_MAX, first_wide_int
 from servelm.server.serving import until_disconnect
 
 router = APIRouter(tags=["rag"])
@@ -174,6 +174,8 @@ async def rag_query(req: RagQueryRequest, request: Request, principal: Principal
     scanned before a token leaves)."""
     ctx = get_context(request)
     svc = _svc(request)
+    if (where := first_wide_int(req.model_dump())) is not None:  # the server's bodies check this in their schema
+        raise invalid(f"Invalid value for '{where}': integers must lie between -2**63 and 2**63-1.", where)
     g, rid = ctx.guarding, request.scope["servelm"]["request_id"]
     held = await g.check_prompt(req.query, rid, principal.name, param="query")
     if held is not None:  # held for human review: nothing is retrieved or generated
