@@ -15,3 +15,23 @@ def default_data_dir() -> str:
 def default_rag_dir(data_dir: str | None = None) -> str:
     """Returns where RAG collections live: ``<data_dir>/rag`` (``data_dir`` defaults as above)."""
     return os.path.join(data_dir or default_data_dir(), "rag")
+
+
+def open_sqlite(path: str, **kwargs) -> "sqlite3.Connection":
+    """Returns ``sqlite3.connect(path, **kwargs)`` on a database file only its owner can read (0600).
+
+    The file is created 0600 before SQLite opens it, because SQLite gives the ``-wal`` and ``-shm``
+    files it creates beside a database the database file's mode: so they are 0600 too (the key
+    store's WAL holds key hashes). Files an older version created with wider modes are narrowed.
+    ``":memory:"`` passes straight through.
+    """
+    import sqlite3
+
+    if path != ":memory:" and not str(path).startswith("file:"):
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        for name in (path, f"{path}-wal", f"{path}-shm", f"{path}-journal"):
+            try:
+                os.chmod(name, 0o600)
+            except FileNotFoundError:
+                pass
+    return sqlite3.connect(path, **kwargs)

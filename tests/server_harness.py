@@ -50,6 +50,15 @@ def create_key(data_dir: str, name: str, scopes: str = "chat,embeddings,models",
         store.close()
 
 
+def key_label(data_dir: str, name: str) -> str:
+    """Returns how /metrics names the key called ``name`` (by id: metrics never show key names)."""
+    store = KeyStore(os.path.join(data_dir, "keys.sqlite3"))
+    try:
+        return f"key-{store.get(name).id}"
+    finally:
+        store.close()
+
+
 class Redis:
     """A private redis-server on a free port."""
 
@@ -125,9 +134,28 @@ class Server:
                     pass
         return out
 
+    def metrics_key(self) -> str | None:
+        """Returns a key that may read /metrics: one of ``keys`` with the metrics or admin scope, else the
+        admin key printed on the first start, else None (a --no-auth server)."""
+        store = KeyStore(os.path.join(self.data_dir, "keys.sqlite3"))
+        try:
+            for key in self.keys.values():
+                record = store.verify(key)
+                if record is not None and record.allows("metrics"):
+                    return key
+        finally:
+            store.close()
+        printed = re.findall(r"sk-servelm-[A-Za-z0-9_\-]+", self.output())
+        return printed[0] if printed else None
+
     def metrics(self) -> dict[str, float]:
         """Returns ``{series: value}`` from /metrics (series with labels as printed)."""
-        text = httpx.get(self.url + "/metrics", timeout=10).text
+        if not hasattr(self, "_metrics_key"):
+            self._metrics_key = self.metrics_key()
+        key = self._metrics_key
+        r = httpx.get(self.url + "/metrics", timeout=10, headers={"Authorization": f"Bearer {key}"} if key else {})
+        r.raise_for_status()
+        text = r.text
         out = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -169,7 +197,8 @@ class Fleet:
         self.shared_dir = d("shared")
         self.shared_keys = {"shared-rpm": create_key(self.shared_dir, "shared-rpm", rpm=10),
                             "shared-tpm": create_key(self.shared_dir, "shared-tpm", tpm=400),
-                            "unlimited": create_key(self.shared_dir, "unlimited")}
+                            "unlimited": create_key(self.shared_dir, "unlimited"),
+                            "scraper": create_key(self.shared_dir, "scraper", "metrics")}
         self.small_dir = d("small")
         self.small_keys = {"user": create_key(self.small_dir, "user")}
         self.redis.wait()

@@ -285,7 +285,7 @@ def test_quantization_slider_reads_the_expected_gigabytes(open_page):
 
 
 def test_metrics_charts_update_after_requests(open_page, srv):
-    page = open_page("alice")
+    page = open_page("root")  # /metrics needs the metrics (or admin) scope
     view(page, "metrics")
     expect(page.locator(".chart canvas")).to_have_count(5)  # drawn by uPlot
     expect(page.locator("#m-charts")).to_have_attribute("data-tokens", re.compile(r"^\d"))

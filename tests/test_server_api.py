@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from server_harness import bootstrap_key, create_key, openai_client
+from server_harness import bootstrap_key, create_key, key_label, openai_client
 
 MODEL = "SmolLM2-135M-Instruct"
 MSG = [{"role": "user", "content": "Name three colors."}]
@@ -372,7 +372,7 @@ def test_requests_per_minute_admits_exactly_the_limit(srv):
         assert "rpm5" in err["message"]
     assert ok[0].headers["x-ratelimit-limit-requests"] == "5"
     m = srv.metrics()
-    assert m['servelm:rate_limited_requests_total{key="rpm5",limit="rate_limit_requests"}'] == 35
+    assert m[f'servelm:rate_limited_requests_total{{key="{key_label(srv.data_dir, "rpm5")}",limit="rate_limit_requests"}}'] == 35
 
 
 def test_tokens_per_minute_charge_real_token_counts(srv):
@@ -461,7 +461,8 @@ def test_metrics_cover_latency_tokens_and_requests(srv):
                  "request_queue_time_seconds"):
         assert m[f"servelm:{name}_count"] > 0
     assert m["servelm:prompt_tokens_total"] > 0 and m["servelm:generation_tokens_total"] > 0
-    assert m['servelm:requests_total{endpoint="/v1/chat/completions",key="alice",status="200"}'] > 0
+    alice = key_label(srv.data_dir, "alice")
+    assert m[f'servelm:requests_total{{endpoint="/v1/chat/completions",key="{alice}",status="200"}}'] > 0
     assert m['servelm:requests_total{endpoint="/v1/chat/completions",key="none",status="401"}'] > 0
     assert 0 <= m["servelm:prefix_cache_hit_rate"] <= 1 and "servelm:kv_cache_usage_perc" in m
 
@@ -487,12 +488,12 @@ def _poll_log(srv, rid, timeout=5.0):
 
 
 def test_keys_never_appear_in_logs_or_metrics(srv, admin_key):
-    metrics_text = httpx.get(srv.url + "/metrics").text
+    metrics_text = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {admin_key}"}).text
     out = srv.output()
     assert len(srv.keys) >= 5
     for name, k in srv.keys.items():
         assert k not in out, name
-        assert k not in metrics_text, name
+        assert k not in metrics_text and f'key="{name}"' not in metrics_text, name
         assert k[len("sk-servelm-"):][:16] not in out
     # the admin key is printed once, in the first-start banner, and nowhere else
     banner_end = out.index("=" * 80, out.index("created an admin API key"))

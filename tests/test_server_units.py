@@ -44,17 +44,23 @@ def test_settings_reject_typos_and_bad_values(tmp_path):
 def test_serve_flags_reach_the_engine_settings(tmp_path):
     import argparse
 
-    from servelm.server.cli import _SERVE_FIELDS, _settings, register
+    from servelm.server.cli import _settings, register
+
+    fields = tuple(ServerSettings.model_fields)
 
     calib = tmp_path / "calib.txt"
     calib.write_text("Some calibration text.")
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--quantization", "nf4-dq", "--quant-calibration", str(calib),
-                              "--tensor-parallel-size", "2"])
-    s = _settings(args, _SERVE_FIELDS)
+                              "--tensor-parallel-size", "2", "--max-queue-wait-s", "2.5", "--no-metrics-auth"])
+    s = _settings(args, fields)
     assert (s.quantization, s.quant_calibration, s.tensor_parallel_size) == ("nf4-dq", str(calib), 2)
-    assert _settings(parser.parse_args(["serve"]), _SERVE_FIELDS).quant_calibration is None
+    # settings without a hand-written flag get one from their declaration in settings.py
+    assert (s.max_queue_wait_s, s.metrics_auth, s.queue_wait_bound_s) == (2.5, False, 2.5)
+    default = _settings(parser.parse_args(["serve"]), fields)
+    assert default.quant_calibration is None and default.metrics_auth is True
+    assert default.queue_wait_bound_s == default.request_timeout_s
 
 
 def test_key_store_keeps_only_hashes(tmp_path):
@@ -229,3 +235,55 @@ def test_presidio_loads_only_where_pii_filtering_runs():
     out = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_admission_refuses_at_once_what_could_not_start_in_time():
+    from servelm.server.admission import Admission
+    from servelm.server.errors import APIError
+
+    a = Admission(max_running=2, max_queue=10, max_wait_s=5.0)
+    a.service.observe(4.0)  # recent requests took 4 s to serve; with 2 slots one frees every 2 s
+    for _ in range(4):
+        a.enter()  # 2 start at once, then waits of about 2 and 4 s: within the 5 s bound
+    with pytest.raises(APIError) as e:
+        a.enter()  # would wait about 6 s
+    assert e.value.status == 503 and e.value.code == "server_overloaded" and e.value.headers["Retry-After"] == "1"
+    assert a.inflight == 4
+    # with no explicit bound, a request that would start but not finish within the request timeout is refused
+    b = Admission(max_running=2, max_queue=10, timeout_s=5.0)
+    b.service.observe(4.0)
+    b.enter(), b.enter()
+    with pytest.raises(APIError) as e:
+        b.enter()  # about 2 s of wait + 4 s of service > 5 s
+    assert "request timeout" in e.value.message and e.value.headers["Retry-After"] == "1"
+
+
+def test_a_lane_bounds_each_key_and_everyone():
+    from servelm.server.admission import Lane
+    from servelm.server.errors import APIError
+
+    async def scenario():
+        lane = Lane("embedding", running=1, max_queue=2, per_key=2)
+        release = asyncio.Event()
+        entered = []
+
+        async def job(key):
+            try:
+                async with lane.slot(key):
+                    entered.append(key)
+                    await release.wait()
+                return 200
+            except APIError as e:
+                assert int(e.headers["Retry-After"]) >= 1
+                return e.status
+
+        tasks = [asyncio.ensure_future(job(k)) for k in ("a", "a", "a", "b", "c")]
+        while lane.inflight < 3:
+            await asyncio.sleep(0)
+        # the third of key a is over its share (429); c finds the lane full (1 working + 2 waiting: 503)
+        done = [await t for t in tasks[2:3] + tasks[4:]]
+        release.set()
+        return done + [await t for t in tasks[:2] + tasks[3:4]], entered, lane.inflight
+
+    statuses, entered, left = asyncio.run(scenario())
+    assert statuses == [429, 503, 200, 200, 200] and sorted(entered) == ["a", "a", "b"] and left == 0

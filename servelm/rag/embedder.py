@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 import threading
 
 import numpy as np
 
+from servelm.paths import open_sqlite
 from servelm.rag.splitter import load_tokenizer
 
 
@@ -21,7 +21,7 @@ class EmbeddingCache:
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db = open_sqlite(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS emb (key BLOB PRIMARY KEY, vec BLOB NOT NULL)")
         self.lock = threading.Lock()

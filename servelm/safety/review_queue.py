@@ -6,12 +6,13 @@ its review id. Every state change is appended to the ``audit`` table.
 """
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from servelm.paths import open_sqlite
 
 STATUSES = ("pending", "approved", "rejected")
 
@@ -59,7 +60,7 @@ class ReviewQueue:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = open_sqlite(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()

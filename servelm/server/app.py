@@ -12,7 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 import servelm
 
-from servelm.server.admission import Admission
+from servelm.server.admission import Admission, Lane
 from servelm.server.context import ServerContext
 from servelm.server.errors import install_handlers
 from servelm.server.guarding import build_guarding
@@ -40,8 +40,14 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
     """
     if not settings.no_auth and keys is None:
         keys = KeyStore(settings.keys_db)
-    admission = Admission(settings.max_num_seqs, settings.max_queue)
+    wait, per_key = settings.queue_wait_bound_s, settings.max_inflight_per_key
+    # One embedding batch, one retrieval and one ingestion run at a time: each already uses every core.
+    admission = Admission(settings.max_num_seqs, settings.max_queue, wait, settings.request_timeout_s, lanes={
+        "embeddings": Lane("embedding", 1, settings.embedding_max_queue, per_key, wait),
+        "rag": Lane("RAG query", 1, settings.rag_max_queue, per_key, wait),
+        "upload": Lane("upload", 1, settings.upload_max_queue, per_key, wait)})
     metrics = Metrics(engine, admission, model_name=lambda: ctx.model_name)
+    admission.on_refuse = lambda reason: metrics.rejected.labels(reason=reason).inc()
     guarding = build_guarding(settings, metrics.registry)
     ctx = ServerContext(settings=settings, engine=engine, keys=keys, limiter=RateLimiter(settings.redis_url),
                         admission=admission, metrics=metrics, pipeline=pipeline or guarding.pipeline(),

@@ -66,6 +66,7 @@ def register(subparsers) -> None:
     p.add_argument("--enable-fault-injection", action="store_true", default=_S,
                    help="TEST ONLY: POST /v1/admin/fault {\"engine\": \"stop\"|\"start\"} stops/starts the engine; "
                         "a request with the header x-servelm-fault: sample[:N] fails inside the step (after N tokens).")
+    _add_setting_flags(p)
     p.set_defaults(func=_serve)
 
     # --config/--data-dir are accepted before or after the action ("keys --data-dir D list" or "keys list --data-dir D").
@@ -85,6 +86,28 @@ def register(subparsers) -> None:
     r = ks.add_parser("revoke", help="Revoke a key by name.", parents=[where])
     r.add_argument("name")
     k.set_defaults(func=_keys)
+
+
+def _add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """Adds ``--<name>`` for every scalar ServerSettings field that has no hand-written flag above, so a
+    setting declared in settings.py reaches the command line as it reaches YAML and the environment."""
+    import typing
+
+    from servelm.server.settings import ServerSettings
+
+    taken = {a.dest for a in p._actions}
+    for name, field in ServerSettings.model_fields.items():
+        if name in taken:
+            continue
+        kinds = [t for t in typing.get_args(field.annotation) or (field.annotation,) if t is not type(None)]
+        if len(kinds) != 1 or kinds[0] not in (bool, int, float, str):
+            continue  # lists and choices keep to YAML and the environment
+        flag = "--" + name.replace("_", "-")
+        help_text = (field.description or "").replace("%", "%%") or None
+        if kinds[0] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=_S, help=help_text)
+        else:
+            p.add_argument(flag, type=kinds[0], default=_S, help=help_text)
 
 
 def _str_list(value: str) -> list[str]:
@@ -130,18 +153,13 @@ def _settings(args: argparse.Namespace, fields: tuple[str, ...]):
         sys.exit(f"servelm: bad setting {'.'.join(map(str, err['loc']))}: {err['msg']}")
 
 
-_SERVE_FIELDS = ("model", "served_model_name", "host", "port", "no_auth", "redis_url", "data_dir", "log_prompts",
-                 "log_level", "max_num_seqs", "max_queue", "max_model_len", "kv_cache_memory_bytes", "dtype",
-                 "quantization", "quant_calibration", "tensor_parallel_size", "enforce_eager", "request_timeout_s", "shutdown_timeout_s",
-                 "max_body_bytes", "embedding_model", "allowed_origins", "allowed_methods", "allowed_headers",
-                 "allow_credentials",
-                 "rag", "rag_data_dir", "pg_url", "rag_max_file_bytes",
-                 "policy", "no_guard", "default_strategy", "fallback", "fallback_message", "enable_fault_injection")
 
 
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = _settings(args, _SERVE_FIELDS)
+    from servelm.server.settings import ServerSettings
+
+    settings = _settings(args, tuple(ServerSettings.model_fields))
     if settings.model and not settings.model.startswith("dummy:") and not os.path.exists(settings.model):
         sys.exit(f"servelm serve: model not found: {settings.model} (give a .gguf file, a Hugging Face model "
                  "directory or dummy:<arch>; leave --model out for the embedded SmolLM2)")

@@ -105,6 +105,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
         return "The request body is not valid JSON.", None, "invalid_json"
     if kind == "unsupported_parameter":  # raised by a schema for a field servelm refuses
         return f"{err['msg']}", err["ctx"]["param"], "unsupported_parameter"
+    if kind == "integer_out_of_range":  # a schema's 64-bit bound on every integer (schemas.first_wide_int)
+        where = ".".join(p for p in (*loc, err["ctx"]["param"]) if p != "body")
+        return f"Invalid value for '{where}': integers must lie between -2**63 and 2**63-1.", where, "invalid_value"
     if kind == "missing" and not param:
         return "The request body is empty; send a JSON object.", None, "invalid_value"
     if param and (kind == "missing" or (err.get("input", 0) is None and kind in _EXPECTED)):

@@ -10,9 +10,13 @@ import threading
 import time
 from dataclasses import dataclass
 
+from servelm.paths import open_sqlite
+from servelm.server.schemas import INT64_MAX
+
 KEY_PREFIX = "sk-servelm-"
-# "admin" implies every other scope; "rag" allows changing RAG collections (reading them needs chat or rag).
-SCOPES = ("chat", "embeddings", "models", "rag", "admin")
+# "admin" implies every other scope; "rag" allows changing RAG collections (reading them needs chat or rag);
+# "metrics" reads /metrics (a Prometheus scraper's key).
+SCOPES = ("chat", "embeddings", "models", "rag", "metrics", "admin")
 DEFAULT_SCOPES = ("chat", "embeddings", "models")
 
 _SCHEMA = """
@@ -82,13 +86,9 @@ class KeyStore:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, timeout=10.0, isolation_level=None)
+        self._db = open_sqlite(path, check_same_thread=False, timeout=10.0, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
-        try:
-            os.chmod(path, 0o600)
-        except OSError:
-            pass
 
     def close(self) -> None:
         """Closes the database connection."""
@@ -98,13 +98,13 @@ class KeyStore:
     def create(self, name: str, scopes=DEFAULT_SCOPES, rpm: int = 0, tpm: int = 0) -> tuple[str, KeyRecord]:
         """Returns ``(key, record)`` for a new key; the key is shown to the caller once and never stored.
 
-        Raises ValueError for a taken name, bad scopes or negative limits.
+        Raises ValueError for a taken name, bad scopes or limits outside 0..2**63-1 (SQLite's integers).
         """
         name = name.strip()
         if not name:
             raise ValueError("a key needs a non-empty name")
-        if rpm < 0 or tpm < 0:
-            raise ValueError("rpm and tpm must be >= 0 (0 = unlimited)")
+        if not (0 <= rpm <= INT64_MAX and 0 <= tpm <= INT64_MAX):
+            raise ValueError(f"rpm and tpm must be between 0 (unlimited) and {INT64_MAX}")
         scopes = parse_scopes(scopes)
         key = KEY_PREFIX + secrets.token_urlsafe(24)
         hint = key[: len(KEY_PREFIX) + 4] + "..."

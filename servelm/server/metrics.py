@@ -104,7 +104,7 @@ class Metrics:
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("servelm:prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("servelm:generation_tokens", "Tokens generated.", registry=r)
-        self.requests = Counter("servelm:requests", "HTTP requests by endpoint, status and key name.",
+        self.requests = Counter("servelm:requests", "HTTP requests by endpoint, status and key (key-<id>).",
                                 ["endpoint", "status", "key"], registry=r)
         self.finished = Counter("servelm:request_success", "Finished generations by finish reason.",
                                 ["finished_reason"], registry=r)

@@ -61,11 +61,14 @@ def rag_error(exc: BaseException, param: str | None = None) -> APIError:
 
 
 def engine_generate(ctx, request: Request, principal: Principal, max_tokens: int | None,
-                    temperature: float | None, param: str = "query"):
+                    temperature: float | None, param: str = "query", on_start=None):
     """Returns ``generate(messages) -> AsyncIterator[str]`` answering through the server's admission,
-    rate limits and metrics (as a chat request of ``principal``)."""
+    rate limits and metrics (as a chat request of ``principal``); ``on_start()`` runs when it is called
+    (retrieval is over: the RAG lane's place is given back)."""
 
     async def generate(messages: list[dict]):
+        if on_start is not None:
+            on_start()
         tok = ctx.engine.tokenizer
         ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
         limit = max_tokens or ctx.rag.cfg.answer_reserve_tokens
@@ -136,7 +139,8 @@ def install(pipeline: RequestPipeline, ctx) -> None:
         req, strategy = turn.metadata.get("prompt_request"), turn.metadata.get("strategy")
         render = (lambda context: strategy.messages(replace(req, context=context))) if req is not None else None
         try:
-            messages, hits = await ctx.rag.augment(turn.messages, opts, render)
+            async with ctx.admission.lanes["rag"].slot(turn.key_name):
+                messages, hits = await ctx.rag.augment(turn.messages, opts, render)
         except (LookupError, ValueError) as e:
             raise rag_error(e, "rag.collection" if isinstance(e, LookupError) else "rag") from None
         turn.metadata["sources"] = []

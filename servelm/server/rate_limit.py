@@ -1,6 +1,7 @@
 """Per-key requests/minute and tokens/minute through the ``limits`` library (memory or Redis).
 
-Fixed one-minute windows with atomic counters: with Redis, every replica increments the same
+Fixed one-minute windows (limits' fixed-window counters, incremented through its storage so the
+response headers come from the same atomic increment that admits) with atomic counters: with Redis, every replica increments the same
 counter, so N replicas admit exactly the key's budget between them. Tokens are reserved up
 front (prompt + max_tokens) and the difference is given back when the request ends.
 """
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 
 from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
-from limits.aio.strategies import FixedWindowRateLimiter
 
 from servelm.server.errors import APIError
 
@@ -40,7 +40,6 @@ class RateLimiter:
             self.storage = storage_from_string(uri, key_prefix=namespace, implementation="redispy")
         else:
             self.storage = storage_from_string("async+memory://")
-        self.limiter = FixedWindowRateLimiter(self.storage)
         self.backend = "redis" if redis_url else "memory"
 
     async def check_storage(self) -> bool:
@@ -53,13 +52,18 @@ class RateLimiter:
     async def _take(self, item, key_name: str, cost: int) -> tuple[bool, float, int]:
         """Atomically adds ``cost``; on refusal gives it back so refused requests use no budget.
 
-        Returns ``(admitted, window_end_epoch, remaining)``.
+        Returns ``(admitted, window_end_epoch, remaining)``. ``remaining`` comes from the counter value
+        the same atomic increment returned (what ``FixedWindowRateLimiter.hit`` compares, here kept), so
+        concurrent requests each see their own exact count; reading the counter again afterwards (the
+        limiter's ``get_window_stats``) would show other requests' hits too.
         """
-        ok = await self.limiter.hit(item, key_name, cost=cost)
+        key = item.key_for(key_name)
+        used = await self.storage.incr(key, item.get_expiry(), amount=cost)
+        ok = used <= item.amount
         if not ok:
-            await self.storage.incr(item.key_for(key_name), item.get_expiry(), amount=-cost)
-        reset, remaining = await self.limiter.get_window_stats(item, key_name)
-        return ok, reset, remaining
+            await self.storage.incr(key, item.get_expiry(), amount=-cost)
+        reset = await self.storage.get_expiry(key)
+        return ok, reset, max(0, item.amount - (used if ok else used - cost))
 
     async def acquire(self, key_name: str, rpm: int, tpm: int, tokens: int) -> Reservation:
         """Returns a reservation of one request and ``tokens`` tokens for ``key_name``.

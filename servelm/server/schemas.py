@@ -22,6 +22,23 @@ Float = Annotated[float, Strict()]  # an integer is a number too
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
+# The integers a request may carry anywhere (body fields, query and path parameters): 64-bit signed, what
+# SQLite, torch and numpy hold. Python's ints have no bound, so without this 2**63 reached SQLite and
+# raised OverflowError (a 500).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def first_wide_int(value: Any, path: str = "") -> str | None:
+    """Returns the path (``"a.b.0"``) of the first integer in ``value`` (parsed JSON) outside
+    ``INT64_MIN..INT64_MAX``, or None when every integer fits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if INT64_MIN <= value <= INT64_MAX else (path or "body")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if (found := first_wide_int(v, f"{path}.{k}" if path else str(k))) is not None:
+            return found
+    return None
+
 
 def replace_surrogates(value: Any) -> Any:
     """Returns ``value`` (parsed JSON) with every unpaired UTF-16 surrogate in its strings and keys replaced
@@ -42,7 +59,7 @@ def replace_surrogates(value: Any) -> Any:
 
 
 class _Request(BaseModel):
-    """Every request body: unknown fields ignored, strings free of lone surrogates."""
+    """Every request body: unknown fields ignored, strings free of lone surrogates, integers 64-bit."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -50,6 +67,14 @@ class _Request(BaseModel):
     @classmethod
     def _no_lone_surrogates(cls, data):
         return replace_surrogates(data)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integers_fit_64_bits(cls, data):
+        if (where := first_wide_int(data)) is not None:
+            raise PydanticCustomError("integer_out_of_range", f"Invalid value for '{where}': integers must lie "
+                                      f"between {INT64_MIN} and {INT64_MAX}.", {"param": where})
+        return data
 
 
 # ---------------------------------------------------------------- shared pieces

@@ -41,6 +41,7 @@ class Generation:
     finish_reasons: list[str] = field(default_factory=list)
     stream: AsyncIterator[RequestOutput] | None = None
     first: RequestOutput | None = None
+    scheduled_at: float | None = None  # time.monotonic() the engine first scheduled it (its service starts)
     _finished: bool = False
 
     @property
@@ -68,6 +69,8 @@ class Generation:
                     out = await _next(self.stream, deadline)
                 if out is None:
                     break
+                if self.scheduled_at is None and out.metrics is not None:
+                    self.scheduled_at = out.metrics.first_scheduled_time
                 now = time.perf_counter()
                 new = sum(len(c.delta_token_ids) for c in out.outputs)
                 if new:
@@ -104,7 +107,9 @@ class Generation:
                 await self.stream.aclose()
         finally:
             ctx = self.ctx
-            ctx.admission.leave()
+            # Only finished requests say how long one takes to serve (an early abort would look fast).
+            served = self.finish_reasons and self.scheduled_at is not None
+            ctx.admission.leave(time.monotonic() - self.scheduled_at if served else None)
             if self.reservation is not None:
                 try:
                     await ctx.limiter.settle(self.reservation, self.prompt_tokens + self.completion_tokens)
@@ -194,15 +199,7 @@ async def start_batch(ctx: ServerContext, request: Request, principal: Principal
                 raise
             gens.append(Generation(ctx, rid, ids, params, principal, info))
         costs = [len(g.prompt_ids) + _budget(ctx, g) * params.n for g in gens]
-        try:
-            reservation = await ctx.limiter.acquire(principal.name, principal.rpm, principal.tpm, sum(costs))
-        except APIError as e:
-            if e.status == 429:
-                ctx.metrics.rate_limited.labels(key=principal.name, limit=e.code or "").inc()
-            raise
-        except Exception:
-            raise APIError(503, "The rate-limit store is unreachable; retry shortly.", code="rate_limit_store_down",
-                           headers={"Retry-After": "2"}) from None
+        reservation = await rate_limit(ctx, principal, sum(costs))
         # each generation settles its own share of the reservation, so the shares add up to the batch's tokens
         for g, cost in zip(gens, costs):
             g.reservation = replace(reservation, tokens=cost if reservation.tpm > 0 else 0)
@@ -246,6 +243,18 @@ def inject_fault(params: SamplingParams, spec: str) -> SamplingParams:
             raise InjectedFault(f"fault injected after {after} tokens")
         return logits
     return replace(params, logits_processors=[*(params.logits_processors or ()), fail])
+async def rate_limit(ctx: ServerContext, principal: Principal, tokens: int) -> Reservation:
+    """Returns the key's reservation of one request and ``tokens`` tokens. Raises APIError 429 (counted in
+    the metrics) when a budget is spent, 503 when the rate-limit store is unreachable."""
+    try:
+        return await ctx.limiter.acquire(principal.name, principal.rpm, principal.tpm, tokens)
+    except APIError as e:
+        if e.status == 429:
+            ctx.metrics.rate_limited.labels(key=principal.label, limit=e.code or "").inc()
+        raise
+    except Exception:
+        raise APIError(503, "The rate-limit store is unreachable; retry shortly.", code="rate_limit_store_down",
+                       headers={"Retry-After": "2"}) from None
 
 
 def _budget(ctx: ServerContext, g: Generation) -> int:

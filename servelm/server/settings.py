@@ -46,6 +46,19 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait beyond max_num_seqs; more get 503.")
     request_timeout_s: float = Field(600.0, gt=0, description="A request running longer is aborted.")
+    max_queue_wait_s: float | None = Field(None, gt=0, description="The longest a request waits to start: one "
+                                           "that would wait longer (judged from the queue ahead and recent "
+                                           "service times) is refused at once with 503 and Retry-After; "
+                                           "default: request_timeout_s.")
+    embedding_max_queue: int = Field(8, ge=0, description="/v1/embeddings requests that may wait for the "
+                                     "embedding model beyond the one it runs; more get 503.")
+    rag_max_queue: int = Field(8, ge=0, description="RAG queries (/v1/rag/query, chat with 'rag') that may wait "
+                               "for retrieval beyond the one retrieving; more get 503.")
+    upload_max_queue: int = Field(2, ge=0, description="Document uploads that may wait beyond the one being "
+                                  "ingested; more get 503.")
+    max_inflight_per_key: int = Field(4, ge=0, description="Embedding, RAG-query and upload requests one key may "
+                                      "have waiting or running in each of those queues; more get 429 (0 = no "
+                                      "per-key bound).")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="How long shutdown waits for in-flight streams.")
     # CORS, as vLLM: browsers on any origin may call the API (the key still decides what they may do)
     allowed_origins: list[str] = Field(["*"], description="Origins browsers may call from; [] = none.")
@@ -84,8 +97,16 @@ class ServerSettings(BaseSettings):
                                          "the x-servelm-fault request header that fails one request in the step.")
 
     # Observability
+    metrics_auth: bool = Field(True, description="/metrics needs a key with the metrics (or admin) scope; false "
+                               "opens it to anyone who can reach the port (a private scrape network).")
+    metrics_key_names: bool = Field(False, description="Label per-key metrics with key names instead of key-<id>.")
     log_prompts: bool = False
     log_level: str = "info"
+
+    @property
+    def queue_wait_bound_s(self) -> float:
+        """Returns the longest a request may wait to start: max_queue_wait_s, else request_timeout_s."""
+        return self.max_queue_wait_s or self.request_timeout_s
 
     @property
     def keys_db(self) -> str:

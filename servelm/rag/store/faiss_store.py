@@ -19,13 +19,13 @@ import json
 import math
 import os
 import re
-import sqlite3
 import threading
 import time
 
 import faiss
 import numpy as np
 
+from servelm.paths import open_sqlite
 from servelm.rag.schemas import Collection
 from servelm.rag.store.base import (ChunkRecord, Conflict, DocumentRecord, NotFound,
                                     VectorStore, check_name, check_vectors, pack_f16, unpack_f16)
@@ -74,7 +74,7 @@ class FaissStore(VectorStore):
         self.ann_threshold, self.nprobe = ann_threshold, nprobe
         os.makedirs(os.path.join(data_dir, "faiss"), exist_ok=True)
         self.dir = data_dir
-        self.db = sqlite3.connect(os.path.join(data_dir, "store.sqlite"), check_same_thread=False, isolation_level=None)
+        self.db = open_sqlite(os.path.join(data_dir, "store.sqlite"), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)

@@ -2,21 +2,22 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from servelm.server.auth import require
 from servelm.server.context import get_context
 from servelm.server.errors import APIError, invalid
 from servelm.server.keys import DEFAULT_SCOPES
+from servelm.server.schemas import INT64_MAX, _Request
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require("admin"))])
 
 
-class KeyCreate(BaseModel):
+class KeyCreate(_Request):
     name: str = Field(..., min_length=1, max_length=64)
     scopes: list[str] = list(DEFAULT_SCOPES)
-    rpm: int = Field(0, ge=0)
-    tpm: int = Field(0, ge=0)
+    rpm: int = Field(0, ge=0, le=INT64_MAX, description="Requests per minute; 0 = unlimited.")
+    tpm: int = Field(0, ge=0, le=INT64_MAX, description="Tokens per minute; 0 = unlimited.")
 
 
 def _store(request: Request):

@@ -11,6 +11,7 @@ from servelm.server.context import get_context
 from servelm.server.embedder import MAX_INPUTS, Embedder
 from servelm.server.errors import APIError, invalid
 from servelm.server.schemas import Embedding, EmbeddingRequest, EmbeddingResponse, Usage
+from servelm.server.serving import rate_limit
 
 router = APIRouter(tags=["openai"])
 
@@ -18,7 +19,11 @@ router = APIRouter(tags=["openai"])
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, summary="Embed texts")
 async def create_embeddings(body: EmbeddingRequest, request: Request,
                             principal: Principal = Depends(require("embeddings"))):
-    """Returns one embedding per input (a text or a list of token ids), in input order."""
+    """Returns one embedding per input (a text or a list of token ids), in input order.
+
+    The key's rate limits count the request and its tokens; then it waits its turn for the embedding model
+    (429 beyond the key's share of the queue, 503 with Retry-After when the queue is full or the wait
+    would pass the server's wait bound)."""
     ctx = get_context(request)
     emb = ctx.embedder
     if emb is None:
@@ -29,9 +34,9 @@ async def create_embeddings(body: EmbeddingRequest, request: Request,
                        param="model", code="model_not_found")
     inputs = _token_lists(emb, body)
     tokens = sum(map(len, inputs))
-    await ctx.limiter.settle(await ctx.limiter.acquire(principal.name, principal.rpm, principal.tpm, tokens),
-                             tokens)
-    vectors = await emb.embed(inputs)
+    await ctx.limiter.settle(await rate_limit(ctx, principal, tokens), tokens)
+    async with ctx.admission.lanes["embeddings"].slot(principal.name):
+        vectors = await emb.embed(inputs)
     ctx.metrics.embedding_tokens.inc(tokens)
     request.scope["servelm"]["prompt_tokens"] = tokens
     data = [Embedding(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)]

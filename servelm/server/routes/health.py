@@ -1,13 +1,16 @@
-"""GET /health (liveness), /ready (readiness), /version and /metrics (Prometheus); none needs a key."""
+"""GET /health (liveness), /ready (readiness), /version and /metrics (Prometheus).
+
+Only /metrics needs a key (the metrics or admin scope) unless the server opens it (``metrics_auth: false``)."""
 from __future__ import annotations
 
 import math
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import servelm
+from servelm.server.auth import require
 from servelm.server.context import ServerContext, get_context
 
 router = APIRouter(tags=["operations"])
@@ -77,7 +80,9 @@ async def version() -> dict:
     return {"version": servelm.__version__}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics (a key with the metrics or admin scope)", response_class=Response,
+            dependencies=[Depends(require("metrics", unless=lambda s: not s.metrics_auth))])
 async def metrics(request: Request) -> Response:
-    """Returns the Prometheus text exposition of every server and engine metric."""
+    """Returns the Prometheus text exposition of every server and engine metric; 401/403 without a key
+    holding the metrics (or admin) scope, unless the server runs with ``metrics_auth: false``."""
     return Response(get_context(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

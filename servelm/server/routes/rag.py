@@ -10,7 +10,7 @@ import asyncio
 import logging
 from contextlib import aclosing
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
@@ -20,6 +20,7 @@ from servelm.server.auth import Principal, require
 from servelm.server.context import get_context
 from servelm.server.errors import APIError, invalid
 from servelm.server.rag_stage import engine_generate, rag_error
+from servelm.server.schemas import INT64_MAX, first_wide_int
 from servelm.server.serving import until_disconnect
 
 router = APIRouter(tags=["rag"])
@@ -81,7 +82,8 @@ async def delete_document(name: str, doc_id: str, request: Request, principal: P
 
 
 @router.get("/v1/collections/{name}/chunks/{chunk_id}", summary="Get a chunk (to show a cited passage)")
-async def get_chunk(name: str, chunk_id: int, request: Request, principal: Principal = Depends(READ)):
+async def get_chunk(name: str, request: Request, chunk_id: int = Path(ge=0, le=INT64_MAX),
+                     principal: Principal = Depends(READ)):
     """Returns ``{chunk_id, doc_id, source, page, start, end, text}`` (``text`` under the output PII policy,
     as the sources of answers are); 404 when unknown."""
     import asyncio
@@ -115,27 +117,29 @@ async def upload_documents(name: str, request: Request, principal: Principal = D
     if "multipart/form-data" not in request.headers.get("content-type", ""):
         raise APIError(400, "Upload files as multipart/form-data with one or more 'file' fields "
                             "(curl -F file=@report.pdf).", param="file", code="invalid_content_type")
-    form = await request.form()
-    try:
-        files = [f for _, f in form.multi_items() if isinstance(f, UploadFile)]
-        if not files:
-            raise invalid("No file in the upload; send one or more 'file' fields (curl -F file=@report.pdf).",
-                          "file", "missing_file")
-        results = []
-        for f in files:
-            data = await f.read()
-            filename = f.filename or ""
-            error = check_upload(filename, data, svc.cfg.max_file_bytes)
-            if error is None:
-                try:
-                    r = await svc.add_document(name, filename, data)
-                    results.append(r.model_dump(exclude_none=True))
-                    continue
-                except (LookupError, ValueError) as e:
-                    error = _file_error(e)
-            results.append({"source": filename, "status": "error", "chunks": 0, "error": error})
-    finally:
-        await form.close()
+    # The upload waits its turn before its body is read, so refused uploads cost no memory.
+    async with get_context(request).admission.lanes["upload"].slot(principal.name):
+        form = await request.form()
+        try:
+            files = [f for _, f in form.multi_items() if isinstance(f, UploadFile)]
+            if not files:
+                raise invalid("No file in the upload; send one or more 'file' fields (curl -F file=@report.pdf).",
+                              "file", "missing_file")
+            results = []
+            for f in files:
+                data = await f.read()
+                filename = f.filename or ""
+                error = check_upload(filename, data, svc.cfg.max_file_bytes)
+                if error is None:
+                    try:
+                        r = await svc.add_document(name, filename, data)
+                        results.append(r.model_dump(exclude_none=True))
+                        continue
+                    except (LookupError, ValueError) as e:
+                        error = _file_error(e)
+                results.append({"source": filename, "status": "error", "chunks": 0, "error": error})
+        finally:
+            await form.close()
     failed = [r for r in results if r["status"] == "error"]
     body = {"object": "list", "data": results, "ingested": len(results) - len(failed), "failed": len(failed)}
     if not failed:
@@ -170,6 +174,8 @@ async def rag_query(req: RagQueryRequest, request: Request, principal: Principal
     scanned before a token leaves)."""
     ctx = get_context(request)
     svc = _svc(request)
+    if (where := first_wide_int(req.model_dump())) is not None:  # the server's bodies check this in their schema
+        raise invalid(f"Invalid value for '{where}': integers must lie between -2**63 and 2**63-1.", where)
     g, rid = ctx.guarding, request.scope["servelm"]["request_id"]
     held = await g.check_prompt(req.query, rid, principal.name, param="query")
     if held is not None:  # held for human review: nothing is retrieved or generated
@@ -177,18 +183,23 @@ async def rag_query(req: RagQueryRequest, request: Request, principal: Principal
                                servelm=held.servelm)
         headers = {"x-servelm-review-id": held.servelm["review_id"]}
         return _single(out, headers) if req.stream else JSONResponse(_body(out), headers=headers)
-    generate = engine_generate(ctx, request, principal, req.max_tokens, req.temperature)
+    lane = ctx.admission.lanes["rag"]
     if not req.stream:
-        answer = await until_disconnect(request, _call(svc.query(req, generate), "collection"))
+        async with lane.slot(principal.name) as retrieved:
+            # retrieval holds the lane's place; the answer is generated under the engine's admission
+            generate = engine_generate(ctx, request, principal, req.max_tokens, req.temperature, on_start=retrieved)
+            answer = await until_disconnect(request, _call(svc.query(req, generate), "collection"))
         if answer.found:
             a = await g.scan_output(answer.answer, rid, principal.name, req.query, supplied=req.query)
             _guarded(answer, a.text, a.finish_reason, a.servelm)
             await _redact_sources(g, svc, req.collection, answer, rid, principal.name, req.query)
         return _body(answer)
     stage = g.stream_scanner(rid, principal.name, req.query, supplied=req.query)
-    events = svc.query_stream(req, _scanned(generate, stage))
-    # The first event comes after retrieval and admission: errors there still get their HTTP status.
-    first = await _call(anext(events), "collection")
+    async with lane.slot(principal.name) as retrieved:
+        generate = engine_generate(ctx, request, principal, req.max_tokens, req.temperature, on_start=retrieved)
+        events = svc.query_stream(req, _scanned(generate, stage))
+        # The first event comes after retrieval and admission: errors there still get their HTTP status.
+        first = await _call(anext(events), "collection")
     return sse.EventStream(content=_stream(first, events, request, stage, principal.name, req))
 
 

@@ -11,7 +11,7 @@ from servelm.safety import ReviewError
 from servelm.server.auth import Principal, require
 from servelm.server.context import get_context
 from servelm.server.errors import APIError
-from servelm.server.schemas import _Request
+from servelm.server.schemas import INT64_MAX, _Request
 
 router = APIRouter()
 admin = APIRouter(prefix="/v1/admin", tags=["review"])
@@ -46,7 +46,7 @@ async def _do(fn, *args):
 
 @admin.get("/reviews", summary="List review items (default: pending, oldest first)")
 async def list_reviews(request: Request, status: str = Query("pending", pattern="^(pending|approved|rejected|all)$"),
-                       limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+                       limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=INT64_MAX),
                        _: Principal = Depends(require("admin"))) -> dict:
     """Returns ``{"data": [items], "pending": depth}``."""
     q = _queue(request)

@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from servelm.server.auth import require
 from servelm.server.context import get_context
 from servelm.server.errors import invalid
 from servelm.server.routes.chat import render_prompt, turn_messages
-from servelm.server.schemas import ChatMessage
+from servelm.server.schemas import ChatMessage, _Request
 
 router = APIRouter(tags=["vllm"], dependencies=[Depends(require("chat"))])
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Request):
     """vLLM's TokenizeCompletionRequest (``prompt``) or TokenizeChatRequest (``messages``)."""
 
-    model_config = ConfigDict(extra="ignore")
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
@@ -39,8 +38,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
 

@@ -386,7 +386,7 @@ const metrics = (() => {
 
   async function poll() {
     try {
-      const r = await fetch("/metrics");
+      const r = await fetch("/metrics", { headers: { Authorization: `Bearer ${state.key}` } });
       if (!r.ok) throw new ServerError(r.status, null, r.headers);
       const cur = parseProm(await r.text());
       const now = Date.now() / 1000;
