@@ -196,3 +196,10 @@ def test_a_sequence_whose_sampling_raises_fails_alone_through_the_async_engine(s
     assert isinstance(results[-1], RequestFailedError) and "injected after 2 tokens" in str(results[-1])
     assert _tokens(results[:-1]) == _tokens(alone)
     assert running and stats.kv_blocks_used == 0
+
+
+def test_a_lone_request_of_n_completions_whose_sampling_raises_fails_as_a_request(smol):
+    bad = SamplingParams(n=2, temperature=0, max_tokens=4, logits_processors=[fail_after(1)])
+    out = smol.generate(["Hi"], bad)[0]
+    assert "injected after 1 tokens" in out.error and [c.finish_reason for c in out.outputs] == ["error", "error"]
+    assert smol.generate(["Hi"], SamplingParams(temperature=0, max_tokens=2))[0].error is None

@@ -109,3 +109,17 @@ async def test_half_open_allows_one_trial_only():
     with pytest.raises(ValueError):
         await b.call(fail)  # the trial fails: open again
     assert b.state == "open"
+
+
+async def test_fallbacks_answer_only_the_reasons_asked_for_and_the_open_breaker_says_when_to_retry():
+    clock, engine = Clock(), Engine()
+    breaker = CircuitBreaker("engine", BreakerConfig(failure_threshold=1, reset_timeout_s=10), clock=clock)
+    caller = ResilientCaller(breaker, [StaticFallback("Busy.")], metrics=GuardMetrics.get(CollectorRegistry()),
+                             answer_on=frozenset({"error"}))
+    engine.up = False
+    r = await caller.call("hi", lambda: engine.answer("hi"))
+    assert r.fallback and r.reason == "error" and breaker.state == "open"
+    clock.t = 4
+    with pytest.raises(CircuitOpenError) as e:  # "circuit_open" was not asked for: the error, not a text
+        await caller.call("hi", lambda: engine.answer("hi"))
+    assert e.value.retry_after_s == pytest.approx(6) and breaker.retry_after_s == pytest.approx(6)

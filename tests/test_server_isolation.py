@@ -11,7 +11,7 @@ import tempfile
 import httpx
 import pytest
 
-from server_harness import Server, bootstrap_key, fleet
+from server_harness import Server
 
 VOCAB = 49152  # the embedded SmolLM2's vocabulary size
 PROMPTS = ["Count: one, two,", "The capital of France is", "def add(a, b):", "Colours of the rainbow:",
@@ -121,10 +121,20 @@ def test_while_the_breaker_is_open_ready_is_503_and_answers_are_503(env):
 
 
 def test_disabled_fault_route_is_404_before_key_or_body_are_checked():
-    main = fleet().get("main")  # fault injection off, auth on
-    for body in ({}, {"engine": "stop"}):
-        r = httpx.post(main.url + "/v1/admin/fault", json=body)
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from servelm.server.errors import install_handlers
+    from servelm.server.routes import review
+    from servelm.server.settings import ServerSettings
+
+    app = FastAPI()
+    install_handlers(app)
+    app.include_router(review.router)
+    app.state.servelm = SimpleNamespace(settings=ServerSettings(enable_fault_injection=False))
+    client = TestClient(app)
+    for body in ({}, {"engine": "stop"}, {"engine": "explode"}):  # no key, then a bad body: still 404
+        r = client.post("/v1/admin/fault", json=body)
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", r.text
-    r = httpx.post(main.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120,
-                   headers={"x-servelm-fault": "sample", "authorization": f"Bearer {bootstrap_key(main)}"})
-    assert r.status_code == 200, r.text  # without fault injection the header means nothing

@@ -307,8 +307,9 @@ class LLMEngine:
         (a logits processor, a grammar, bad sampling state); their requests fail (an output with
         ``error`` set) and the step runs again without them. Seeded generators are rewound before
         every run, so the others' samples are the ones they would have drawn in a batch without the
-        failed requests. Raises what the step raised when no item fails alone, or when all of several
-        do (then the fault is the engine's, not a request's)."""
+        failed requests. Raises what the step raised when no item fails alone, or when the items of
+        several requests all do (then the fault is the engine's, not a request's), and what the step
+        without them raises (then every request of the step fails)."""
         seeded = [(s, s.generator.get_state()) for s, _ in items if s.generator is not None]
         try:
             return items, self.runner.run(items)
@@ -321,16 +322,18 @@ class LLMEngine:
                     self.runner.run([item])
                 except Exception as e:  # this sequence's step fails on its own: it is the request's fault
                     culprits.setdefault(item[0].request_id, e)
-            if not culprits or (len(items) > 1 and all(s.request_id in culprits for s, _ in items)):
+            rest = [(s, n) for s, n in items if s.request_id not in culprits]
+            if not culprits or (not rest and len({s.request_id for s, _ in items}) > 1):
                 raise exc
             log.warning("engine step failed for %d request(s); retrying the step without them: %r",
                         len(culprits), exc)
-            for rid, e in culprits.items():
-                self._fail_request(rid, e)
-            items = [(s, n) for s, n in items if s.request_id not in culprits]
+            items = rest
             for seq, state in seeded:
                 seq.generator.set_state(state)
-            return items, (self.runner.run(items) if items else None)
+            result = self.runner.run(items) if items else None  # if this raises too, every request fails
+            for rid, e in culprits.items():
+                self._fail_request(rid, e)
+            return items, result
 
     def _guarded(self, seq: Sequence, fn, *args) -> bool:
         """Returns whether ``fn(*args)`` ran; when it raises, only ``seq``'s request fails."""
