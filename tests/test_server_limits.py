@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from server_harness import Server, fleet
+from server_harness import Server, create_key, fleet
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -66,6 +66,23 @@ def test_replicas_share_token_budget_with_real_counts(pair):
 
 def test_ready_reports_redis(pair):
     assert httpx.get(pair[0].url + "/ready").status_code == 200
+
+
+def test_rate_limit_headers_are_exact_for_30_concurrent_requests_on_redis(pair):
+    a, b = pair
+    key = create_key(fleet().shared_dir, "exact-headers", rpm=40)
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120, headers=_auth(key)) as h:
+            body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+            return await asyncio.gather(*[h.post((a, b)[i % 2].url + "/v1/completions", json=body)
+                                          for i in range(30)])
+
+    rs = asyncio.run(run())
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
+    remaining = sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in rs)
+    # each admitted request read its own count from the increment that admitted it: 39, 38, ..., 10
+    assert remaining == list(range(10, 40))
 
 
 # ------------------------------------------------------------------ backpressure and timeouts

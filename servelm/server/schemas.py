@@ -33,6 +33,9 @@ def first_wide_int(value: Any, path: str = "") -> str | None:
     ``INT64_MIN..INT64_MAX``, or None when every integer fits."""
     if isinstance(value, int) and not isinstance(value, bool):
         return None if INT64_MIN <= value <= INT64_MAX else (path or "body")
+    if isinstance(value, list) and value and all(type(v) is int for v in value):  # token ids: min/max run in C
+        if INT64_MIN <= min(value) and max(value) <= INT64_MAX:
+            return None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for k, v in items:
         if (found := first_wide_int(v, f"{path}.{k}" if path else str(k))) is not None:
