@@ -76,7 +76,7 @@ class RequestMiddleware:
                 metrics.requests.labels(endpoint=endpoint, status=str(status), key=info.get("key_label", "none")).inc()
             fields = {"request_id": rid, "method": scope["method"], "path": scope["path"], "status": status,
                       "latency_ms": round(latency * 1000, 2), "key_name": key}
-            fields.update({k: v for k, v in info.items() if k not in ("request_id", "key_name")})
+            fields.update({k: v for k, v in info.items() if k not in ("request_id", "key_name", "key_label")})
             access_log.info("request", extra=fields)
 
 
