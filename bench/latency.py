@@ -6,7 +6,9 @@ One request, batch 1, a short prompt, 128 new tokens (greedy, ignore_eos). Decod
 CPU default: the embedded SmolLM2 in float32; transformers runs the same weights.
 CUDA default: the Llama-3-8B shape with random bf16 weights; transformers runs a randomly
 initialised model of the same shape; the roofline is the measured device-to-device copy
-bandwidth (bytes read + written) over the bytes of the weights (every parameter once per token).
+bandwidth (bytes read + written) over the bytes of the weights (every parameter once per token),
+measured first, on an idle GPU (measured after the transformers run it read higher than the device's
+peak, and servelm above 100 % of it).
 
     python bench/latency.py [--model dummy:llama-3-8b] [--new-tokens 128] [--no-hf]
 """
@@ -151,6 +153,8 @@ def main() -> None:
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     model = args.model or ("dummy:llama-3-8b" if cuda else None)
+    copy_bw = copy_bandwidth(torch.device("cuda")) if cuda else None  # before anything else uses the GPU
+    torch.cuda.empty_cache() if cuda else None
     cfg = EngineConfig(model=model, max_num_seqs=4, max_model_len=2048, enforce_eager=args.enforce_eager,
                        async_scheduling=False if args.no_async_scheduling else None,
                        dtype=args.dtype, quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
@@ -203,10 +207,8 @@ def main() -> None:
         del m
         gc.collect()
     if cuda:
-        torch.cuda.empty_cache()
-        bw = copy_bandwidth(torch.device("cuda"))
-        roof = bw / weight_bytes
-        res["roofline"] = {"copy_bandwidth_TBps": bw / 1e12, "tok_s": roof,
+        roof = copy_bw / weight_bytes
+        res["roofline"] = {"copy_bandwidth_TBps": copy_bw / 1e12, "tok_s": roof,
                            "servelm_fraction": res["servelm"]["decode_tok_s"] / roof}
     print(json.dumps(res, indent=1))
 

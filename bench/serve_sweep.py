@@ -105,6 +105,25 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def split_configs(ap: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """Returns ``argv`` without ``--configs`` and its values, and those values.
+
+    argparse reads a value that starts with "-" as an option, so it rejects ``--configs "" "--enforce-eager"``;
+    here the values run from ``--configs`` to the next of this script's own options.
+    """
+    out, configs, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--configs":
+            i += 1
+            while i < len(argv) and argv[i] not in ap._option_string_actions:
+                configs.append(argv[i])
+                i += 1
+            continue
+        out.append(argv[i])
+        i += 1
+    return out, configs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dummy:llama-3-8b")
@@ -118,7 +137,9 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=None)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--plot", default=None)
-    args = ap.parse_args()
+    argv, configs = split_configs(ap, sys.argv[1:])
+    args = ap.parse_args(argv)
+    args.configs = configs or args.configs
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="serve_sweep_")
     os.makedirs(out_dir, exist_ok=True)
     try:

@@ -8,7 +8,7 @@ import os
 import sys
 
 # Modules exposing ``register(subparsers)``; each adds its commands.
-COMMAND_MODULES = ["servelm.engine.cli", "servelm.server.cli", "servelm.rag.cli", "servelm.engine.quant.cli"]
+COMMAND_MODULES = ["servelm.terminal", "servelm.server.cli", "servelm.rag.cli", "servelm.engine.quant.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

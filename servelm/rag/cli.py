@@ -1,6 +1,7 @@
 """``servelm ingest PATH... --collection NAME``: the lead wires ``register`` into servelm/cli.py."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -13,11 +14,12 @@ def register(subparsers) -> None:
     p.add_argument("--data-dir", default="", help="servelm's data directory, as for 'servelm serve'; collections go "
                    "to <data-dir>/rag (default $SERVELM_DATA_DIR, else ~/.local/share/servelm)")
     p.add_argument("--rag-data-dir", default="", help="where collections live, as for 'servelm serve' (default <data-dir>/rag)")
-    p.add_argument("--chunk-size", type=int, default=500, help="chunk size in embedding tokens")
-    p.add_argument("--chunk-overlap", type=int, default=50, help="overlap in embedding tokens")
-    p.add_argument("--embed-model", default="", help="local sentence-transformers model directory")
-    p.add_argument("--store", choices=["faiss", "pgvector"], default="faiss")
-    p.add_argument("--pg-dsn", default="", help="postgresql://... for --store pgvector")
+    p.add_argument("--chunk-size", type=int, default=500, help="chunk size in embedding tokens (default: 500)")
+    p.add_argument("--chunk-overlap", type=int, default=50, help="overlap in embedding tokens (default: 50)")
+    p.add_argument("--embed-model", default="", help="local sentence-transformers model directory (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--store", choices=["faiss", "pgvector"], default="faiss", help="where vectors go (default: faiss)")
+    p.add_argument("--pg-url", dest="pg_dsn", default="", help="postgresql://... for --store pgvector, as for 'servelm serve' (default: none)")
+    p.add_argument("--pg-dsn", dest="pg_dsn", help=argparse.SUPPRESS)  # the old name; one name across commands
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -44,8 +46,6 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry: ``python -m servelm.rag.cli PATH... --collection NAME``."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="servelm")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["ingest", *(argv if argv is not None else sys.argv[1:])])

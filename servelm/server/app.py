@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
+import shlex
 import sys
 from contextlib import asynccontextmanager
 
@@ -21,7 +23,7 @@ from servelm.server.metrics import Metrics
 from servelm.server.middleware import RequestMiddleware
 from servelm.server.pipeline import RequestPipeline
 from servelm.server.rate_limit import RateLimiter
-from servelm.server import playground, rag_stage
+from servelm.server import api_docs, playground, rag_stage
 from servelm.server.routes import (admin, chat, completions, embeddings, generate, health, models, rag, responses,
                                    review, tokenize)
 from servelm.server.settings import ServerSettings
@@ -35,8 +37,8 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
 
     The app's lifespan starts the engine and the embedding model, creates the first admin key on an
     empty key store, and on shutdown stops taking requests, lets in-flight ones finish (uvicorn
-    waits for them) and shuts the engine down. ``announce(text)`` prints the first-start banner
-    (default: stderr).
+    waits for them) and shuts the engine down. ``announce(text)`` prints the start banner
+    (``start_banner``; default: stderr).
     """
     if not settings.no_auth and keys is None:
         keys = KeyStore(settings.keys_db)
@@ -76,8 +78,11 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
         if settings.no_auth:
             log.warning("authentication is OFF (--no-auth): anyone who can reach %s can use it",
                         settings.public_url)
+            key = None
         else:
-            _bootstrap_admin_key(ctx, announce or _print)
+            key = _bootstrap_admin_key(ctx)
+        # Printed, never logged: the key must not reach log files or a log pipeline.
+        (announce or _print)(start_banner(ctx, key))
         ctx.ready = True
         log.info("ready", extra={"model": ctx.model_name, "url": settings.public_url,
                                  "rate_limits": ctx.limiter.backend, "auth": not settings.no_auth})
@@ -95,13 +100,14 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
             if ctx.rag is not None:
                 ctx.rag.close()
 
-    app = FastAPI(title="servelm", version=servelm.__version__, lifespan=lifespan,
+    app = FastAPI(title="servelm", version=servelm.__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible LLM server. Authenticate with `Authorization: Bearer <key>`.")
     app.state.servelm = ctx
     install_handlers(app)
     for module in (chat, responses, completions, embeddings, models, tokenize, generate, health, admin, review, rag):
         app.include_router(module.router)
     playground.install(app)  # the web page at /playground and its small read-only API
+    api_docs.install(app)  # /docs and /redoc, with their assets served from here (no CDN)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, get_metrics=lambda: ctx.metrics,
                        upload_max_bytes=settings.rag_max_file_bytes * 4)
     # Outermost, so every answer (also a 413 or 401) carries the CORS headers a browser needs to read it,
@@ -130,28 +136,46 @@ def _print(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _bootstrap_admin_key(ctx: ServerContext, announce) -> None:
-    """On a first start (no key ever created) creates an ``admin`` key and prints it once with examples."""
+def _bootstrap_admin_key(ctx: ServerContext) -> str | None:
+    """Returns a new ``admin`` key on a first start (no key ever created), else None."""
     if ctx.keys.count() > 0:
-        return
-    key, _ = ctx.keys.create("admin", ("admin",))
-    url = ctx.settings.public_url
-    announce(f"""
-================================================================================
- servelm: first start, created an admin API key (shown only now; store it):
+        return None
+    return ctx.keys.create("admin", ("admin",))[0]
 
-     {key}
 
- Server: {url}   API docs: {url}/docs
- Create more keys: servelm keys create --name NAME --scopes chat,embeddings,models
+def start_banner(ctx: ServerContext, admin_key: str | None) -> str:
+    """Returns the text printed on every start: where the server, playground and docs are, the model,
+    and the admin key just created (first start only) or how to make a key. The examples start at
+    column 0, so they paste as they are into a shell or ``python3``."""
+    from servelm.paths import default_data_dir
 
- curl {url}/v1/chat/completions \\
-   -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-   -d '{{"messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
-
- from openai import OpenAI
- client = OpenAI(base_url="{url}/v1", api_key="{key}")
- print(client.chat.completions.create(model="{ctx.model_name}",
-       messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)
-================================================================================
-""")
+    s, url = ctx.settings, ctx.settings.public_url
+    data_dir = "" if s.data_dir == default_data_dir() else f" --data-dir {shlex.quote(s.data_dir)}"
+    lines = ["=" * 80,
+             f"servelm: serving {ctx.model_name}",
+             f"  API:        {url}/v1",
+             f"  Playground: {url}/playground",
+             f"  API docs:   {url}/docs",
+             ""]
+    if s.no_auth:
+        key = "none"
+        lines += ["Authentication is OFF (--no-auth): any key is accepted.", ""]
+    elif admin_key:
+        key = admin_key
+        lines += ["First start: created an admin API key (shown only now; store it):", "", admin_key, ""]
+    else:
+        key = "YOUR_KEY"
+        lines += ["Use a key you created; to make one (printed once):",
+                  f"servelm keys{data_dir} create --name NAME --scopes chat,embeddings,models", ""]
+    body = json.dumps({"model": ctx.model_name, "messages": [{"role": "user", "content": "Hello!"}],
+                       "max_tokens": 32})
+    lines += [f"curl {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+              f"-H 'Content-Type: application/json' -d '{body}'",
+              "",
+              "from openai import OpenAI",
+              f'client = OpenAI(base_url="{url}/v1", api_key="{key}")',
+              f'reply = client.chat.completions.create(model="{ctx.model_name}", '
+              'messages=[{"role": "user", "content": "Hello!"}], max_tokens=32)',
+              "print(reply.choices[0].message.content)",
+              "=" * 80]
+    return "\n" + "\n".join(lines) + "\n"

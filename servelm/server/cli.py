@@ -16,42 +16,45 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="Run the OpenAI-compatible HTTP server.",
                               description="Serve a model over an OpenAI-compatible HTTP API. Flags override "
                                           "SERVELM_* environment variables, which override --config.")
-    p.add_argument("--config", help="YAML file with any setting below (snake_case keys).")
-    p.add_argument("--model", default=_S, help="Model path (GGUF/HF dir) or 'dummy:<arch>'. Default: embedded SmolLM2.")
-    p.add_argument("--served-model-name", default=_S, help="Name clients pass as 'model'.")
-    p.add_argument("--host", default=_S, help="Interface to bind (default 127.0.0.1; 0.0.0.0 for all).")
-    p.add_argument("--port", type=int, default=_S, help="Port (default 8000).")
+    p.add_argument("--config", help="YAML file with any setting below (snake_case keys; default: none).")
+    p.add_argument("--model", default=_S, help="Model path (GGUF/HF dir) or 'dummy:<arch>' (default: the embedded SmolLM2).")
+    p.add_argument("--served-model-name", default=_S, help="Name clients pass as 'model' (default: the model's own name).")
+    p.add_argument("--host", default=_S, help="Interface to bind; 0.0.0.0 for all.")
+    p.add_argument("--port", type=int, default=_S, help="Port.")
     p.add_argument("--no-auth", action="store_true", default=_S, help="Accept requests without an API key.")
-    p.add_argument("--redis-url", default=_S, help="redis://host:port/0 to share rate limits across replicas.")
-    p.add_argument("--data-dir", default=_S, help="Where the key store lives (default ~/.local/share/servelm).")
+    p.add_argument("--redis-url", default=_S, help="redis://host:port/0 to share rate limits across replicas (default: none, limits kept in memory).")
+    p.add_argument("--data-dir", default=_S, help="Where keys, reviews and RAG collections live (default: $SERVELM_DATA_DIR, else ~/.local/share/servelm).")
     p.add_argument("--log-prompts", action="store_true", default=_S, help="Include prompts in request logs.")
-    p.add_argument("--log-level", default=_S, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default=_S, choices=["debug", "info", "warning", "error"], help="Log level.")
     p.add_argument("--max-num-seqs", type=int, default=_S, help="Requests the engine runs at once.")
     p.add_argument("--max-queue", type=int, default=_S, help="Requests that may wait beyond those; more get 503.")
-    p.add_argument("--max-model-len", type=int, default=_S, help="Context window to serve (tokens).")
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=_S, help="Memory for the KV cache.")
-    p.add_argument("--dtype", default=_S)
-    p.add_argument("--tensor-parallel-size", type=int, default=_S, help="GPUs to split the model over (default 1).")
+    p.add_argument("--max-model-len", type=int, default=_S, help="Context window to serve, in tokens (default: the model's).")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=_S,
+                   help="Memory for the KV cache (default: 1 GiB on CPU; on CUDA, 90%% of GPU memory less the weights).")
+    p.add_argument("--kv-cache-memory", dest="kv_cache_memory_bytes", type=int, default=_S,
+                   help=argparse.SUPPRESS)  # the spelling 'generate'/'chat' had; one name now
+    p.add_argument("--dtype", default=_S, help="auto, float32, bfloat16 or float16 (default: auto).")
+    p.add_argument("--tensor-parallel-size", type=int, default=_S, help="GPUs to split the model over.")
     p.add_argument("--enforce-eager", action="store_true", default=_S, help="CUDA: no CUDA graphs (a baseline).")
     p.add_argument("--quantization", default=_S,
-                   help="int8, int4, nf4 or nf4-dq (weight-only); +lm_head or +lm_head:int8 for the output layer")
+                   help="int8, int4, nf4 or nf4-dq (weight-only); +lm_head or +lm_head:int8 for the output layer (default: none).")
     p.add_argument("--quant-calibration", default=_S, metavar="TEXT_FILE",
-                   help="nf4/nf4-dq: search block scales weighted by activations on this text")
+                   help="nf4/nf4-dq: search block scales weighted by activations on this text (default: none).")
     p.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=_S,
-                   help="Seconds before a request is stopped (default 600).")
+                   help="Seconds before a request is stopped.")
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float, default=_S,
-                   help="Seconds shutdown waits for in-flight requests (default 30).")
+                   help="Seconds shutdown waits for in-flight requests.")
     p.add_argument("--max-body-bytes", type=int, default=_S, help="Larger request bodies get 413.")
     p.add_argument("--allowed-origins", type=_str_list, default=_S,
-                   help='CORS origins, a JSON list (as vLLM) or comma list; default ["*"], [] for none.')
-    p.add_argument("--allowed-methods", type=_str_list, default=_S, help='CORS methods (default ["*"]).')
-    p.add_argument("--allowed-headers", type=_str_list, default=_S, help='CORS request headers (default ["*"]).')
+                   help='CORS origins, a JSON list (as vLLM) or comma list; [] for none.')
+    p.add_argument("--allowed-methods", type=_str_list, default=_S, help='CORS methods.')
+    p.add_argument("--allowed-headers", type=_str_list, default=_S, help='CORS request headers.')
     p.add_argument("--allow-credentials", action="store_true", default=_S, help="CORS: allow credentials.")
     p.add_argument("--no-embeddings", dest="embedding_model", action="store_const", const=None, default=_S,
                    help="Do not load the embedding model.")
     p.add_argument("--no-rag", dest="rag", action="store_false", default=_S, help="Do not serve the RAG routes.")
     p.add_argument("--rag-data-dir", default=_S, help="Where RAG collections live (default DATA_DIR/rag).")
-    p.add_argument("--pg-url", default=_S, help="postgresql://... (with pgvector) to keep collections in PostgreSQL.")
+    p.add_argument("--pg-url", default=_S, help="postgresql://... (with pgvector) to keep collections in PostgreSQL (default: none, FAISS files in the data directory).")
     p.add_argument("--rag-max-file-bytes", type=int, default=_S, help="Larger uploaded documents get 413.")
     p.add_argument("--policy", default=_S, help="Guard policy YAML (default: the shipped policy, docs/safety.md).")
     p.add_argument("--no-guard", action="store_true", default=_S,
@@ -67,24 +70,25 @@ def register(subparsers) -> None:
                    help="TEST ONLY: POST /v1/admin/fault {\"engine\": \"stop\"|\"start\"} stops/starts the engine; "
                         "a request with the header x-servelm-fault: sample[:N] fails inside the step (after N tokens).")
     _add_setting_flags(p)
+    _show_defaults(p)
     p.set_defaults(func=_serve)
 
     # --config/--data-dir are accepted before or after the action ("keys --data-dir D list" or "keys list --data-dir D").
     where = argparse.ArgumentParser(add_help=False)
-    where.add_argument("--config", default=_S, help="YAML settings file (for data_dir).")
-    where.add_argument("--data-dir", default=_S, help="Where the key store lives.")
+    where.add_argument("--config", default=_S, help="YAML settings file, as for serve (for data_dir; default: none).")
+    where.add_argument("--data-dir", default=_S, help="Where the key store lives (default: $SERVELM_DATA_DIR, else ~/.local/share/servelm).")
     k = subparsers.add_parser("keys", help="Manage API keys.", parents=[where])
     ks = k.add_subparsers(dest="keys_command", required=True)
     c = ks.add_parser("create", help="Create a key and print it once.", parents=[where])
-    c.add_argument("--name", required=True)
-    c.add_argument("--scopes", default="chat,embeddings,models", help="Comma list of chat,embeddings,models,rag,admin.")
-    c.add_argument("--rpm", type=int, default=0, help="Requests per minute (0 = unlimited).")
-    c.add_argument("--tpm", type=int, default=0, help="Tokens per minute, prompt + completion (0 = unlimited).")
+    c.add_argument("--name", required=True, help="A name for the key (shown in logs, listings and revoke).")
+    c.add_argument("--scopes", default="chat,embeddings,models", help="Comma list of chat,embeddings,models,rag,admin (default: chat,embeddings,models).")
+    c.add_argument("--rpm", type=int, default=0, help="Requests per minute; 0 = unlimited (default: 0).")
+    c.add_argument("--tpm", type=int, default=0, help="Tokens per minute, prompt + completion; 0 = unlimited (default: 0).")
     c.add_argument("--json", action="store_true", help="Print the record and key as JSON.")
     ls = ks.add_parser("list", help="List keys (never the keys themselves).", parents=[where])
     ls.add_argument("--all", action="store_true", help="Include revoked keys.")
     r = ks.add_parser("revoke", help="Revoke a key by name.", parents=[where])
-    r.add_argument("name")
+    r.add_argument("name", help="The key's name.")
     k.set_defaults(func=_keys)
 
 
@@ -108,6 +112,22 @@ def _add_setting_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=_S, help=help_text)
         else:
             p.add_argument(flag, type=kinds[0], default=_S, help=help_text)
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Appends ``(default: X)`` from ``ServerSettings`` (where each default is declared) to the help of every
+    flag whose help does not say its default yet."""
+    from servelm.server.settings import ServerSettings
+
+    fields = ServerSettings.model_fields
+    for action in p._actions:
+        if (action.dest in fields and action.nargs != 0  # an on/off flag is off unless given
+                and action.help not in (None, argparse.SUPPRESS) and "default" not in action.help):
+            default = fields[action.dest].get_default(call_default_factory=True)
+            if default is None:
+                continue
+            shown = json.dumps(default) if isinstance(default, list) or " " in str(default) else default
+            action.help = f"{action.help.rstrip('.')} (default: {shown})."
 
 
 def _str_list(value: str) -> list[str]:
