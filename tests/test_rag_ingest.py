@@ -79,7 +79,8 @@ KILL_SCRIPT = r"""
 import sys
 from servelm.rag.config import RagConfig
 from servelm.rag.service import RagService
-svc = RagService(RagConfig(data_dir=sys.argv[1], chunk_size=128, chunk_overlap=16))
+# Batches of 2 chunks (one document each), so documents are committed one by one.
+svc = RagService(RagConfig(data_dir=sys.argv[1], chunk_size=128, chunk_overlap=16, embed_batch_size=2))
 def committed(r):
     print("committed", r.status, flush=True)
 svc.ingest_paths("kb", [sys.argv[2]], progress=False, on_file=committed)
@@ -146,15 +147,16 @@ def test_a_query_is_embedded_between_the_batches_of_a_long_ingest():
     emb.__dict__.update(shared.__dict__)
     emb.batch_size, emb.cache = 2, None
     emb._turn, emb._busy, emb._queries_waiting = threading.Condition(), False, 0
-    started, real = threading.Event(), emb.model.encode
+    started, real = threading.Event(), emb.model
 
-    def encode(texts, **kw):  # the real model; tells the test when the ingest's first batch runs
-        started.set()
-        return real(texts, **kw)
+    class Spy:  # the real model; tells the test when the ingest's first batch runs
+        def encode(self, texts, **kw):
+            started.set()
+            return real.encode(texts, **kw)
 
-    emb.model = type("Spy", (), {"encode": staticmethod(encode)})()
+    emb.model = Spy()
     texts = [f"Paragraph {i} of a long upload about harbour moorings and ferry timetables." for i in range(200)]
-    ingest = threading.Thread(target=emb.embed, args=(texts,))
+    ingest = threading.Thread(target=emb.embed_passages, args=(texts, [[(0, len(t))] for t in texts]))
     ingest.start()
     assert started.wait(60)
     vec = emb.embed_query("When does the ferry leave?")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -18,7 +19,10 @@ def register(subparsers) -> None:
     p.add_argument("--embed-model", default="", help="local sentence-transformers model directory")
     p.add_argument("--store", choices=["faiss", "pgvector"], default="faiss")
     p.add_argument("--pg-dsn", default="", help="postgresql://... for --store pgvector")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="CPU threads: files loaded and split in parallel, and threads of the embedding model "
+                        "(default: every core, %(default)s here; 1 on a machine busy with other work)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (chunks, chunks/s, files)")
     p.set_defaults(func=run)
 
 
@@ -29,9 +33,12 @@ def run(args) -> int:
     from servelm.rag.service import RagService
 
     try:
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
         svc = RagService(RagConfig(data_dir=args.rag_data_dir or default_rag_dir(args.data_dir), embed_model=args.embed_model, chunk_size=args.chunk_size,
-                                   chunk_overlap=args.chunk_overlap, store=args.store, pg_dsn=args.pg_dsn))
-        report = svc.ingest_paths(args.collection, args.paths, progress=not args.no_progress)
+                                   chunk_overlap=args.chunk_overlap, store=args.store, pg_dsn=args.pg_dsn,
+                                   embed_threads=args.jobs))
+        report = svc.ingest_paths(args.collection, args.paths, progress=not args.no_progress, jobs=args.jobs)
         svc.close()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
