@@ -126,11 +126,12 @@ def test_cli_ingest_reports_errors_and_ingests_the_rest(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
     data = tmp_path / "data"
     r = subprocess.run([sys.executable, "-m", "servelm.rag.cli", os.path.join(FIXTURES, "notes.md"),
-                        os.path.join(FIXTURES, "encrypted.pdf"), "--collection", "cli", "--data-dir", str(data)],
+                        os.path.join(FIXTURES, "encrypted.pdf"), "--collection", "cli", "--data-dir", str(data),
+                        "--jobs", "2"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 1, r.stderr
     assert "encrypted.pdf: the PDF is encrypted" in r.stderr
-    assert "ingest → cli" in r.stderr  # the tqdm progress bar
+    assert "ingest → cli" in r.stderr and "chunk" in r.stderr and "2/2 files" in r.stderr  # the progress bar
     report = json.loads(r.stdout)
     assert report["counts"] == {"added": 1, "error": 1} and report["chunks"] >= 1
 

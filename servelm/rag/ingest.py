@@ -1,4 +1,4 @@
-"""Ingestion: load → split → embed (chunks and their sentences) → store, one document per transaction.
+"""Ingestion: load → split → embed (each sentence once; a chunk's vector from its sentences') → store, one document per transaction.
 
 Documents are identified by source (absolute path, or upload filename) and versioned by the
 SHA-256 of their bytes: unchanged files are skipped, changed ones replaced, a file whose
