@@ -79,7 +79,8 @@ KILL_SCRIPT = r"""
 import sys
 from servelm.rag.config import RagConfig
 from servelm.rag.service import RagService
-svc = RagService(RagConfig(data_dir=sys.argv[1], chunk_size=128, chunk_overlap=16))
+# Batches of 2 chunks (one document each), so documents are committed one by one.
+svc = RagService(RagConfig(data_dir=sys.argv[1], chunk_size=128, chunk_overlap=16, embed_batch_size=2))
 def committed(r):
     print("committed", r.status, flush=True)
 svc.ingest_paths("kb", [sys.argv[2]], progress=False, on_file=committed)
@@ -125,11 +126,12 @@ def test_cli_ingest_reports_errors_and_ingests_the_rest(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
     data = tmp_path / "data"
     r = subprocess.run([sys.executable, "-m", "servelm.rag.cli", os.path.join(FIXTURES, "notes.md"),
-                        os.path.join(FIXTURES, "encrypted.pdf"), "--collection", "cli", "--data-dir", str(data)],
+                        os.path.join(FIXTURES, "encrypted.pdf"), "--collection", "cli", "--data-dir", str(data),
+                        "--jobs", "2"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 1, r.stderr
     assert "encrypted.pdf: the PDF is encrypted" in r.stderr
-    assert "ingest → cli" in r.stderr  # the tqdm progress bar
+    assert "ingest → cli" in r.stderr and "chunk" in r.stderr and "2/2 files" in r.stderr  # the progress bar
     report = json.loads(r.stdout)
     assert report["counts"] == {"added": 1, "error": 1} and report["chunks"] >= 1
 
@@ -146,15 +148,16 @@ def test_a_query_is_embedded_between_the_batches_of_a_long_ingest():
     emb.__dict__.update(shared.__dict__)
     emb.batch_size, emb.cache = 2, None
     emb._turn, emb._busy, emb._queries_waiting = threading.Condition(), False, 0
-    started, real = threading.Event(), emb.model.encode
+    started, real = threading.Event(), emb.model
 
-    def encode(texts, **kw):  # the real model; tells the test when the ingest's first batch runs
-        started.set()
-        return real(texts, **kw)
+    class Spy:  # the real model; tells the test when the ingest's first batch runs
+        def encode(self, texts, **kw):
+            started.set()
+            return real.encode(texts, **kw)
 
-    emb.model = type("Spy", (), {"encode": staticmethod(encode)})()
+    emb.model = Spy()
     texts = [f"Paragraph {i} of a long upload about harbour moorings and ferry timetables." for i in range(200)]
-    ingest = threading.Thread(target=emb.embed, args=(texts,))
+    ingest = threading.Thread(target=emb.embed_passages, args=(texts, [[(0, len(t))] for t in texts]))
     ingest.start()
     assert started.wait(60)
     vec = emb.embed_query("When does the ferry leave?")

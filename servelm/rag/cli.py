@@ -1,8 +1,9 @@
-"""``servelm ingest PATH... --collection NAME``: the lead wires ``register`` into servelm/cli.py."""
+"""``servelm ingest PATH... --collection NAME``: put files into a RAG collection."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -20,7 +21,10 @@ def register(subparsers) -> None:
     p.add_argument("--store", choices=["faiss", "pgvector"], default="faiss", help="where vectors go (default: faiss)")
     p.add_argument("--pg-url", dest="pg_dsn", default="", help="postgresql://... for --store pgvector, as for 'servelm serve' (default: none)")
     p.add_argument("--pg-dsn", dest="pg_dsn", help=argparse.SUPPRESS)  # the old name; one name across commands
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="CPU threads: files loaded and split in parallel, and threads of the embedding model "
+                        "(default: every core, %(default)s here; 1 on a machine busy with other work)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (chunks, chunks/s, files)")
     p.set_defaults(func=run)
 
 
@@ -31,9 +35,12 @@ def run(args) -> int:
     from servelm.rag.service import RagService
 
     try:
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
         svc = RagService(RagConfig(data_dir=args.rag_data_dir or default_rag_dir(args.data_dir), embed_model=args.embed_model, chunk_size=args.chunk_size,
-                                   chunk_overlap=args.chunk_overlap, store=args.store, pg_dsn=args.pg_dsn))
-        report = svc.ingest_paths(args.collection, args.paths, progress=not args.no_progress)
+                                   chunk_overlap=args.chunk_overlap, store=args.store, pg_dsn=args.pg_dsn,
+                                   embed_threads=args.jobs))
+        report = svc.ingest_paths(args.collection, args.paths, progress=not args.no_progress, jobs=args.jobs)
         svc.close()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

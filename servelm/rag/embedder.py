@@ -3,9 +3,17 @@
 Texts longer than the model's ``max_seq_length`` are not silently truncated (which is
 what a bare ``SentenceTransformer.encode`` does to the tail of a 500-token chunk with
 MiniLM's 256-token limit): they are embedded in token windows whose vectors are averaged.
+
+Ingest runs each sentence of a chunk through the model once (:meth:`Embedder.embed_passages`):
+the sentence vectors serve the sentence re-ranker, and the chunk's vector is their mean weighted
+by token count (the mean pooling the model does, over sentences instead of 254-token windows), so
+the chunk's text is not run through the model a second time. Texts are sorted by token length
+before batching: a batch pads to its longest text, and a 20-token sentence padded to a 256-token
+window costs as much as the window.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -103,11 +111,44 @@ class Embedder:
         """Return the unit vector of one query (not cached: queries rarely repeat)."""
         return self._forward([text], query=True)[0]
 
+    def embed_passages(self, texts: list[str], spans: list[list[tuple[int, int]]]
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Return ``(vector, sentence_vectors)`` per text: a ``(len(spans[i]), dim)`` array of the unit
+        vectors of its sentences (the ``(start, end)`` character spans, which cover the text), and the
+        text's unit vector, their mean weighted by token count (cache first, per sentence)."""
+        sents = [t[a:b] for t, sp in zip(texts, spans) for a, b in sp]
+        vecs = self.embed(sents)
+        counts = np.array([max(len(e.ids), 1) for e in self.tokenizer.encode_batch(sents, add_special_tokens=False)],
+                          np.float32)
+        out, pos = [], 0
+        for t, sp in zip(texts, spans):
+            sv, n = vecs[pos:pos + len(sp)], counts[pos:pos + len(sp)]
+            pos += len(sp)
+            if not len(sp):  # nothing but whitespace: embed the text as it is
+                out.append((self.embed([t])[0], np.zeros((0, self.dim), np.float32)))
+                continue
+            v = (sv * n[:, None]).sum(axis=0)
+            out.append((v / max(float(np.linalg.norm(v)), 1e-12), sv))
+        return out
+
     def _encode(self, texts: list[str]) -> np.ndarray:
-        parts = [self._forward(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        # Sorted by token length before batching: a batch pads to its longest text.
+        lens = [len(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        order = sorted(range(len(texts)), key=lambda i: -lens[i])
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for b in range(0, len(order), self.batch_size):
+            part = order[b:b + self.batch_size]
+            out[part] = self._forward([texts[i] for i in part])
+        return out
 
     def _forward(self, texts: list[str], query: bool = False) -> np.ndarray:
+        with self._gate(query):
+            v = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                  normalize_embeddings=True, show_progress_bar=False)
+        return v.astype(np.float32)
+
+    @contextlib.contextmanager
+    def _gate(self, query: bool):
         with self._turn:
             self._queries_waiting += query
             while self._busy or (not query and self._queries_waiting):
@@ -115,19 +156,17 @@ class Embedder:
             self._busy = True
             self._queries_waiting -= query
         try:
-            v = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                  normalize_embeddings=True, show_progress_bar=False)
+            yield
         finally:
             with self._turn:
                 self._busy = False
                 self._turn.notify_all()
-        return v.astype(np.float32)
 
     def _embed_long(self, texts: list[str]) -> np.ndarray:
         # Split over-long texts into windows of max_tokens and average their vectors.
         windows, owner = [], []
-        for i, t in enumerate(texts):
-            offs = self.tokenizer.encode(t, add_special_tokens=False).offsets
+        for i, (t, enc) in enumerate(zip(texts, self.tokenizer.encode_batch(texts, add_special_tokens=False))):
+            offs = enc.offsets
             if len(offs) <= self.max_tokens:
                 windows.append(t)
                 owner.append(i)

@@ -1,4 +1,4 @@
-"""Ingestion: load → split → embed (chunks and their sentences) → store, one document per transaction.
+"""Ingestion: load → split → embed (each sentence once; a chunk's vector from its sentences') → store, one document per transaction.
 
 Documents are identified by source (absolute path, or upload filename) and versioned by the
 SHA-256 of their bytes: unchanged files are skipped, changed ones replaced, a file whose
@@ -73,26 +73,51 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+@dataclass(slots=True)
+class _Pending:
+    """A file loaded and split, waiting for its embeddings and its transaction."""
+
+    source: str
+    doc_id: str
+    digest: str
+    filename: str
+    meta: dict
+    old: DocumentRecord | None
+    chunks: list[Chunk]
+
+
 class Ingestor:
-    def __init__(self, store, embedder, splitter, max_file_bytes: int):
+    def __init__(self, store, embedder, splitter, max_file_bytes: int, batch_chunks: int = 64):
         self.store, self.embedder, self.splitter = store, embedder, splitter
         self.max_file_bytes = max_file_bytes
+        # Small files are embedded together, up to this many chunks, so a directory of short notes
+        # fills the model's batches instead of running one tiny forward pass per file.
+        self.batch_chunks = batch_chunks
 
     def ingest_bytes(self, name: str, filename: str, data: bytes, source: str | None = None,
                      meta: dict | None = None, known: dict | None = None) -> FileResult:
         """Ingest one file's bytes into collection ``name``; returns its FileResult (never raises
         for bad file content: the error is in the result). Raises NotFound for a missing collection."""
+        docs = known if known is not None else {d.doc_id: d for d in self.store.list_documents(name)}
+        plan = self._plan(filename, data, source, meta, docs)
+        if isinstance(plan, FileResult):
+            return plan
+        return self._commit(name, plan, self._embed(plan.chunks, plan.doc_id, plan.meta), docs)
+
+    def _plan(self, filename: str, data: bytes, source: str | None, meta: dict | None,
+              docs: dict, check_twin: bool = True) -> "_Pending | FileResult":
+        """Return the loaded and split file, or its FileResult when there is nothing to embed.
+        ``check_twin=False`` leaves the duplicate check to the caller (loader threads must not
+        iterate ``docs`` while the committing thread adds to it)."""
         source = source or filename
         doc_id = doc_id_for(source)
         # The splitter settings are part of the version: re-ingesting with another chunk size re-splits.
         digest = f"{hashlib.sha256(data).hexdigest()}:{self.splitter.chunk_size}/{self.splitter.overlap}"
-        docs = known if known is not None else {d.doc_id: d for d in self.store.list_documents(name)}
         old = docs.get(doc_id)
         if old and old.content_hash == digest:
             return FileResult(source, "unchanged", old.num_chunks, doc_id)
-        twin = next((d for d in docs.values() if d.content_hash == digest and d.doc_id != doc_id), None)
-        if twin:
-            return FileResult(source, "duplicate", 0, doc_id, f"same content as {twin.source}; not stored twice")
+        if check_twin and (twin := self._twin(docs, digest, doc_id, source)):
+            return twin
         try:
             pages = load_bytes(filename, data, self.max_file_bytes)
         except LoaderError as e:
@@ -102,33 +127,59 @@ class Ingestor:
         for p in pages:
             chunks += self.splitter.split(p.text, base=base, page=p.page, source=source)
             base += len(p.text) + 2  # pages are joined by a blank line in the document's text
-        records = self._embed(chunks, doc_id, meta or {})
-        doc = DocumentRecord(doc_id, source, digest, len(records), dict(meta or {}, filename=os.path.basename(filename)),
-                             time.time())
+        return _Pending(source, doc_id, digest, filename, dict(meta or {}), old, chunks)
+
+    @staticmethod
+    def _twin(docs: dict, digest: str, doc_id: str, source: str) -> FileResult | None:
+        twin = next((d for d in docs.values() if d.content_hash == digest and d.doc_id != doc_id), None)
+        if twin is None:
+            return None
+        return FileResult(source, "duplicate", 0, doc_id, f"same content as {twin.source}; not stored twice")
+
+    def _commit(self, name: str, p: _Pending, records: list[ChunkRecord], docs: dict) -> FileResult:
+        # Checked again here: an identical file planned in the same batch may have been stored since.
+        twin = self._twin(docs, p.digest, p.doc_id, p.source)
+        if twin:
+            return twin
+        doc = DocumentRecord(p.doc_id, p.source, p.digest, len(records),
+                             dict(p.meta, filename=os.path.basename(p.filename)), time.time())
         self.store.replace_document(name, doc, records)
-        docs[doc_id] = doc
-        return FileResult(source, "updated" if old else "added", len(records), doc_id)
+        docs[p.doc_id] = doc
+        return FileResult(p.source, "updated" if p.old else "added", len(records), p.doc_id)
 
     def _embed(self, chunks: list[Chunk], doc_id: str, meta: dict) -> list[ChunkRecord]:
         spans = [sentence_spans(c.text) for c in chunks]
-        texts = [c.text for c in chunks] + [c.text[a:b] for c, sp in zip(chunks, spans) for a, b in sp]
-        vecs = self.embedder.embed(texts)
-        out, pos = [], len(chunks)
-        for i, (c, sp) in enumerate(zip(chunks, spans)):
-            out.append(ChunkRecord(doc_id, c.source, c.text, c.start, c.end, c.page, i, dict(meta), vecs[i],
-                                   sp, vecs[pos:pos + len(sp)]))
-            pos += len(sp)
-        return out
+        vecs = self.embedder.embed_passages([c.text for c in chunks], spans)
+        return [ChunkRecord(doc_id, c.source, c.text, c.start, c.end, c.page, i, dict(meta), v, sp, sv)
+                for i, (c, sp, (v, sv)) in enumerate(zip(chunks, spans, vecs))]
+
+    def _read(self, f: str, docs: dict) -> "_Pending | FileResult":
+        try:
+            if os.path.getsize(f) > self.max_file_bytes:
+                raise LoaderError(f"{f}: {os.path.getsize(f)} bytes is over the size limit of {self.max_file_bytes} bytes")
+            if os.path.splitext(f)[1].lower() not in SUPPORTED:
+                raise LoaderError(f"{f}: unsupported file type; supported: {', '.join(SUPPORTED)}")
+            with open(f, "rb") as fh:
+                data = fh.read()
+        except (OSError, LoaderError) as e:
+            return FileResult(f, "error", doc_id=doc_id_for(f), error=str(e))
+        return self._plan(f, data, f, None, docs, check_twin=False)
 
     def ingest_paths(self, name: str, paths: list[str], progress: bool = True,
-                     on_file: Callable[[FileResult], None] | None = None) -> IngestReport:
+                     on_file: Callable[[FileResult], None] | None = None, jobs: int = 1) -> IngestReport:
         """Ingest files and directories (recursively) into ``name``; returns the report.
 
         ``on_file`` is called after each file is committed (or failed), e.g. to report progress.
+        ``jobs`` files are loaded and split in parallel threads while the model embeds (loaders and
+        the splitter run while torch computes without the GIL).
 
         Documents previously ingested from a given directory whose files are gone are removed.
         Raises NotFound for a missing collection.
         """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm import tqdm
+
         t0 = time.time()
         report = IngestReport()
         files, roots = [], []
@@ -151,22 +202,55 @@ class Ingestor:
                 self.store.delete_document(name, d.doc_id)
                 del known[d.doc_id]
                 report.results.append(FileResult(d.source, "removed", 0, d.doc_id))
-        from tqdm import tqdm
 
-        for f in tqdm(files, desc=f"ingest → {name}", unit="file", disable=not progress):
-            try:
-                if os.path.getsize(f) > self.max_file_bytes:
-                    raise LoaderError(f"{f}: {os.path.getsize(f)} bytes is over the size limit of {self.max_file_bytes} bytes")
-                if os.path.splitext(f)[1].lower() not in SUPPORTED:
-                    raise LoaderError(f"{f}: unsupported file type; supported: {', '.join(SUPPORTED)}")
-                with open(f, "rb") as fh:
-                    data = fh.read()
-            except (OSError, LoaderError) as e:
-                report.results.append(FileResult(f, "error", doc_id=doc_id_for(f), error=str(e)))
-                continue
-            report.results.append(self.ingest_bytes(name, f, data, source=f, known=known))
+        bar = tqdm(desc=f"ingest → {name}", unit="chunk", disable=not progress, total=None)
+        done = 0
+
+        def finish(r: FileResult) -> None:
+            nonlocal done
+            report.results.append(r)
+            done += 1
+            bar.update(r.chunks if r.status in ("added", "updated") else 0)
+            bar.set_postfix_str(f"{done}/{len(files)} files", refresh=False)
             if on_file:
-                on_file(report.results[-1])
+                on_file(r)
+
+        batch: list[_Pending] = []
+
+        def flush_batch() -> None:
+            chunks = [c for p in batch for c in p.chunks]
+            records = self._embed(chunks, "", {})
+            pos = 0
+            for p in batch:
+                mine = records[pos:pos + len(p.chunks)]
+                pos += len(p.chunks)
+                for j, r in enumerate(mine):
+                    r.doc_id, r.meta, r.idx = p.doc_id, dict(p.meta), j
+                finish(self._commit(name, p, mine, known))
+            batch.clear()
+
+        jobs = max(1, jobs)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            # A window of files in flight: loading runs ahead of embedding without holding the whole corpus.
+            futures = [pool.submit(self._read, f, known) for f in files[:2 * jobs]]
+            nxt = len(futures)
+            for i in range(len(files)):
+                plan = futures[i].result()
+                futures[i] = None
+                if nxt < len(files):
+                    futures.append(pool.submit(self._read, files[nxt], known))
+                    nxt += 1
+                if not isinstance(plan, FileResult):
+                    plan = self._twin(known, plan.digest, plan.doc_id, plan.source) or plan
+                if isinstance(plan, FileResult):
+                    finish(plan)
+                    continue
+                if batch and sum(len(p.chunks) for p in batch) + len(plan.chunks) > self.batch_chunks:
+                    flush_batch()
+                batch.append(plan)
+            if batch:
+                flush_batch()
+        bar.close()
         if hasattr(self.store, "flush"):
             self.store.flush()
         report.seconds = time.time() - t0

@@ -2,6 +2,11 @@
 
 RRF (Cormack, Clarke & Büttcher 2009) scores a chunk ``sum(1 / (rrf_k + rank))`` over the
 rankings it appears in; it needs no score calibration between cosine and BM25.
+
+Exact codes: a query token with a digit in it (an error code, an id) that occurs in at most ``k``
+chunks puts those chunks first. Fusion alone cannot: BM25 ranks such a chunk first, but the dense
+side has no notion of the token, so the chunk gets one RRF term against other chunks' two, and the
+re-ranker (cosine only) then drops it below the chunks that merely share the query's other words.
 """
 from __future__ import annotations
 
@@ -71,15 +76,22 @@ class Retriever:
         fetch = max(self.cfg.fetch_k, k)
         qv = self.embedder.embed_query(query)
         rankings = [[i for i, _ in self.store.search(name, qv, fetch, where)]]
+        exact: list[int] = []
         if self.cfg.use_bm25:
             allowed = self.store.filter_ids(name, where) if where else None
-            rankings.append([i for i, _ in self.bm25(name).search(query, fetch, allowed)])
+            index = self.bm25(name)
+            rankings.append([i for i, _ in index.search(query, fetch, allowed)])
+            exact = index.exact_matches(query, k, allowed)
         fused = rrf(rankings, self.cfg.rrf_k)[:fetch]
-        chunks = self.store.get_chunks(name, [i for i, _ in fused], vectors=True)
         fused_score = dict(fused)
-        hits = [Hit(c, fused_score[c.id]) for c in chunks]
+        ids = [i for i, _ in fused] + [i for i in exact if i not in fused_score]
+        chunks = self.store.get_chunks(name, ids, vectors=True)
+        hits = [Hit(c, fused_score.get(c.id, 0.0)) for c in chunks]
         annotate(qv, hits)
         hits = self.reranker.rerank(query, qv, hits)
-        if use_mmr if use_mmr is not None else self.cfg.mmr:
-            return mmr(qv, hits, k, self.cfg.mmr_lambda)
-        return hits[:k]
+        pinned = set(exact)
+        first = [h for h in hits if h.chunk.id in pinned]
+        rest = [h for h in hits if h.chunk.id not in pinned]
+        if (use_mmr if use_mmr is not None else self.cfg.mmr) and len(first) < k:
+            rest = mmr(qv, rest, k - len(first), self.cfg.mmr_lambda)
+        return (first + rest)[:k]

@@ -71,7 +71,8 @@ class RagService:
                                              threads=self.cfg.embed_threads)
         self.store = store or open_store(self.cfg)
         self.splitter = Splitter(self.embedder.tokenizer, self.cfg.chunk_size, self.cfg.chunk_overlap)
-        self.ingestor = Ingestor(self.store, self.embedder, self.splitter, self.cfg.max_file_bytes)
+        self.ingestor = Ingestor(self.store, self.embedder, self.splitter, self.cfg.max_file_bytes,
+                                 batch_chunks=self.cfg.embed_batch_size)
         self.retriever = Retriever(self.store, self.embedder, self.cfg)
         self.count_tokens = count_tokens or self._approx_tokens
         self.context_window = context_window
@@ -124,15 +125,16 @@ class RagService:
         await asyncio.to_thread(self._flush)
 
     def ingest_paths(self, name: str, paths: list[str], progress: bool = True, create: bool = True,
-                     on_file=None) -> IngestReport:
-        """Ingest files/directories (blocking; the CLI's entry). Creates the collection if asked."""
+                     on_file=None, jobs: int = 1) -> IngestReport:
+        """Ingest files/directories (blocking; the CLI's entry), ``jobs`` files loaded in parallel.
+        Creates the collection if asked."""
         if create:
             try:
                 self.store.create_collection(name, self.embedder.dim, self.embedder.name)
             except Conflict:
                 pass
         self._check_dim(name)
-        return self.ingestor.ingest_paths(name, paths, progress=progress, on_file=on_file)
+        return self.ingestor.ingest_paths(name, paths, progress=progress, on_file=on_file, jobs=jobs)
 
     def _check_dim(self, name: str) -> None:
         if self.store.get_collection(name).dim != self.embedder.dim:
