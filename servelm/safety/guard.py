@@ -124,7 +124,16 @@ class Guard:
     def warmup(self) -> None:
         """Load the classifiers now instead of on the first request, and Presidio/spaCy where the policy
         (the deployment's or a key's) runs the pii scanner; with it off everywhere they never load."""
-        self.check_input("warm up", request_id="warmup")
+        # The scanners run directly, not through a decision: a warm-up text that a strict policy flags must
+        # not be filed in the review queue or counted as a request's decision.
+        text = "warm up"
+        ctx = ScanContext(normalised=normalise(text), max_input_chars=self.default_max_input_chars)
+        for name, fn in self.input_scanners.items():
+            if self.policy.scanner(name).enabled:
+                try:
+                    fn(text, ctx)
+                except Exception:  # noqa: BLE001 - a broken scanner fails (and is logged) on real requests
+                    pass
         if self.runs_pii():
             get_pii_detector()
 
