@@ -6,8 +6,10 @@
   held-out split of :mod:`servelm.safety.corpus` (never used for training), with the
   rules-only baseline measured in the same run.
 * Harmful-content classifier: the same metrics on its held-out split.
-* PII: entity-level recall, precision and F2 on sentences generated with Faker in the
-  manner of presidio-evaluator (templates filled with fake entities of known spans).
+* PII: entity-level recall, precision and F2 of the detector over every entity it knows (names and IP
+  addresses included, which the shipped policy does not redact) on sentences generated with Faker in the
+  manner of presidio-evaluator (templates filled with fake entities of known spans). The shipped policy's
+  precision on text with public figures, places and dates is bench/pii_eval.py's.
 * Guard overhead: p50/p90 of ``check_input`` + ``check_output`` per request on CPU.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ from servelm.safety import Guard  # noqa: E402
 from servelm.safety.classifier import load_classifier  # noqa: E402
 from servelm.safety.corpus import load_task  # noqa: E402
 from servelm.safety.normalise import normalise  # noqa: E402
-from servelm.safety.pii import DEFAULT_ENTITIES, get_pii_detector  # noqa: E402
+from servelm.safety.pii import KNOWN_ENTITIES, get_pii_detector  # noqa: E402
 from servelm.safety.scanners import ScanContext, scan_injection_rules, scan_prompt_injection  # noqa: E402
 
 
@@ -181,7 +183,7 @@ def eval_pii(n: int) -> dict:
     lat = []
     for text, gold in data:
         t0 = time.perf_counter()
-        pred = det.detect(text)
+        pred = det.detect(text, KNOWN_ENTITIES)
         lat.append(time.perf_counter() - t0)
         matched_pred = set()
         for ent, s, e in gold:
@@ -201,7 +203,7 @@ def eval_pii(n: int) -> dict:
     # a predicted span of the same entity type covers it ("Mrs. <PERSON>" finds 2 of 3 tokens).
     tok_total = tok_hit = 0
     for text, gold in data:
-        pred = det.detect(text)
+        pred = det.detect(text, KNOWN_ENTITIES)
         for ent, s, e in gold:
             for m in re.finditer(r"\S+", text[s:e]):
                 a, b = s + m.start(), s + m.end()
@@ -211,7 +213,7 @@ def eval_pii(n: int) -> dict:
     # a predicted span of the same entity type covers it ("Mrs. <PERSON>" finds 2 of 3 tokens).
     tok_total = tok_hit = 0
     for text, gold in data:
-        pred = det.detect(text)
+        pred = det.detect(text, KNOWN_ENTITIES)
         for ent, s, e in gold:
             for m in re.finditer(r"\S+", text[s:e]):
                 a, b = s + m.start(), s + m.end()
@@ -235,12 +237,12 @@ def eval_overhead(n: int) -> dict:
               "process has three steps, and each step should be checked before moving on. ")
     full = Guard.from_policy(None, registry=CollectorRegistry())
     full.warmup()
-    no_ner = Guard.from_policy({"scanners": {"pii": {"entities": [e for e in DEFAULT_ENTITIES if e != "PERSON"]}}},
-                               registry=CollectorRegistry())
+    with_ner = Guard.from_policy({"scanners": {"pii": {"entities": list(KNOWN_ENTITIES)}}},
+                                 registry=CollectorRegistry())
     rules_only = Guard.from_policy({"scanners": {"prompt_injection": {"enabled": False}, "pii": {"enabled": False}}},
                                    registry=CollectorRegistry())
     res = {}
-    for name, g in (("full_guard", full), ("full_guard_without_person_ner", no_ner),
+    for name, g in (("full_guard", full), ("full_guard_with_person_ner", with_ner),
                     ("rules_only_baseline", rules_only)):
         per_req, inp, outp, cpu = [], [], [], []
         for i, p in enumerate(prompts):

@@ -7,6 +7,11 @@ after the first (TPOT) and end-to-end latency, and report mean/p50/p99, throughp
 
     python bench/serve.py --base-url http://127.0.0.1:8000 --api-key sk-... \
         --num-prompts 64 --request-rate 2 --dataset random --input-len 128 --output-len 64
+
+Guarded vs unguarded: ``--unguarded-base-url`` names a second server of the same model started with
+``--no-guard``; the same workload then runs against both, alternating request by request so both see the same
+machine load, and the report has ``guarded``, ``unguarded`` and ``guard_ttft_ratio``. ``chunks_per_answer``
+counts the chunks that carried text: an output guard that holds text back sends fewer, larger ones.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ class Result:
     itl: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    chunks: int = 0  # chunks that carried text
     error: str = ""
 
     @property
@@ -102,6 +108,7 @@ async def one_request(client: httpx.AsyncClient, args, spec: RequestSpec) -> Res
                 choices = chunk.get("choices") or []
                 text = "".join((c.get("delta") or {}).get("content") or c.get("text") or "" for c in choices)
                 if text:
+                    res.chunks += 1
                     now = time.perf_counter()
                     if last is None:
                         res.ttft = now - start
@@ -152,8 +159,31 @@ def summarize(args, results: list[Result], duration: float) -> dict:
         "e2e_ms": _stats([r.e2e for r in ok]),
         "mean_prompt_tokens": sum(r.prompt_tokens for r in ok) / max(1, len(ok)),
         "mean_output_tokens": out_tokens / max(1, len(ok)),
+        "chunks_per_answer": _stats([r.chunks for r in ok], scale=1.0),
+        "chunks_per_output_token": sum(r.chunks for r in ok) / max(1, out_tokens),
         "first_error": next((r.error for r in results if r.error), None),
     }
+
+
+async def compare(args) -> dict:
+    """Runs the workload against the guarded (``--base-url``) and unguarded server, one request at a time each,
+    alternating; returns both reports."""
+    specs = make_requests(args)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    results: dict[str, list[Result]] = {"guarded": [], "unguarded": []}
+    spent = {"guarded": 0.0, "unguarded": 0.0}
+    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout) as g, \
+            httpx.AsyncClient(base_url=args.unguarded_base_url, headers=headers, timeout=args.timeout) as u:
+        for i, spec in enumerate(specs):
+            order = [("guarded", g), ("unguarded", u)] if i % 2 == 0 else [("unguarded", u), ("guarded", g)]
+            for name, client in order:
+                t0 = time.perf_counter()
+                results[name].append(await one_request(client, args, spec))
+                spent[name] += time.perf_counter() - t0
+    out = {name: summarize(args, rs, spent[name]) for name, rs in results.items()}
+    ttft = [out[k]["ttft_ms"]["p50"] for k in ("guarded", "unguarded")]
+    out["guard_ttft_ratio"] = ttft[0] / ttft[1] if None not in ttft and ttft[1] else None
+    return out
 
 
 async def run(args) -> dict:
@@ -206,14 +236,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--out", default=None, help="Also write the JSON report here.")
+    p.add_argument("--unguarded-base-url", default=None,
+                   help="A --no-guard server of the same model: compare guarded and unguarded streaming.")
     args = p.parse_args(argv)
-    report = asyncio.run(run(args))
+    report = asyncio.run(compare(args) if args.unguarded_base_url else run(args))
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
-    return 0 if report["completed"] else 1
+    return 0 if report.get("completed", 1) and report.get("guarded", {}).get("completed", 1) else 1
 
 
 if __name__ == "__main__":

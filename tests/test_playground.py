@@ -8,6 +8,7 @@ test-artifacts/playground/ (gitignored).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -243,8 +244,13 @@ def test_strategy_compare_shows_each_prompt_and_answer(open_page):
 
 def test_rag_upload_ask_and_open_the_cited_span(open_page):
     page = open_page("root")
-    page.fill("#c-max-tokens", "16")
+    sent = []
+    page.on("request", lambda r: r.url.endswith("/v1/rag/query") and sent.append(r.post_data_json))
     view(page, "rag")
+    # the RAG view answers from the documents at temperature 0 whatever the chat view is set to (0.7)
+    expect(page.locator("#r-temperature")).to_have_value("0")
+    assert page.input_value("#c-temperature") == "0.7"
+    page.fill("#r-max-tokens", "16")
     page.fill("#rag-new", "playbook")
     page.press("#rag-new", "Enter")
     expect(page.locator("#rag-collection")).to_have_value("playbook")
@@ -255,6 +261,7 @@ def test_rag_upload_ask_and_open_the_cited_span(open_page):
     page.fill("#rag-question", "When was the Fenwick lighthouse built?")
     page.press("#rag-question", "Enter")
     expect(page.locator("#rag-answer[data-state=done]")).to_have_text(re.compile(r"\S"))
+    assert (sent[-1]["temperature"], sent[-1]["max_tokens"]) == (0, 16)
     cited = page.locator("#rag-sources li", has_text="1873")
     expect(cited.first).to_be_visible()
     cited.first.locator("button").click()
@@ -264,9 +271,29 @@ def test_rag_upload_ask_and_open_the_cited_span(open_page):
     shot(page, "view-rag")
 
 
-def test_quantization_slider_reads_the_expected_gigabytes(open_page):
+def test_quantization_slider_reads_the_expected_gigabytes(open_page, srv):
+    from servelm.engine.quant.report import format_ladder
+
     page = open_page("alice")
+    held = []  # the figures' request waits until the page has shown that it is loading
+    page.route("**/v1/quantization", lambda route: held.append(route))
     view(page, "quant")
+    expect(page.locator("#q-table tbody tr.loading")).to_contain_text("Loading")
+    expect(page.locator("#q-table")).to_have_attribute("aria-busy", "true")
+    for _ in range(600):  # until the route handler has the request (a condition, with a generous deadline)
+        if held:
+            break
+        page.wait_for_timeout(100)
+    assert held, "the panel asked for its figures"
+    held[0].continue_()
+    expect(page.locator("#q-table")).to_have_attribute("aria-busy", "false")
+    # the bits per weight are those `servelm quantize --report` prints for the same model
+    quant = api(srv, "GET", "/v1/quantization", "alice").json()
+    report = format_ladder(quant)
+    for fmt in ("int4", "int8"):
+        bits = f"{quant['formats'][fmt]['projection_bits_per_weight']:.3f}"
+        assert bits in report
+        expect(page.locator(f"#q-table tr[data-format={fmt}] td").nth(3)).to_have_text(bits)
     page.fill("#q-params", "7")
     slider = page.locator("#q-bits")
     slider.focus()
@@ -311,14 +338,40 @@ def test_admin_approves_a_flagged_item(open_page, srv):
     view(page, "review")
     card = page.locator(f".review[data-review-id='{rid}']")
     expect(card).to_be_visible()
+    # only requests people sent: the server's start-up warm-up is never an item
+    assert all(i["request_id"] != "warmup" and i["prompt"] != "warm up"
+               for i in api(srv, "GET", "/v1/admin/reviews?status=all", "root").json()["data"])
+    pending = int(page.get_attribute("#review-count", "data-pending"))
     expect(card.locator(".reason")).to_have_text(re.compile(r"\S"))
     expect(card).to_contain_text(INJECTION)
     shot(page, "view-review")
     card.locator("textarea").fill("A reviewer's answer.")
     card.locator("button.approve").click()
     expect(card).to_have_attribute("data-status", "approved")
+    expect(page.locator("#review-count")).to_have_attribute("data-pending", str(pending - 1))
+    expect(page.locator("#review-count")).to_have_text(f"{pending - 1} pending")
     got = api(srv, "GET", f"/v1/reviews/{rid}", "reviewed").json()
     assert (got["status"], got["answer"]) == ("approved", "A reviewer's answer.")
+
+
+def test_a_held_message_shows_once_and_holds_no_later_turn(open_page):
+    page = open_page("reviewed")
+    sent = []
+    page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(r.post_data_json))
+    page.fill("#c-max-tokens", "8")
+    page.fill("#chat-input", INJECTION)
+    page.click("#chat-send")
+    first = page.locator(".msg.assistant[data-state=done]")
+    expect(first).to_have_count(1)
+    expect(first).to_contain_text("Held for human review")
+    assert first.inner_text().lower().count("held for human review") == 1, first.inner_text()
+    page.fill("#chat-input", "Say hello.")
+    page.press("#chat-input", "Enter")
+    expect(page.locator(".msg.assistant[data-state=done]")).to_have_count(2)
+    second = page.locator(".msg.assistant").nth(1)
+    expect(second).not_to_contain_text("Held for human review")
+    expect(second).to_have_text(re.compile(r"\S"))
+    assert INJECTION not in json.dumps(sent[-1]["messages"])  # the held exchange is not sent again
 
 
 def test_a_non_admin_key_sees_no_admin_parts(open_page):

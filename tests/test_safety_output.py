@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from servelm.safety import Guard
-from servelm.safety.pii import get_pii_detector
+from servelm.safety.pii import KNOWN_ENTITIES, get_pii_detector
 from servelm.safety.streaming import StreamingRedactor
 
 PII_TEXT = ("Sure. Contact Maria Gonzalez at maria.gonzalez@example.org or call +1 415-555-0132. "
@@ -26,7 +26,9 @@ def registry():
 
 @pytest.fixture(scope="module")
 def guard(registry):
-    g = Guard.from_policy({"canary": "ZX-CANARY-91f3"}, registry=registry)
+    # every entity, names and IP addresses included (the defaults leave those two out)
+    g = Guard.from_policy({"canary": "ZX-CANARY-91f3", "scanners": {"pii": {"entities": list(KNOWN_ENTITIES)}}},
+                          registry=registry)
     g.warmup()
     return g
 
@@ -80,12 +82,15 @@ def test_streamed_pii_redacted_even_when_split_across_deltas(guard, splitter):
     assert any(pieces[:-1]), "text must flow before finish(), not only at the end"
 
 
-def test_streaming_redactor_holds_back_tail_window():
-    r = StreamingRedactor(lambda t: get_pii_detector().detect(t, ("EMAIL_ADDRESS",)), window=32, min_step=8)
-    out = [r.feed(c) for c in "hello there, my mail is bob.smith@example.com and that is all folks, bye now."]
+def test_streaming_redactor_holds_back_only_the_word_being_written():
+    r = StreamingRedactor(lambda t: get_pii_detector().detect(t, ("EMAIL_ADDRESS",)))
+    words = "hello there, my mail is bob.smith@example.com and that is all folks, bye now.".split(" ")
+    out = [r.feed(w if i == 0 else " " + w) for i, w in enumerate(words)]
     out.append(r.finish())
     assert "".join(out) == "hello there, my mail is <EMAIL_ADDRESS> and that is all folks, bye now."
     assert all("bob" not in o and "example" not in o for o in out)
+    # one word behind the model: every word but the first comes out as soon as the next one starts
+    assert out[0] == "" and all(out[1:])
 
 
 def test_canary_leak_blocks_full_and_streamed_output(guard):

@@ -73,9 +73,9 @@ def chat(srv, key: str, messages, **kw) -> httpx.Response:
                 {"messages": messages, "max_tokens": 16, "temperature": 0, **kw})
 
 
-def stream_deltas(client: OpenAI, messages, **kw) -> tuple[list[str], str | None]:
+def stream_deltas(client: OpenAI, messages, max_tokens: int = 16, **kw) -> tuple[list[str], str | None]:
     deltas, reason = [], None
-    for ch in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+    for ch in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0,
                                              stream=True, **kw):
         for c in ch.choices:
             if c.delta.content:
@@ -179,6 +179,56 @@ def test_pii_split_across_tokens_never_leaves_the_server_when_streamed(env):
                       headers={"Authorization": f"Bearer {env.keys['alice']}"}) as r:
         raw = "".join(line for line in r.iter_lines())
     assert "EMAIL_ADDRESS" in raw and "john" not in raw
+
+
+def _sse(path: str, env, key: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", env.url + path, json={**body, "stream": True}, timeout=120,
+                      headers={"Authorization": f"Bearer {env.keys[key]}"}) as r:
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def _says_email_redacted(note) -> bool:
+    return any(x["kind"] == "EMAIL_ADDRESS" and x["scanner"] == "pii" and x["count"] >= 1
+               for x in (note or {}).get("guard", {}).get("redactions", []))
+
+
+def test_every_redacted_answer_says_so_in_its_servelm_field(env):
+    chat_body = {"messages": ECHO, "max_tokens": 16, "temperature": 0}
+    r = call(env, "POST", "/v1/chat/completions", "alice", chat_body).json()
+    assert "<EMAIL_ADDRESS>" in r["choices"][0]["message"]["content"]
+    assert _says_email_redacted(r["choices"][0]["servelm"]), r
+    last = [e for e in _sse("/v1/chat/completions", env, "alice", chat_body) if e["choices"]][-1]
+    assert last["choices"][0]["finish_reason"] and _says_email_redacted(last["choices"][0].get("servelm")), last
+    prompt = f"Contact: anna.lee@mail.org\nContact: {EMAIL}\nContact: {EMAIL}\nContact:"
+    body = {"prompt": prompt, "max_tokens": 10, "temperature": 0}
+    c = call(env, "POST", "/v1/completions", "alice", body).json()
+    assert _says_email_redacted(c["choices"][0]["servelm"]), c
+    last = [e for e in _sse("/v1/completions", env, "alice", body) if e["choices"]][-1]
+    assert _says_email_redacted(last["choices"][0].get("servelm")), last
+    g = call(env, "POST", "/generate", "alice", body).json()
+    assert "<EMAIL_ADDRESS>" in g["text"] and _says_email_redacted(g["servelm"]), g
+    last = _sse("/generate", env, "alice", body)[-1]
+    assert last["finish_reason"] and _says_email_redacted(last.get("servelm")), last
+    resp = call(env, "POST", "/v1/responses", "alice", {"input": ECHO, "max_output_tokens": 16,
+                                                           "temperature": 0}).json()
+    assert _says_email_redacted(resp.get("servelm")), resp
+    # an answer the guard left alone carries no note
+    plain = call(env, "POST", "/v1/chat/completions", "alice", {**chat_body, "messages": [
+        {"role": "user", "content": "Name a colour."}], "max_tokens": 6}).json()
+    assert "servelm" not in plain["choices"][0] and "servelm" not in plain
+
+
+def test_a_guarded_stream_arrives_token_by_token_and_reads_as_the_whole_answer(env):
+    for messages, tokens in (([{"role": "user", "content": "Tell me about Paris in three sentences."}], 40),
+                             (ECHO, 16)):
+        whole = sdk(env, "alice").chat.completions.create(model=MODEL, messages=messages, max_tokens=tokens,
+                                                          temperature=0)
+        deltas, _ = stream_deltas(sdk(env, "alice"), messages, max_tokens=tokens)
+        assert "".join(deltas) == whole.choices[0].message.content
+        if messages is not ECHO:  # about one chunk per token: a word is held only until the next one starts
+            assert len(deltas) >= whole.usage.completion_tokens // 3, (len(deltas), whole.usage)
+    # the e-mail address, written over several tokens, leaves only redacted
+    assert "<EMAIL_ADDRESS>" in "".join(deltas) and not any("john" in d or "@" in d for d in deltas), deltas
 
 
 # ------------------------------------------------------------------ RAG answers pass the same guard

@@ -11,8 +11,13 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-DEFAULT_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN",
-                    "IP_ADDRESS", "API_KEY", "PERSON")
+# What the pii scanner redacts unless a policy lists its own entities: credentials (API_KEY: provider keys,
+# tokens, "password: ..." values, private keys) and identifiers whose disclosure harms their owner. Names,
+# places, organisations and dates are the substance of ordinary answers ("the first president was George
+# Washington"): a policy opts in to PERSON (spaCy NER) or IP_ADDRESS by listing them.
+DEFAULT_ENTITIES = ("API_KEY", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "EMAIL_ADDRESS", "PHONE_NUMBER")
+# Every entity a policy may list.
+KNOWN_ENTITIES = (*DEFAULT_ENTITIES, "IP_ADDRESS", "PERSON")
 
 
 @dataclass(slots=True)

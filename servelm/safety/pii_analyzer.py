@@ -62,10 +62,12 @@ def luhn_ok(digits: str) -> bool:
 
 
 class LuhnCardRecognizer(PatternRecognizer):
-    """Any 13-19 digit card number (spaces/dashes allowed) that passes Luhn.
+    """Any 13-19 digit card number (spaces/dashes allowed) of a card network's range that passes Luhn.
 
     Presidio's own card recogniser only knows older issuer prefixes (it misses the
-    Mastercard 2-series, 2221-2720); the checksum keeps this generic pattern precise.
+    Mastercard 2-series, 2221-2720); the checksum keeps this generic pattern precise. Card numbers
+    start with 2-6 (ISO/IEC 7812 major industry identifiers of banking and payment cards), which
+    leaves out ISBN-13s and EAN barcodes (978..., 0...) that pass Luhn by chance.
     """
 
     def __init__(self):
@@ -74,7 +76,9 @@ class LuhnCardRecognizer(PatternRecognizer):
 
     def validate_result(self, pattern_text: str):  # noqa: D102
         digits = "".join(c for c in pattern_text if c.isdigit())
-        return 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn_ok(digits)
+        # 13 digits: only Visa's oldest cards (4...); other 13-digit numbers are EAN barcodes
+        return (13 <= len(digits) <= 19 and digits[0] in "23456" and (len(digits) > 13 or digits[0] == "4") and len(set(digits)) > 1
+                and luhn_ok(digits))
 
 
 class Ipv6Recognizer(PatternRecognizer):
@@ -91,6 +95,17 @@ class Ipv6Recognizer(PatternRecognizer):
             return False
 
 
+class NanpPhoneRecognizer(PatternRecognizer):
+    """Numbers written the North American way, ``555-123-4567`` or ``(415) 555-0132``, whether or not the
+    area code is assigned (libphonenumber rejects the 555 numbers of films and examples, yet readers take
+    them for phone numbers, and so may a real caller's number in a new area code)."""
+
+    def __init__(self):
+        super().__init__(supported_entity="PHONE_NUMBER", supported_language="en", name="NanpPhoneRecognizer",
+                         patterns=[Pattern("nanp", r"(?<![\w.+\-])(?:1[ .\-])?(?:\(\d{3}\) ?|\d{3}[.\-])\d{3}[.\-]"
+                                                   r"\d{4}(?![\w\-]|\.\d)", 0.4)])
+
+
 _ID_CONTEXT = re.compile(r"(?:order|invoice|isbn(?:-1[03])?|ref(?:erence)?|tracking|id|no\.?|number|#|sku|"
                          r"serial|ticket|case|account)\W{0,4}$", re.IGNORECASE)
 
@@ -100,19 +115,27 @@ def _plausible(entity: str, text: str, start: int, end: int) -> bool:
     (spaCy's lemma-based context boost is off, see PiiDetector):
 
     * PHONE_NUMBER: a number after a decimal point ("3.1415926535"), after an identifier word ("order
-      4471-2290-1183", "ISBN 0-306-40615-2"), or written in groups with single digits ("4 8 15 16 23 42");
-      a number written with + or ( or 00 in front is always kept.
+      4471-2290-1183", "ISBN 0-306-40615-2"), written in groups with single digits ("4 8 15 16 23 42"), or
+      without an international prefix and not of 10 or 11 digits, the length of a North American or UK
+      number with its area code (ZIP codes "20500-0003", "82204 92323"; coordinates; EAN barcodes; times);
+      a number written with + or 00 in front is always kept.
+    * CREDIT_CARD: 13 digits not starting with 4 (an EAN-13 barcode; only old Visa cards have 13 digits).
     * PERSON: a span with digits ("EUR 1,234.56") or not starting with a capital letter ("square metre")."""
     span = text[start:end]
     if entity == "PHONE_NUMBER":
-        if span.startswith(("+", "(", "00")):
+        if span.startswith(("+", "00")):
             return True
+        if not 10 <= sum(c.isdigit() for c in span) <= 11 or (end < len(text) and text[end].isdigit()):
+            return False
         if start >= 2 and text[start - 1] == "." and text[start - 2].isdigit():
             return False
         if _ID_CONTEXT.search(text[max(0, start - 16):start]):
             return False
         groups = re.findall(r"\d+", span)
         return not (len(groups) > 2 and sum(len(g) == 1 for g in groups[1:]) >= 1)
+    if entity == "CREDIT_CARD":  # Presidio's recogniser too: 13 digits are a Visa (4...) or a barcode
+        digits = [c for c in span if c.isdigit()]
+        return len(digits) != 13 or digits[0] == "4"
     if entity == "PERSON":
         return span[:1].isupper() and not any(c.isdigit() for c in span)
     return True
@@ -158,8 +181,14 @@ class PiiDetector:
     @staticmethod
     def _registry() -> RecognizerRegistry:
         registry = RecognizerRegistry(supported_languages=["en"])
-        for rec in (OfflineEmailRecognizer(), PhoneRecognizer(), CreditCardRecognizer(), IbanRecognizer(),
-                    UsSsnRecognizer(), IpRecognizer(), ApiKeyRecognizer(), LuhnCardRecognizer(), Ipv6Recognizer(),
+        # Phone numbers in national format are read as North American or UK ones; any country's number
+        # written with its + prefix is found whatever the region. Presidio's default also reads German,
+        # French, Brazilian... national formats, where 5-digit numbers are valid: ZIP codes became phones.
+        # Leniency 2 (STRICT_GROUPING) wants the digits grouped as the country writes them ("415 555 2671",
+        # not a pair of ZIP codes "63125 33322").
+        for rec in (OfflineEmailRecognizer(), PhoneRecognizer(supported_regions=("US", "CA", "GB"), leniency=2),
+                    CreditCardRecognizer(), IbanRecognizer(),
+                    UsSsnRecognizer(), IpRecognizer(), ApiKeyRecognizer(), LuhnCardRecognizer(), Ipv6Recognizer(), NanpPhoneRecognizer(),
                     SpacyRecognizer(supported_entities=["PERSON"])):
             registry.add_recognizer(rec)
         return registry

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from servelm.safety.pii import KNOWN_ENTITIES
+
 ACTIONS = ("allow", "redact", "block", "review")
 FAIL_MODES = ("open", "closed")
 
@@ -153,6 +155,9 @@ def _merge_scanner(base: ScannerPolicy, conf, where: str) -> ScannerPolicy:
         raise PolicyError(f"{where}.action must be one of {ACTIONS}, got {out.action!r}")
     if out.fail_mode is not None and out.fail_mode not in FAIL_MODES:
         raise PolicyError(f"{where}.fail_mode must be one of {FAIL_MODES}")
+    if out.entities is not None and (not isinstance(out.entities, list)
+                                     or any(e not in KNOWN_ENTITIES for e in out.entities)):
+        raise PolicyError(f"{where}.entities must be a list of {', '.join(KNOWN_ENTITIES)}; got {out.entities!r}")
     try:
         out.threshold = float(out.threshold)
     except (TypeError, ValueError):

@@ -9,7 +9,7 @@ import regex as re
 
 # The value after a credential keyword ("password: ...", "client_secret=..."): not a code reference
 # (os.environ[...], settings.KEY, getenv(...)), a ${VAR}/<placeholder>, or a common filler word.
-_KEYWORD = (r"\b(?:password|passwd|pwd|passphrase|secret|client[_\-]?secret|secret[_\-]?key|api[_\-]?key|"
+KEYWORD = (r"\b(?:password|passwd|pwd|passphrase|secret|client[_\-]?secret|secret[_\-]?key|api[_\-]?key|"
             r"access[_\-]?token|auth[_\-]?token|bearer[_\-]?token)\b")
 _VALUE = (r"(?![A-Za-z_]\w*(?:\.\w|\(|\[))(?![$<{*x]{2}|\$\{|<)(?!(?:none|null|true|false|changeme|required|"
           r"optional|string|redacted|hidden)\b)[^\s\"'`,;()\[\]{}<>]{6,}")
@@ -33,7 +33,7 @@ SECRET_PATTERNS: dict[str, str] = {
     "aws_secret_key": (r"(?:(?<=\baws[_\-\s]?(?:secret[_\-\s]?(?:access[_\-\s]?)?key|secret)[\"']?\s*[:=]?\s*[\"']?)"
                        r"|(?<=\b(?:AKIA|ASIA)[0-9A-Z]{16}[\"']?[\s:/,;|]{1,5}[\"']?))"  # or right after its key id
                        r"[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])"),
-    "keyword_secret": rf"(?<={_KEYWORD}[\"']?\s*[:=]\s*[\"']?){_VALUE}",
+    "keyword_secret": rf"(?<={KEYWORD}[\"']?\s*[:=]\s*[\"']?){_VALUE}",
     "hf_token": r"\bhf_[A-Za-z0-9]{30,}\b",
 }
 SECRET_RE = re.compile("|".join(f"(?P<{k}>{v})" for k, v in SECRET_PATTERNS.items()))

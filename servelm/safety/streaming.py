@@ -1,10 +1,18 @@
 """Incremental output redaction for streamed completions.
 
-Text is emitted only once it is far enough from the end of what the model has produced
-that no PII span could still be growing across it: the scanner keeps a *tail window*
-of ``window`` characters, and never cuts inside a detected span or inside a word.
-So an e-mail address that arrives as ``"jo" "hn@exa" "mple.com"`` leaves the server
-only as ``<EMAIL_ADDRESS>``.
+A streamed answer should look streamed: each token's text leaves the server as soon as no scanner could
+still need it. Text is held back only while it may be the beginning of something a scanner looks for:
+
+* the word still being written (an e-mail address or key arrives as ``"jo" "hn@exa" "mple.com"``);
+* the longest run that a *hold pattern* can still complete: a number written with spaces or dashes (a
+  phone, card or SSN), an IBAN in groups of four, ``password: ...`` before its value, a PEM private key
+  before its END line (the ``regex`` package's partial matching tells whether a pattern could still match
+  if the text went on);
+
+and never more than ``max_hold`` characters (``max_hold_block`` for a private key block). What is released
+is scanned with the ``context`` characters sent before it, so a "keyword: value" secret whose keyword left
+in an earlier chunk is still found. An e-mail split across tokens therefore leaves only as
+``<EMAIL_ADDRESS>``, while ordinary prose goes out one chunk per token, one word behind the model.
 
     scanner = guard.output_stream(request_id)
     for delta in engine_deltas:
@@ -16,75 +24,101 @@ from __future__ import annotations
 
 from typing import Callable
 
+import regex
+
 from servelm.safety.pii import PiiSpan, redact
+from servelm.safety.secrets import KEYWORD
 
 Detect = Callable[[str], list[PiiSpan]]
+
+# Patterns whose partial match at the end of the text holds it back (see the module docstring). They are
+# deliberately looser than the detectors: holding a few characters too long costs nothing.
+NUMBER_HOLD = r"[+(]?\d[\d \-().\/]*"                     # phones, cards, SSNs, IP addresses
+IBAN_HOLD = r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{1,4})* ?"
+KEYWORD_HOLD = rf"{KEYWORD}[\"']?\s*[:=]?\s*[\"']?\S*"  # "password: hunter2" until the value is complete
+PRIVATE_KEY_HOLD = r"-----BEGIN[^\n]*PRIVATE KEY[\s\S]*?-----END[^\n]*?-----"
+# With PERSON on: a run of capitalised words ("George" may go on as "George Washington").
+NAME_HOLD = r"[A-Z][\w'\-]*(?:\.? +[A-Z][\w'\-]*)* *"
+DEFAULT_HOLDS = (NUMBER_HOLD, IBAN_HOLD, KEYWORD_HOLD, PRIVATE_KEY_HOLD)
 
 
 class StreamingRedactor:
     """Redacts PII in a stream of text deltas; ``feed`` returns what is safe to emit now.
 
-    ``detect`` maps text to PII spans. ``window`` must exceed the longest PII span
-    expected (IBANs with spaces are 42 characters; API keys can be longer: they have no
-    spaces, so the word rule holds them back anyway). ``min_step`` batches analysis so
-    the detector runs about once per ``min_step`` new characters, not per token.
+    ``detect`` maps text to PII spans. ``holds`` are regular expressions (``regex`` syntax) whose partial
+    match at the end of the unsent text keeps it back; the word being written is always kept back.
     """
 
-    def __init__(self, detect: Detect, window: int = 64, min_step: int = 24, max_word: int = 512,
+    def __init__(self, detect: Detect, holds: tuple[str, ...] = DEFAULT_HOLDS, context: int = 64,
+                 max_hold: int = 256, max_hold_block: int = 8192,
                  on_spans: Callable[[list[PiiSpan]], None] | None = None):
         self.detect = detect
-        self.window = window
-        self.min_step = min_step
-        self.max_word = max_word
+        self.holds = [regex.compile(h) for h in holds]
+        self.context = context
+        self.max_hold = max_hold
+        self.max_hold_block = max_hold_block
         self.on_spans = on_spans
         self._buf = ""
+        self._sent_raw = ""  # the last ``context`` characters released, before redaction
         self._finished = False
         self.spans_found: list[PiiSpan] = []
         self.emitted = ""
         self.blocked = False
 
-    def _cut(self, spans: list[PiiSpan], final: bool) -> int:
-        if final:
-            return len(self._buf)
-        cut = len(self._buf) - self.window
-        if cut <= 0:
-            return 0
-        # Back up to whitespace so a word (or a token-split number) is never split,
-        # unless the "word" is absurdly long (binary garbage, base64 blobs).
-        ws = max(self._buf.rfind(c, 0, cut) for c in " \n\t")
-        if ws >= 0 and cut - ws <= self.max_word:
-            cut = ws + 1
-        elif ws < 0 and cut <= self.max_word:
-            return 0
-        for s in spans:  # never split a detected span: move the cut before it
-            if s.start < cut < s.end:
-                cut = s.start
-        return max(cut, 0)
+    def _held_from(self) -> int:
+        """Returns the index in the unsent text from which it must wait for more text."""
+        buf, n = self._buf, len(self._buf)
+        floor = max(0, n - self.max_hold)
+        hold = max(max(buf.rfind(c) for c in " \n\t") + 1, floor)  # the word being written
+        offset = max(0, n - self.max_hold_block)
+        tail = buf[offset:]
+        for rx in self.holds:
+            for m in rx.finditer(tail, partial=True):
+                if m.end() == len(tail) and m.start() < len(tail):
+                    # a private key block may be long; anything else goes out after max_hold characters
+                    start = offset + m.start()
+                    hold = min(hold, start if rx.pattern == PRIVATE_KEY_HOLD else max(start, floor))
+                    break
+        return hold
 
     def _advance(self, final: bool) -> str:
-        spans = self.detect(self._buf) if self._buf else []
-        cut = self._cut(spans, final)
+        cut = len(self._buf) if final else self._held_from()
         if cut <= 0:
             return ""
-        head_spans = [s for s in spans if s.end <= cut]
-        if head_spans:
-            self.spans_found.extend(head_spans)
+        left = self._sent_raw[-self.context:]
+        found = self.detect(left + self._buf)
+        if self.blocked:  # the detector stopped the stream (a leaked canary)
+            return ""
+        spans = []
+        for s in found:
+            a, b = s.start - len(left), s.end - len(left)
+            if b > 0:  # spans wholly in the text already sent were handled then
+                spans.append(PiiSpan(s.entity, max(a, 0), b, s.score))
+        for s in sorted(spans, key=lambda s: s.start):  # never split a detected span: hold all of it
+            if s.start < cut < s.end:
+                cut = s.start
+        if cut <= 0:
+            return ""
+        head = [s for s in spans if s.end <= cut]
+        if head:
+            self.spans_found.extend(head)
             if self.on_spans:
-                self.on_spans(head_spans)
-        out = redact(self._buf[:cut], head_spans)
+                self.on_spans(head)
+        if self.blocked:  # on_spans stopped the stream (the policy blocks PII)
+            return ""
+        out = redact(self._buf[:cut], head)
+        self._sent_raw = (self._sent_raw + self._buf[:cut])[-self.context:]
         self._buf = self._buf[cut:]
         self.emitted += out
         return out
 
     def feed(self, delta: str) -> str:
-        """Add ``delta``; return the redacted text that may be sent now (often ``""``)."""
+        """Add ``delta``; return the redacted text that may be sent now (``""`` while all of it is held)."""
         if self._finished:
             raise RuntimeError("feed() after finish()")
         if self.blocked or not delta:
             return ""
         self._buf += delta
-        if len(self._buf) < self.window + self.min_step:
-            return ""
         return self._advance(final=False)
 
     def finish(self) -> str:
@@ -92,7 +126,7 @@ class StreamingRedactor:
         if self._finished:
             return ""
         self._finished = True
-        if self.blocked:
+        if self.blocked or not self._buf:
             return ""
         return self._advance(final=True)
 

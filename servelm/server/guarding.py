@@ -177,8 +177,9 @@ class Guarding:
         if d.action == "review":
             return held_answer(d)
         if d.action == "block":
-            return Answer("", "content_filter", servelm={"content_filter": {"scanner": d.scanner, "reason": d.reason}})
-        return Answer(d.text)
+            return Answer("", "content_filter", servelm={"content_filter": {"scanner": d.scanner, "reason": d.reason},
+                                                         **guard_note(d)})
+        return Answer(d.text, servelm=guard_note(d))
 
     async def redact_sources(self, texts: list[str], request_id: str, key_name: str, supplied: str = "",
                              windows: list[tuple[int, int]] | None = None) -> list[str]:
@@ -233,6 +234,8 @@ class ChoiceStream:
         if self.scanner is not None and self.finish_reason is None:
             text += await self.scanner.afinish()
             text += self._check()
+            if self.finish_reason is None:  # the answer's last chunk says what the guard redacted
+                self.servelm = guard_note(self.scanner.decision) or None
         return text
 
     async def _scan(self, delta: str) -> str:
@@ -245,9 +248,10 @@ class ChoiceStream:
             d = self.scanner.decision
             self.finish_reason = "content_filter"
             if d is not None and d.review_id:
-                self.servelm = {"review_id": d.review_id}
+                self.servelm = {"review_id": d.review_id, **guard_note(d)}
                 return d.held_response or ""
-            self.servelm = {"content_filter": {"scanner": d.scanner if d else None, "reason": d.reason if d else ""}}
+            self.servelm = {"content_filter": {"scanner": d.scanner if d else None, "reason": d.reason if d else ""},
+                            **(guard_note(d) if d else {})}
         return ""
 
 
@@ -279,7 +283,22 @@ def content_filtered(message: str, param: str) -> APIError:
 
 def held_answer(d) -> Answer:
     """Returns the Answer for a request or response sent to human review."""
-    return Answer(d.held_response or "", "content_filter", servelm={"review_id": d.review_id, "status": "pending"})
+    return Answer(d.held_response or "", "content_filter", servelm={"review_id": d.review_id, "status": "pending",
+                                                                    **guard_note(d)})
+
+
+def guard_note(d) -> dict:
+    """Returns the ``servelm`` annotation of an answer whose text the guard changed or held: ``{"guard":
+    {"action": "redact", "redactions": [{"scanner", "kind", "count"}, ...]}}``, or for a held or blocked one
+    ``{"guard": {"action": "review" | "block", "scanner", "reason"}}``; ``{}`` when the text went out as written.
+
+    Every route and stream takes the annotation from here, so a client can always tell a changed answer
+    from the model's own words (streams: in the choice's last chunk)."""
+    if d.action == "redact" and d.redactions:
+        return {"guard": {"action": "redact", "redactions": d.redactions}}
+    if d.action in ("block", "review"):
+        return {"guard": {"action": d.action, "scanner": d.scanner, "reason": d.reason}}
+    return {}
 
 
 # -- engine calls behind the breaker --------------------------------------------------------------

@@ -481,7 +481,10 @@ class GenerateRequest(_Request):
                          "finish_reason and tokens_generated; then data: [DONE].")
 
 
-class GenerateResponse(BaseModel):
+class GenerateResponse(_Body):
+    _omit_none = frozenset({"servelm"})
+
     text: str
     tokens_generated: int
     finish_reason: str | None = None  # stop, length or content_filter
+    servelm: dict | None = None  # what the output guard changed (servelm extension)

@@ -291,6 +291,8 @@ def _stream(ctx: ServerContext, gen: Generation, turn: ChatTurn, body: ChatCompl
             stopped = next((s for s in stages[index] if getattr(s, "finish_reason", None)), None)
             if stopped is not None:  # a guard ended this choice: nothing more of it is sent
                 ended, reason, note = True, stopped.finish_reason, getattr(stopped, "servelm", None)
+            elif c.finished:  # the last chunk says what a guard changed
+                note = next((s.servelm for s in stages[index] if getattr(s, "servelm", None)), None)
         # a stage that holds or rewrites text would have its tokens given away by logprobs
         lp = (chat_logprobs(c.delta_logprobs or [], k) if body.logprobs and c.delta_logprobs
               and all(getattr(s, "passthrough", False) for s in stages[index]) else None)

@@ -251,6 +251,8 @@ def _stream(ctx: ServerContext, gens: list[Generation], run: list[int], answers:
             text = await run_stream_stages([scanner], text, c.finished)
             if scanner.finish_reason:  # a guard ended this choice
                 ended, reason, servelm = True, scanner.finish_reason, scanner.servelm
+            elif c.finished:  # the last chunk says what the guard changed
+                servelm = scanner.servelm
         elif body.logprobs is not None and c.delta_logprobs:
             # logprobs only unguarded: a guard holds text back, so token offsets would not match
             lp = completion_logprobs(c.delta_logprobs, body.logprobs, offsets[k])

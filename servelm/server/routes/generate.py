@@ -84,10 +84,11 @@ async def generate(body: GenerateRequest, request: Request, response: Response,
         return sse.EventStream(headers=result.rate_headers, content=_stream(ctx, result, rid, principal.name,
                                                                             body.prompt))
     gen, (text, reason) = result
+    note = None
     if g is not None:
         scanned = await g.scan_output(text, rid, principal.name, body.prompt)
-        text, reason = scanned.text, scanned.finish_reason or reason
-    return GenerateResponse(text=text, tokens_generated=gen.completion_tokens, finish_reason=reason)
+        text, reason, note = scanned.text, scanned.finish_reason or reason, scanned.servelm or None
+    return GenerateResponse(text=text, tokens_generated=gen.completion_tokens, finish_reason=reason, servelm=note)
 
 
 def _fixed(body: GenerateRequest, answer: dict, headers: dict[str, str]):
@@ -109,12 +110,15 @@ def _stream(ctx: ServerContext, gen: Generation, request_id: str, key_name: str,
 
     async def step(_, c):
         text, reason, ended = c.delta_text, client_finish_reason(c.finish_reason), False
+        note = None
         if scanner is not None:
             text = await run_stream_stages([scanner], text, c.finished)
             if scanner.finish_reason:  # the guard ended the answer
                 ended, reason = True, scanner.finish_reason
+            note = scanner.servelm  # what the guard changed or held, in the last event
         if reason is not None:
-            return {"text": text, "finish_reason": reason, "tokens_generated": gen.completion_tokens}, ended
+            last = {"text": text, "finish_reason": reason, "tokens_generated": gen.completion_tokens}
+            return (last | {"servelm": note} if note else last), ended
         return ({"text": text} if text else None), ended  # nothing while the guard holds text back
 
     return stream_events([gen], 1, step, lambda choices, usage=None: sse.event(choices[0]), False)

@@ -157,6 +157,7 @@ async function sendChat(text) {
   state.abort = new AbortController();
   let answer = "";
   let note = "";
+  let held = false;
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST", signal: state.abort.signal,
@@ -167,21 +168,29 @@ async function sendChat(text) {
     await readSSE(r, (chunk) => {
       const c = chunk.choices && chunk.choices[0];
       if (!c) return;
-      if (c.delta && c.delta.content) {
+      if (c.delta && c.delta.content && !held) {
         answer += c.delta.content;
         out.textContent = answer;
         out.dataset.chunks = String(Number(out.dataset.chunks) + 1);
       }
       const extra = c.servelm || chunk.servelm;
-      if (c.finish_reason === "content_filter") {
-        note = extra && extra.review_id
-          ? `Held for human review (id ${extra.review_id}); a reviewer decides what you get.`
-          : "The safety filter stopped this answer.";
+      if (c.finish_reason === "content_filter" || (extra && extra.review_id)) {
+        held = true;
+        if (extra && extra.review_id) {  // the held notice once, as a note, not also as the answer's text
+          answer = "";
+          out.textContent = "";
+          note = `Held for human review (id ${extra.review_id}); a reviewer decides what you get.`;
+        } else note = "The safety filter stopped this answer.";
+      } else if (extra && extra.guard && extra.guard.action === "redact") {
+        const kinds = extra.guard.redactions.map((x) => `${x.count} ${x.kind.toLowerCase().replace(/_/g, " ")}`);
+        note = `The safety filter redacted ${kinds.join(", ")}.`;
       } else if (extra && extra.fallback) {
         note = "The model is unavailable; this is the server's fallback answer.";
       }
     });
-    state.history = [...messages, { role: "assistant", content: answer }];
+    // A held or stopped exchange stays out of the conversation: sent again with the next turn, the flagged
+    // message would hold every later turn too.
+    if (!held) state.history = [...messages, { role: "assistant", content: answer }];
   } catch (e) {
     if (e.name !== "AbortError") {
       showError("#chat-error", e);
@@ -287,9 +296,13 @@ async function askRag(question) {
   }
 }
 
+// The RAG view has its own controls: an answer from documents should be their most likely reading
+// (temperature 0), whatever the chat view is set to.
 function ragSampling() {
-  const s = samplingFields();
-  return { max_tokens: s.max_tokens, temperature: s.temperature };
+  const num = (id) => { const v = $(id).value; return v === "" ? undefined : Number(v); };
+  const body = { max_tokens: num("#r-max-tokens"), temperature: num("#r-temperature") };
+  Object.keys(body).forEach((k) => body[k] === undefined && delete body[k]);
+  return body;
 }
 
 // Shows the cited chunk with the cited sentence (the source's snippet) highlighted.
@@ -319,6 +332,9 @@ function updateCalculator() {
 
 async function loadQuantization() {
   if (state.quant) return;
+  // the figures take a few seconds on first use (the model's shapes are read from its files)
+  $("#q-table").setAttribute("aria-busy", "true");
+  $("#q-table tbody").replaceChildren(el("tr", { class: "loading" }, el("td", { colspan: "4", text: "Loading…" })));
   try {
     const q = (state.quant = await api("GET", "/v1/quantization"));
     $("#q-model").textContent = `${q.model}: ${(q.params / 1e6).toFixed(1)}M parameters` +
@@ -326,11 +342,17 @@ async function loadQuantization() {
     $("#q-table tbody").replaceChildren(...Object.entries(q.formats).map(([fmt, v]) => el("tr", { "data-format": fmt },
       el("td", { text: fmt.toUpperCase() }), el("td", { text: v.group_size || "–" }),
       el("td", { text: `${(v.computed_bytes / 1e6).toFixed(1)} MB` }),
-      el("td", { text: ((8 * v.computed_bytes) / q.params).toFixed(2) }))));
+      // the projections' stored bits per weight, scales included: the figure `servelm quantize --report` prints
+      el("td", { text: v.projection_bits_per_weight.toFixed(3) }))));
+    $("#q-table").setAttribute("aria-busy", "false");
     const l = q.loaded;
     $("#q-loaded").textContent = `Loaded now: ${l.quantization ? l.quantization.toUpperCase() + " weights, " : ""}` +
       `${l.dtype} compute, measured ${(l.measured_bytes / 1e6).toFixed(1)} MB of weights in memory.`;
-  } catch (e) { showError("#q-error", e); }
+  } catch (e) {
+    $("#q-table tbody").replaceChildren();
+    $("#q-table").setAttribute("aria-busy", "false");
+    showError("#q-error", e);
+  }
 }
 
 // ------------------------------------------------------------------ live metrics
@@ -441,12 +463,21 @@ async function loadReviews() {
   showError("#review-error", null);
   try {
     const r = await api("GET", "/v1/admin/reviews?status=pending");
-    $("#review-count").textContent = `${r.pending} pending`;
+    showReviewCount(r.pending);
     $("#review-list").replaceChildren(...r.data.map(reviewCard));
   } catch (e) {
     if (e.code === "review_disabled") $("#review-off").hidden = false;
     else showError("#review-error", e);
   }
+}
+
+function showReviewCount(n) {
+  $("#review-count").textContent = `${n} pending`;
+  $("#review-count").dataset.pending = String(n);
+}
+
+async function refreshReviewCount() {
+  try { showReviewCount((await api("GET", "/v1/admin/reviews?status=pending&limit=1")).pending); } catch (e) { /* the list says it */ }
 }
 
 function reviewCard(item) {
@@ -458,7 +489,10 @@ function reviewCard(item) {
       const done = await api("POST", `/v1/admin/reviews/${item.id}/${path}`, body && body());
       status.textContent = done.status === "pending" ? "edited (still pending)" : done.status;
       card.dataset.status = done.status;
-      if (done.status !== "pending") card.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+      if (done.status !== "pending") {
+        card.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+        await refreshReviewCount();
+      }
     } catch (e) { status.textContent = e.message; }
   };
   const card = el("article", { class: "review", "data-review-id": item.id, "data-status": item.status },
