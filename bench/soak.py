@@ -51,7 +51,9 @@ def _cases(schema):
 async def soak(args) -> dict:
     import schemathesis
 
-    schema = schemathesis.openapi.from_url(args.base_url.rstrip("/") + "/openapi.json")
+    # fetched here, with the soak's own timeout: a busy server may take a while to answer
+    spec = httpx.get(args.base_url.rstrip("/") + "/openapi.json", timeout=args.timeout).raise_for_status().json()
+    schema = schemathesis.openapi.from_dict(spec)
     stats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     errors: list[dict] = []
     sent = 0
