@@ -118,7 +118,7 @@ def _loso_features(samples, kind: str):
     for k in kind.split("+"):
         if k == "ngram":
             parts.append(featurize(texts))
-        else:
+        else:  # the same columns featurize(features=kind) makes, read from the cache
             parts.append(csr_matrix(np.asarray(cached_embeddings(texts, k), np.float64)))
     return hstack(parts).tocsr() if len(parts) > 1 else parts[0]
 
