@@ -79,6 +79,9 @@ def eval_injection() -> dict:
     out["normalise_latency_ms_p50"] = round(statistics.median(lats["normalise"]) * 1000, 3)
     out["held_out"] = {"size": len(y), "positives": sum(y), "sources": sorted({s.source for s in held})}
     out["classifier_threshold"] = clf.threshold
+    if clf.meta.get("manifest"):  # trained by train_injection on every source, this split included
+        out["note"] = ("the injection classifier trains on all sources, this split included: in-sample figures; "
+                       "see injection_leave_one_source_out for the out-of-source ones")
     # Per-source recall/FPR of the combined scanner, to show where it fails.
     by_src: dict = {}
     for s, p in zip(held, preds["rules+classifier"]):

