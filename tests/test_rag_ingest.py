@@ -127,8 +127,8 @@ def test_cli_ingest_reports_errors_and_ingests_the_rest(tmp_path):
     data = tmp_path / "data"
     r = subprocess.run([sys.executable, "-m", "servelm.rag.cli", os.path.join(FIXTURES, "notes.md"),
                         os.path.join(FIXTURES, "encrypted.pdf"), "--collection", "cli", "--data-dir", str(data),
-                        "--jobs", "2"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+                        "--jobs", "1"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 1, r.stderr
     assert "encrypted.pdf: the PDF is encrypted" in r.stderr
     assert "ingest → cli" in r.stderr and "chunk" in r.stderr and "2/2 files" in r.stderr  # the progress bar
