@@ -20,6 +20,7 @@ from servelm.engine.kv_cache import KVCacheManager
 from servelm.engine.models.config import ModelLoadError
 from servelm.engine.models.loader import LoadedModel, load_model
 from servelm.engine.output_processor import OutputProcessor
+from servelm.engine.quant.config import QuantConfig
 from servelm.engine.outputs import RequestOutput
 from servelm.engine.runner import ModelRunner
 from servelm.engine.sampling import Sampler
@@ -73,12 +74,18 @@ class LLMEngine:
         config.check_parallel(self.device)
         torch.manual_seed(config.seed)
         if loaded is None:
+            # quantization=None: a quantized GGUF runs in its own blocks; "none" dequantizes it (the float path)
             loaded = load_model(config.model, self.dtype, self.device, config.max_model_len, config.seed,
-                                progress=config.show_progress, download_dir=config.download_dir)
+                                progress=config.show_progress, download_dir=config.download_dir,
+                                gguf_blocks=config.quantization is None, max_rows=config.max_num_seqs)
         self.loaded = loaded
         self.model_config = loaded.config
         self.model = loaded.model
         self.tokenizer = self._load_tokenizer(config, loaded)
+        if config.quantization and QuantConfig.parse(config.quantization).method and _requantizes(loaded):
+            log.warning("%s is already quantized (%s): --quantization %s dequantizes it and rounds the weights a "
+                        "second time; without --quantization it runs in its own blocks, with no second rounding",
+                        self.loaded.tokenizer_source, _requantizes(loaded), config.quantization)
         if config.quantization:
             from servelm.engine.quant import calibration_windows, quantize_model  # noqa: PLC0415 (optional subsystem)
 
@@ -432,6 +439,12 @@ def _num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: tor
     if blocks < 1:
         raise ValueError(f"the KV cache budget ({budget} bytes) holds no {per_block}-byte block")
     return int(blocks)
+
+
+def _requantizes(loaded: LoadedModel) -> str | None:
+    """The quantized GGUF type(s) of the loaded float weights, e.g. "Q4_1", when they came from quantized blocks."""
+    kinds = sorted({t for t in loaded.source_qtypes.values() if t not in ("F32", "F16", "BF16")})
+    return "/".join(kinds) or None
 
 
 def prompt_from_dict(prompt: dict) -> str | list[int]:
