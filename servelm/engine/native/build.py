@@ -20,7 +20,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("kernels.cpp", "forward.cpp")  # forward.cpp: the fused model forward, where present
+SOURCES = ("kernels.cpp", "forward.cpp")  # all hashed; forward.cpp includes kernels.cpp: one translation unit
+MAIN_SOURCE = "forward.cpp"
 BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-ffp-contract=off"]
 VARIANT_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-mbmi2"],
@@ -73,7 +74,7 @@ def build(variant: str, force: bool = False) -> Path:
     if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd_base = [_compiler(), *BASE_FLAGS, *VARIANT_FLAGS[variant], *map(str, _sources())]
+    cmd_base = [_compiler(), *BASE_FLAGS, *VARIANT_FLAGS[variant], str(Path(__file__).resolve().parent / MAIN_SOURCE)]
     t0 = time.perf_counter()
     # build into a temporary name and rename, so a concurrent process never loads a half-written file
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
