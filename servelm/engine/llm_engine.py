@@ -32,8 +32,6 @@ from servelm.engine.tokenizer import TokenIdsOnly, Tokenizer
 
 log = logging.getLogger("servelm.engine")
 
-CPU_KV_BYTES = 1 << 30
-
 
 @dataclass(slots=True)
 class EngineStats:
@@ -121,8 +119,16 @@ class LLMEngine:
         self.overlapped_steps = 0
         self.steps = 0
         self.prompt_tokens_computed = 0
-        log.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d x %d tokens tensor_parallel=%d",
-                 self.model_name, self.device, self.dtype, num_blocks, block_size, config.tensor_parallel_size)
+        from servelm.engine.memory import peak_rss  # noqa: PLC0415
+        from servelm.engine.quant.apply import model_weight_bytes  # noqa: PLC0415
+
+        self.weight_bytes = model_weight_bytes(self.model)
+        self.kv_bytes = num_blocks * ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
+        log.info("engine ready: model=%s device=%s dtype=%s weights=%s kv_blocks=%d x %d tokens tensor_parallel=%d",
+                 self.model_name, self.device, self.dtype, _weights_label(loaded), num_blocks, block_size,
+                 config.tensor_parallel_size)
+        log.info("memory: weights %.1f MiB, KV cache %.1f MiB, peak RSS %.1f MiB", self.weight_bytes / 2**20,
+                 self.kv_bytes / 2**20, peak_rss() / 2**20)
 
     def shutdown(self) -> None:
         """Stop tensor-parallel workers, if any (also done at garbage collection and exit)."""
@@ -434,11 +440,21 @@ def _num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: tor
         budget = profile_kv_budget(SimpleNamespace(model=model, config=config, device=device, dtype=dtype,
                                                    max_model_len=max_model_len), config.gpu_memory_utilization)
     else:
-        budget = CPU_KV_BYTES
+        from servelm.engine.memory import cpu_kv_budget
+
+        budget = cpu_kv_budget(per_block, config.block_size, max_model_len, config.max_num_seqs)
     blocks = budget // per_block
     if blocks < 1:
         raise ValueError(f"the KV cache budget ({budget} bytes) holds no {per_block}-byte block")
     return int(blocks)
+
+
+def _weights_label(loaded: LoadedModel) -> str:
+    """How the weights are held: "gguf Q4_1/Q8_0" (their own blocks) or "dense"."""
+    from servelm.engine.quant.gguf_blocks import GGUFBlockLinear  # noqa: PLC0415
+
+    kinds = sorted({q for m in loaded.model.modules() if isinstance(m, GGUFBlockLinear) for q in m.qtypes})
+    return "gguf " + "/".join(kinds) if kinds else "dense"
 
 
 def _requantizes(loaded: LoadedModel) -> str | None:

@@ -11,6 +11,7 @@ blocks run along the input dimension, so nothing is re-rounded.
 """
 from __future__ import annotations
 
+import functools
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +29,46 @@ BLOCK_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4
 
 @dataclass(slots=True)
 class BlockTensor:
-    """One GGUF matrix as stored: ``blocks`` uint8 ``[n, row_bytes]``, ``n`` rows (output features) of
-    ``k`` inputs each, in GGML type ``qtype`` (a ``gguf.GGMLQuantizationType`` value)."""
+    """One GGUF matrix as stored: ``n`` rows (output features) of ``k`` inputs in GGML type ``qtype`` (a
+    ``gguf.GGMLQuantizationType`` value). ``data`` is the file's bytes ``[n, row_bytes]``, still a view of
+    the memory map; :meth:`copy_into` copies them out once (un-permuting llama's q/k rows on the way when
+    ``heads`` is set) and then lets the mapped pages go."""
 
-    blocks: torch.Tensor
+    data: np.ndarray
     qtype: int
     n: int
     k: int
+    heads: int | None = None  # llama/mistral q/k: rows to un-permute, per head
+    release: object = None  # callable: drop the mapped pages once copied
 
     @property
     def type_name(self) -> str:
         import gguf
 
         return gguf.GGMLQuantizationType(self.qtype).name
+
+    @property
+    def row_bytes(self) -> int:
+        return self.data.shape[1]
+
+    def copy_into(self, out: np.ndarray) -> None:
+        """Write the rows, in the HF order, into ``out`` (uint8 ``[n, row_bytes]``)."""
+        if self.heads:
+            h, rb = self.heads, self.row_bytes
+            # _unpermute, done as one strided copy: out viewed [h, 2, n/h/2] <- data viewed [h, n/h/2, 2]
+            np.copyto(out.reshape(h, 2, self.n // h // 2, rb),
+                      self.data.reshape(h, self.n // h // 2, 2, rb).swapaxes(1, 2))
+        else:
+            np.copyto(out, self.data)
+        if self.release is not None:
+            self.release()
+
+    def tensor(self) -> torch.Tensor:
+        """The rows as a new uint8 tensor ``[n, row_bytes]`` (HF order)."""
+        out = torch.empty(self.n, self.row_bytes, dtype=torch.uint8)
+        self.copy_into(out.numpy())
+        return out
+
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 _LAYER_NAMES = {
@@ -161,9 +189,9 @@ def read_gguf_blocks(path: Path, progress: bool = False, opened=None
     """Return (config, HF-named weights, HF name -> GGUF type): each matrix a :class:`BlockTensor` of the
     file's own bytes (q/k rows of llama/mistral un-permuted), each vector (norms, biases) float32.
 
-    The file is read through the reader's memory map one tensor at a time; each tensor's bytes are copied
-    once and its pages are dropped from this process's resident set right after, so loading peaks near the
-    file's size. Raises ModelLoadError naming the file, tensor and type for a type the kernels do not run,
+    Nothing is read yet: each BlockTensor is a view of the reader's memory map, copied once, tensor by
+    tensor, into the module that holds it (:meth:`BlockTensor.copy_into`), its pages dropped from this
+    process's resident set right after, so loading peaks near the file's size. Raises ModelLoadError naming the file, tensor and type for a type the kernels do not run,
     a truncated file or a tensor whose shape disagrees with the metadata. ``opened`` as for read_gguf."""
     import gguf
 
@@ -196,15 +224,12 @@ def read_gguf_blocks(path: Path, progress: bool = False, opened=None
                 raise ModelLoadError(f"{path.name}: tensor {t.name} ({kind}) has shape {dims}; a matrix was expected")
             k, n = dims  # GGUF lists dimensions innermost first: inputs, then rows
             block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-            raw = np.array(t.data.reshape(-1).view(np.uint8))  # the one copy, out of the memory map
-            _drop_pages(reader, t.data_offset, int(t.n_bytes))
-            blocks = torch.from_numpy(raw).view(n, k // block * size)
-            if arch in ("llama", "mistral"):
-                if hf_name.endswith("q_proj.weight"):
-                    blocks = _unpermute(blocks, cfg.num_heads).contiguous()
-                elif hf_name.endswith("k_proj.weight"):
-                    blocks = _unpermute(blocks, cfg.num_kv_heads).contiguous()
-            tensors[hf_name] = BlockTensor(blocks, int(t.tensor_type), n, k)
+            heads = None
+            if arch in ("llama", "mistral") and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = cfg.num_heads if hf_name.endswith("q_proj.weight") else cfg.num_kv_heads
+            data = t.data.reshape(-1).view(np.uint8).reshape(n, k // block * size)  # a view: nothing read yet
+            tensors[hf_name] = BlockTensor(data, int(t.tensor_type), n, k, heads,
+                                           functools.partial(_drop_pages, reader, t.data_offset, int(t.n_bytes)))
         qtypes[hf_name] = kind
     if "lm_head.weight" not in tensors:
         cfg.tie_word_embeddings = True

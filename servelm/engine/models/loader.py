@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ import torch
 
 from servelm.engine.models.config import ModelConfig, ModelLoadError, preset
 from servelm.engine.models.llama import LlamaForCausalLM, RotaryEmbedding
+
+log = logging.getLogger("servelm.engine")
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FLOAT_GGUF_TYPES = ("F32", "F16", "BF16")  # a GGUF of these runs the float path: there are no blocks to keep
@@ -114,7 +117,25 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, device: torc
         from servelm.engine.models import gguf_loader
 
         opened = gguf_loader.open_gguf(spec)
-        if gguf_blocks and gguf_loader.projection_type(opened) not in (None, *FLOAT_GGUF_TYPES):
+        blocks_path = gguf_blocks and gguf_loader.projection_type(opened) not in (None, *FLOAT_GGUF_TYPES)
+        if blocks_path and device.type == "cpu":
+            from servelm.engine import native
+
+            if not native.available():
+                why = "servelm's native CPU kernels are unavailable"
+                try:
+                    native.library()
+                except RuntimeError as e:  # says why the library did not build or load
+                    why = str(e)
+                log.warning("%s; %s runs dequantized to %s", why, spec.name, dtype)
+                blocks_path = False
+        if device.type == "cpu":
+            from servelm.engine.memory import check_fits
+
+            elem = torch.empty((), dtype=dtype).element_size()
+            need = sum(int(t.n_bytes) if blocks_path else int(t.n_elements) * elem for t in opened[0].tensors)
+            check_fits(need, f"{spec.name} ({'in its GGUF blocks' if blocks_path else f'dequantized to {dtype}'})")
+        if blocks_path:
             cfg, blocks, qtypes = gguf_loader.read_gguf_blocks(spec, progress, opened)
             _cap_len(cfg, max_model_len)
             m = build_block_model(cfg, blocks, dtype, device, max_rows)
@@ -202,19 +223,28 @@ def build_block_model(cfg: ModelConfig, w: dict, dtype: torch.dtype, device: tor
         bias = torch.cat([w.pop(b) for b in bias_names]) if bias_names else None
         k = parts[0].k
         if on_cpu:
-            merged: list[tuple[torch.Tensor, int, int]] = []
-            for p in parts:  # neighbours of one type become one part: one product instead of several
-                if merged and merged[-1][1] == p.qtype:
-                    b, q, n = merged.pop()
-                    merged.append((torch.cat([b, p.blocks]), q, n + p.n))
+            # neighbours of one type become one part (one product instead of several), copied straight
+            # from the file into the fused buffer: one copy, no intermediate per source tensor
+            groups: list[list] = []
+            for p in parts:
+                if groups and groups[-1][0].qtype == p.qtype:
+                    groups[-1].append(p)
                 else:
-                    merged.append((p.blocks, p.qtype, p.n))
+                    groups.append([p])
+            merged = []
+            for g in groups:
+                buf = torch.empty(sum(p.n for p in g), g[0].row_bytes, dtype=torch.uint8)
+                row = 0
+                for p in g:
+                    p.copy_into(buf[row:row + p.n].numpy())
+                    row += p.n
+                merged.append((buf, g[0].qtype, row))
             return GGUFBlockLinear(merged, k, bias)
         return _cuda_linear(parts, bias, dtype, device, max_rows)
 
     emb = w.pop("model.embed_tokens.weight")
     if on_cpu:
-        model.embed_tokens = GGUFBlockEmbedding(emb.blocks, emb.qtype, emb.n, emb.k)
+        model.embed_tokens = GGUFBlockEmbedding(emb.tensor(), emb.qtype, emb.n, emb.k)
         model.embed_tokens.dtype = dtype
         model.lm_head = model.embed_tokens.as_linear() if cfg.tie_word_embeddings else linear(["lm_head.weight"])
     else:
@@ -252,7 +282,7 @@ def _dequantize(t, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     import gguf
     import numpy as np
 
-    arr = gguf.quants.dequantize(t.blocks.numpy(), gguf.GGMLQuantizationType(t.qtype))
+    arr = gguf.quants.dequantize(t.tensor().numpy(), gguf.GGMLQuantizationType(t.qtype))
     return torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(t.n, t.k)).to(device=device, dtype=dtype)
 
 
@@ -262,7 +292,7 @@ def _q4_codes(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     import gguf
 
     q41 = t.qtype == int(gguf.GGMLQuantizationType.Q4_1)
-    b = t.blocks.view(t.n, t.k // 32, 20 if q41 else 18)
+    b = t.tensor().view(t.n, t.k // 32, 20 if q41 else 18)
     d = b[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)
     qs = b[..., 4:20] if q41 else b[..., 2:18]
     q = torch.cat([qs & 15, qs >> 4], dim=-1).to(torch.int32).reshape(t.n, t.k)  # low nibbles first

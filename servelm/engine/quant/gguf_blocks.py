@@ -20,25 +20,9 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def _native():
-    try:
-        from servelm.engine import native  # noqa: PLC0415 (compiled at install; imported where it is used)
-        if native.available():
-            return native
-    except Exception:  # TEMPORARY stand-in until servelm.engine.native lands; removed before merge
-        pass
-    return _StandIn
+    from servelm.engine import native  # noqa: PLC0415 (a compiled library: loaded where it is first used)
 
-
-class _StandIn:  # TEMPORARY (see _native)
-    @staticmethod
-    def dequantize(blocks, qtype, n, k, rows=None):
-        import gguf
-        b = blocks if rows is None else blocks[rows]
-        return torch.from_numpy(gguf.quants.dequantize(b.numpy(), gguf.GGMLQuantizationType(qtype)).astype("float32")).reshape(-1, k)
-
-    @staticmethod
-    def matmul(x, blocks, qtype, n, k, out=None):
-        return x @ _StandIn.dequantize(blocks, qtype, n, k).T
+    return native
 
 
 def qtype_of(name: str) -> int:
