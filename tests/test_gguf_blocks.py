@@ -200,3 +200,16 @@ def test_tensor_shape_that_disagrees_with_the_metadata(tmp_path):
 def test_random_blocks_have_sane_scales():
     w = gguf.quants.dequantize(random_blocks("Q4_K", 8, 512, np.random.default_rng(0)), gguf.GGMLQuantizationType.Q4_K)
     assert np.isfinite(w).all() and 0.002 < np.abs(w).mean() < 0.2
+
+
+def test_quantize_report_lists_the_gguf_blocks_as_loaded(files):
+    from servelm.engine.quant.apply import model_weight_bytes
+    from servelm.engine.quant.report import format_ladder, ladder
+
+    r = ladder(str(files["Q4_K"]))
+    row = r["formats"]["gguf"]
+    assert row["source"] == "Q4_K" and row["projection_bits_per_weight"] == 4.5  # 144 bytes per 256 weights
+    loaded = _engine(files["Q4_K"]).engine.model
+    rope = sum(b.numel() * b.element_size() for b in loaded.rope.buffers())  # computed, not stored in the file
+    assert model_weight_bytes(loaded) - rope == row["computed_bytes"]
+    assert "GGUF Q4_K" in format_ladder(r)
