@@ -213,3 +213,24 @@ def test_quantize_report_lists_the_gguf_blocks_as_loaded(files):
     rope = sum(b.numel() * b.element_size() for b in loaded.rope.buffers())  # computed, not stored in the file
     assert model_weight_bytes(loaded) - rope == row["computed_bytes"]
     assert "GGUF Q4_K" in format_ladder(r)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_q4_blocks_map_exactly_onto_the_int4_g32_grid(files, qtype):
+    """What CUDA loads Q4_0/Q4_1 into: int4 codes with (scale, zero) per 32 inputs, the same weights."""
+    from servelm.engine.models import gguf_loader
+    from servelm.engine.models.loader import _q4_codes
+    from servelm.engine.quant.int4 import Int4Linear
+
+    path = files[qtype]
+    _, w, _ = gguf_loader.read_gguf_blocks(path)
+    t = w["model.layers.1.mlp.down_proj.weight"]
+    q, scale, zero = _q4_codes(t)
+    deq = ((q.reshape(t.n, -1, 32) - 8) * scale[..., None] + zero[..., None]).reshape(t.n, t.k)
+    assert torch.equal(deq, torch.from_numpy(_file_weights(path)["blk.1.ffn_down.weight"]))
+    lin = torch.nn.Linear(t.k, t.n, bias=False)
+    int4 = Int4Linear(lin, 32, codes=(q, scale, zero))
+    x = torch.randn(4, t.k, generator=torch.Generator().manual_seed(0))
+    # Int4Linear multiplies in bf16 with bf16 scales: equal up to that rounding
+    y, want = int4(x), x @ deq.T
+    assert ((y - want).norm() / want.norm()).item() < 1e-2

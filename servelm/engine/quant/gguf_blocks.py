@@ -14,25 +14,11 @@ from torch import nn
 
 from .base import QuantLinear
 
-# The GGML types the native kernels run.
-GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-FLOAT_TYPES = ("F32", "F16", "BF16")
-
 
 def _native():
     from servelm.engine import native  # noqa: PLC0415 (a compiled library: loaded where it is first used)
 
     return native
-
-
-def qtype_of(name: str) -> int:
-    """The ``gguf.GGMLQuantizationType`` value of a type name such as ``"Q4_K"``; ValueError otherwise."""
-    import gguf
-
-    try:
-        return int(gguf.GGMLQuantizationType[name])
-    except KeyError:
-        raise ValueError(f"unknown GGUF type {name!r}") from None
 
 
 def type_name(qtype: int) -> str:
@@ -49,14 +35,6 @@ def row_bytes(qtype: int, k: int) -> int:
     if k % block:
         raise ValueError(f"{type_name(qtype)} rows are whole blocks of {block} inputs; {k} is not a multiple")
     return k // block * size
-
-
-def bits_per_weight(name: str) -> float:
-    """Stored bits per weight of a GGUF type, its scales included (Q4_0: 4.5, Q4_K: 4.5, Q6_K: 6.5625)."""
-    import gguf
-
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
-    return 8 * size / block
 
 
 class GGUFBlockLinear(QuantLinear):
