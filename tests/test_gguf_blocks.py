@@ -120,7 +120,7 @@ PROMPTS = [
     "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
     "Photosynthesis converts",
 ]
-GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -135,32 +135,66 @@ def _blocks_llm(loaded, **kw) -> LLM:
     return LLM.from_engine(LLMEngine(EngineConfig(device="cpu", kv_cache_memory_bytes=64 << 20, **kw), loaded=loaded))
 
 
+# eight texts of at least 65 tokens: teacher forcing scores 64 next-token positions in each
+TEXTS = [
+    "The river flows through the old town, past the market and the cathedral, before it reaches the harbour. "
+    "Farmers bring vegetables, cheese and bread to the market every Saturday morning, and the cafes around the "
+    "square fill with visitors who have come from the villages in the hills to buy and sell and talk. In the evening the square is "
+    "quiet again.",
+    "def merge_sort(items):\n    if len(items) <= 1:\n        return items\n    middle = len(items) // 2\n"
+    "    left = merge_sort(items[:middle])\n    right = merge_sort(items[middle:])\n    return merge(left, right)\n\n\ndef merge(left, right):\n    result = []\n    i = j = 0\n",
+    "Photosynthesis converts light energy into chemical energy. In the chloroplasts of plant cells, water is split "
+    "and oxygen is released, while carbon dioxide from the air is fixed into sugars that the plant uses to grow, "
+    "to store energy in its roots and seeds, and to build the cellulose of its cell walls. Almost all "
+    "life on Earth depends on it.",
+    "Once upon a time, in a small village at the edge of a great forest, there lived a girl who loved to read. "
+    "Every evening she climbed the hill behind her house with a book under her arm and read until the sun went "
+    "down and the first stars appeared above the dark line of the trees. One night she found a letter.",
+    "The three laws of thermodynamics describe how energy moves. The first says that energy is conserved; the "
+    "second that the entropy of an isolated system never decreases; the third that the entropy of a perfect "
+    "crystal approaches zero as its temperature approaches absolute zero. Together they explain why "
+    "heat flows from hot bodies to cold ones, why no engine can turn all of its heat into work, and why "
+    "perpetual motion machines cannot exist.",
+    "<|im_start|>user\nWhat is the boiling point of water at sea level, and why does it change on a mountain?"
+    "<|im_end|>\n<|im_start|>assistant\nAt sea level water boils at 100 degrees Celsius. Higher up the air "
+    "pressure is lower, so water boils at a lower temperature. On a high mountain it can boil at about "
+    "seventy degrees, which is why cooking takes longer there.",
+    "To make a simple tomato sauce, warm olive oil in a pan, add a chopped onion and two cloves of garlic, and "
+    "cook them slowly until they are soft. Then add the tomatoes, a pinch of salt and some basil, and let the "
+    "sauce simmer for twenty minutes, stirring from time to time. Serve it with pasta.",
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
+    "metal type, oil-based ink and a wooden screw press. Books became cheaper, literacy spread across Europe, and "
+    "ideas travelled faster than ever before. Within fifty years printers were at work in more than two "
+    "hundred cities, and millions of books had been printed, from bibles and grammars to calendars, "
+    "pamphlets and songs.",
+]
+
+
 def test_embedded_model_runs_quantized_by_default_and_agrees_with_float(smol, smol_blocks_loaded):
     llm = _blocks_llm(smol_blocks_loaded)
     assert isinstance(llm.engine.model.layers[0].mlp.down_proj, GGUFBlockLinear)
     assert llm.engine.model.layers[0].mlp.down_proj.qtypes == ["Q4_1"]
-    # teacher forcing on the float path's own greedy continuations: 8 prompts x 64 positions
-    outs = smol.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
     agree = total = 0
-    for out in outs:
-        seq = out.prompt_token_ids + out.outputs[0].token_ids
-        logits = llm.engine.prompt_logits(seq)
-        pred = logits[len(out.prompt_token_ids) - 1:-1].argmax(-1).tolist()
-        agree += sum(a == b for a, b in zip(pred, out.outputs[0].token_ids))
-        total += len(pred)
+    for text in TEXTS:
+        ids = smol.tokenizer.encode(text)[:65]
+        assert len(ids) == 65
+        want = smol.engine.prompt_logits(ids)[:64].argmax(-1)  # the float32 dequantized path
+        got = llm.engine.prompt_logits(ids)[:64].argmax(-1)
+        agree += int((want == got).sum())
+        total += 64
     assert total == 8 * 64
     assert agree / total >= 0.97, agree / total
 
 
 def test_batch_invariance_and_preemption_on_the_quantized_path(smol_blocks_loaded):
     llm = _blocks_llm(smol_blocks_loaded, enable_prefix_caching=False)
-    prompts = PROMPTS[:6]
+    prompts = PROMPTS[:4]
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
     one_by_one = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
     chunked = _blocks_llm(smol_blocks_loaded, enable_prefix_caching=False, prefill_chunk_size=8)
     assert together == one_by_one
     assert together == [o.outputs[0].token_ids for o in chunked.generate(prompts, GREEDY)]
-    small = _blocks_llm(smol_blocks_loaded, num_kv_blocks=6)  # 96 tokens of KV for ~6 x 40 tokens of demand
+    small = _blocks_llm(smol_blocks_loaded, num_kv_blocks=4)  # 64 tokens of KV for ~4 x 25 tokens of demand
     assert [o.outputs[0].token_ids for o in small.generate(prompts, GREEDY)] == together
     assert small.engine.stats().num_preemptions > 0
 
@@ -230,7 +264,5 @@ def test_q4_blocks_map_exactly_onto_the_int4_g32_grid(files, qtype):
     assert torch.equal(deq, torch.from_numpy(_file_weights(path)["blk.1.ffn_down.weight"]))
     lin = torch.nn.Linear(t.k, t.n, bias=False)
     int4 = Int4Linear(lin, 32, codes=(q, scale, zero))
-    x = torch.randn(4, t.k, generator=torch.Generator().manual_seed(0))
-    # Int4Linear multiplies in bf16 with bf16 scales: equal up to that rounding
-    y, want = int4(x), x @ deq.T
-    assert ((y - want).norm() / want.norm()).item() < 1e-2
+    # Int4Linear holds the blocks' own (scale, zero) per group, rounded to bf16 ([K/32, N, 2])
+    assert torch.equal(int4.scales_zeros, torch.stack([scale, zero], -1).transpose(0, 1).to(torch.bfloat16))
