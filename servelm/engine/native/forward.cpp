@@ -133,7 +133,9 @@ int slk_forward(const slk_model* m, float* x, int64_t T, const int64_t* position
       }
     });
     // attention: one task per (token, KV head), its G query heads together
-    parallel_chunks(T * KVH, 1, [&](int64_t lo, int64_t hi) {
+    int64_t att_work = 0;  // positions attended, all tokens: short contexts run on this thread
+    for (int64_t t = 0; t < T; t++) att_work += tok_ctx[t];
+    parallel_chunks(T * KVH, att_work * KVH * D < (1 << 16) ? T * KVH : 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> sc;
       std::vector<float> acc(D);
       for (int64_t task = lo; task < hi; task++) {

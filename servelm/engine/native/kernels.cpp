@@ -601,10 +601,13 @@ float dot_bf16(const uint8_t* w, const float* x, int64_t k) {
 }
 
 // ---------------------------------------------------------------------------- thread pool
-// A small persistent pool: workers spin briefly on a generation counter between jobs (the engine calls
-// kernels back to back, and a sleeping thread takes tens of microseconds to wake), then sleep on a
-// condition variable. Not OpenMP: torch bundles its own OpenMP runtime, and two runtimes in one
-// process fight over the cores.
+// A small persistent pool. A job is a number of chunks; the calling thread and the workers claim chunks
+// through one atomic word holding (job generation, next chunk), and the caller returns once every chunk
+// is finished, without waiting for workers that have not woken up yet: on a machine shared by more
+// threads than cores a sleeping worker may wait milliseconds for a time slice, and a barrier on it would
+// cost that at every product. Workers spin briefly between jobs (the engine calls kernels back to back),
+// then sleep on a condition variable. Not OpenMP: torch bundles its own OpenMP runtime, and two
+// runtimes in one process fight over the cores.
 class Pool {
  public:
   ~Pool() { resize(1); }
@@ -624,28 +627,32 @@ class Pool {
     threads_.clear();
     stop_ = false;
     nthreads_ = n;
-    // a worker starts from the generation of now: a job launched before it runs must not be missed
-    const uint64_t g0 = gen_.load();
-    for (int i = 1; i < n; i++) threads_.emplace_back([this, i, g0] { worker(i, g0); });
+    const uint64_t g0 = gen_.load();  // a worker starts from the generation of now
+    for (int i = 1; i < n; i++) threads_.emplace_back([this, g0] { worker(g0); });
   }
 
-  // Runs fn(tid, nthreads) on every thread of the pool, the caller being thread 0; returns when all are done.
-  void run(const std::function<void(int, int)>& fn) {
-    if (nthreads_ == 1) { fn(0, 1); return; }
-    job_ = &fn;
-    done_.store(0, std::memory_order_relaxed);
+  // Runs fn(c) for every chunk c in [0, nchunks), each exactly once, on the pool and the calling thread.
+  void run(int64_t nchunks, const std::function<void(int64_t)>& fn) {
+    if (nthreads_ == 1 || nchunks <= 1) {
+      for (int64_t c = 0; c < nchunks; c++) fn(c);
+      return;
+    }
+    const uint64_t g = (gen_.load() + 1) & 0xffffffffu;
+    fn_ = &fn;
+    nchunks_ = nchunks;
+    finished_.store(0, std::memory_order_relaxed);
+    state_.store(g << 32, std::memory_order_release);
     {
-      std::lock_guard<std::mutex> g(mu_);
-      gen_.fetch_add(1, std::memory_order_release);
+      std::lock_guard<std::mutex> lk(mu_);
+      gen_.store(g, std::memory_order_release);
     }
     cv_.notify_all();
-    fn(0, nthreads_);
+    work(g);
     int spins = 0;
-    while (done_.load(std::memory_order_acquire) != nthreads_ - 1) {
-      if (++spins > 4096) std::this_thread::yield();
+    while (finished_.load(std::memory_order_acquire) != nchunks) {
+      if (++spins > 2048) std::this_thread::yield();
       else pause();
     }
-    job_ = nullptr;
   }
 
  private:
@@ -655,26 +662,40 @@ class Pool {
 #endif
   }
 
-  void worker(int tid, uint64_t seen) {
+  // Claims and runs chunks of job g until none is left (or job g is over).
+  void work(uint64_t g) {
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      if ((s >> 32) != g) return;
+      const int64_t c = (int64_t)(s & 0xffffffffu);
+      if (c >= nchunks_) return;
+      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+      (*fn_)(c);  // job g cannot end before this chunk is counted, so fn_ is still job g's
+      finished_.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+
+  void worker(uint64_t seen) {
     for (;;) {
       int spins = 0;
-      while (gen_.load(std::memory_order_acquire) == seen && spins < 200000) { pause(); spins++; }
+      while (gen_.load(std::memory_order_acquire) == seen && spins < 20000) { pause(); spins++; }
       if (gen_.load(std::memory_order_acquire) == seen) {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return gen_.load() != seen; });
+        cv_.wait(lk, [&] { return gen_.load() != seen || stop_; });
       }
-      seen = gen_.load(std::memory_order_acquire);
       if (stop_) return;
-      (*job_)(tid, nthreads_);
-      done_.fetch_add(1, std::memory_order_acq_rel);
+      seen = gen_.load(std::memory_order_acquire);
+      work(seen);
     }
   }
 
   int nthreads_ = 1;
   std::vector<std::thread> threads_;
   std::atomic<uint64_t> gen_{0};
-  std::atomic<int> done_{0};
-  const std::function<void(int, int)>* job_ = nullptr;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int64_t> finished_{0};
+  int64_t nchunks_ = 0;
+  const std::function<void(int64_t)>* fn_ = nullptr;
   std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
@@ -685,24 +706,15 @@ Pool& pool() {
   return p;
 }
 
-// Splits [0, n) into chunks handed out through an atomic counter (threads on a busy machine run at
-// different speeds); each index is processed by exactly one thread.
+// Splits [0, n) into chunks of ``chunk``; each index is processed by exactly one thread.
 template <class F>
 void parallel_chunks(int64_t n, int64_t chunk, F&& f) {
   const int64_t nchunks = (n + chunk - 1) / chunk;
-  if (pool().size() == 1 || nchunks == 1) {
-    f(0, n);
+  if (pool().size() == 1 || nchunks <= 1) {
+    if (n > 0) f(0, n);
     return;
   }
-  std::atomic<int64_t> next{0};
-  pool().run([&](int, int) {
-    for (;;) {
-      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= nchunks) break;
-      const int64_t lo = c * chunk;
-      f(lo, std::min(n, lo + chunk));
-    }
-  });
+  pool().run(nchunks, [&](int64_t c) { f(c * chunk, std::min(n, c * chunk + chunk)); });
 }
 
 std::vector<uint8_t>& scratch() {
@@ -732,7 +744,8 @@ int64_t act_row_bytes(int t, int64_t k) {
 void quantize_rows(int t, const float* x, int64_t m, int64_t k, uint8_t* qa) {
   const int64_t rb = act_row_bytes(t, k);
   const ActKind kind = act_kind(t);
-  parallel_chunks(m, 4, [&](int64_t lo, int64_t hi) {
+  // a few rows quantize faster on this thread than the pool wakes up (each hand-off is a barrier)
+  parallel_chunks(m, m < 16 ? m : 4, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; i++) {
       if (kind == ACT_Q8) quantize_q8(x + i * k, (BlockQ8*)(qa + i * rb), k);
       else quantize_q8k(x + i * k, (BlockQ8K*)(qa + i * rb), k);
