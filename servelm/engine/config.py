@@ -26,7 +26,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     prefill_chunk_size: int | None = None  # cap on one prompt's tokens per step
     max_model_len: int | None = None  # default: the model's context window
-    kv_cache_memory_bytes: int | None = None  # default: 1 GiB on CPU, gpu_memory_utilization on CUDA
+    kv_cache_memory_bytes: int | None = None  # default: from free memory (CPU: memory.cpu_kv_budget; CUDA: profiled)
     num_kv_blocks: int | None = None  # overrides the memory budget (tests of preemption)
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True

@@ -20,6 +20,7 @@ from servelm.engine.kv_cache import KVCacheManager
 from servelm.engine.models.config import ModelLoadError
 from servelm.engine.models.loader import LoadedModel, load_model
 from servelm.engine.output_processor import OutputProcessor
+from servelm.engine.quant.config import QuantConfig
 from servelm.engine.outputs import RequestOutput
 from servelm.engine.runner import ModelRunner
 from servelm.engine.sampling import Sampler
@@ -30,8 +31,6 @@ from servelm.engine.structured_output import GrammarCompiler
 from servelm.engine.tokenizer import TokenIdsOnly, Tokenizer
 
 log = logging.getLogger("servelm.engine")
-
-CPU_KV_BYTES = 1 << 30
 
 
 @dataclass(slots=True)
@@ -73,12 +72,18 @@ class LLMEngine:
         config.check_parallel(self.device)
         torch.manual_seed(config.seed)
         if loaded is None:
+            # quantization=None: a quantized GGUF runs in its own blocks; "none" dequantizes it (the float path)
             loaded = load_model(config.model, self.dtype, self.device, config.max_model_len, config.seed,
-                                progress=config.show_progress, download_dir=config.download_dir)
+                                progress=config.show_progress, download_dir=config.download_dir,
+                                gguf_blocks=config.quantization is None, max_rows=config.max_num_seqs)
         self.loaded = loaded
         self.model_config = loaded.config
         self.model = loaded.model
         self.tokenizer = self._load_tokenizer(config, loaded)
+        if config.quantization and QuantConfig.parse(config.quantization).method and _requantizes(loaded):
+            log.warning("%s is already quantized (%s): --quantization %s dequantizes it and rounds the weights a "
+                        "second time; without --quantization it runs in its own blocks, with no second rounding",
+                        self.loaded.tokenizer_source, _requantizes(loaded), config.quantization)
         if config.quantization:
             from servelm.engine.quant import calibration_windows, quantize_model  # noqa: PLC0415 (optional subsystem)
 
@@ -115,8 +120,16 @@ class LLMEngine:
         self.overlapped_steps = 0
         self.steps = 0
         self.prompt_tokens_computed = 0
-        log.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d x %d tokens tensor_parallel=%d",
-                 self.model_name, self.device, self.dtype, num_blocks, block_size, config.tensor_parallel_size)
+        from servelm.engine.memory import peak_rss  # noqa: PLC0415
+        from servelm.engine.quant.apply import model_weight_bytes  # noqa: PLC0415
+
+        self.weight_bytes = model_weight_bytes(self.model)
+        self.kv_bytes = num_blocks * ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
+        log.info("engine ready: model=%s device=%s dtype=%s weights=%s kv_blocks=%d x %d tokens tensor_parallel=%d",
+                 self.model_name, self.device, self.dtype, _weights_label(loaded), num_blocks, block_size,
+                 config.tensor_parallel_size)
+        log.info("memory: weights %.1f MiB, KV cache %.1f MiB, peak RSS %.1f MiB", self.weight_bytes / 2**20,
+                 self.kv_bytes / 2**20, peak_rss() / 2**20)
 
     def shutdown(self) -> None:
         """Stop tensor-parallel workers, if any (also done at garbage collection and exit)."""
@@ -490,11 +503,27 @@ def _num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: tor
         budget = profile_kv_budget(SimpleNamespace(model=model, config=config, device=device, dtype=dtype,
                                                    max_model_len=max_model_len), config.gpu_memory_utilization)
     else:
-        budget = CPU_KV_BYTES
+        from servelm.engine.memory import cpu_kv_budget
+
+        budget = cpu_kv_budget(per_block, config.block_size, max_model_len, config.max_num_seqs)
     blocks = budget // per_block
     if blocks < 1:
         raise ValueError(f"the KV cache budget ({budget} bytes) holds no {per_block}-byte block")
     return int(blocks)
+
+
+def _weights_label(loaded: LoadedModel) -> str:
+    """How the weights are held: "gguf Q4_1/Q8_0" (their own blocks) or "dense"."""
+    from servelm.engine.quant.gguf_blocks import GGUFBlockLinear  # noqa: PLC0415
+
+    kinds = sorted({q for m in loaded.model.modules() if isinstance(m, GGUFBlockLinear) for q in m.qtypes})
+    return "gguf " + "/".join(kinds) if kinds else "dense"
+
+
+def _requantizes(loaded: LoadedModel) -> str | None:
+    """The quantized GGUF type(s) of the loaded float weights, e.g. "Q4_1", when they came from quantized blocks."""
+    kinds = sorted({t for t in loaded.source_qtypes.values() if t not in ("F32", "F16", "BF16")})
+    return "/".join(kinds) or None
 
 
 def prompt_from_dict(prompt: dict) -> str | list[int]:

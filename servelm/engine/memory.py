@@ -1,4 +1,5 @@
-"""Size the KV pool on CUDA from what a profiling pass leaves free (vLLM's ``gpu_memory_utilization``).
+"""Size the KV pool from free memory: on the CPU a fraction of what the machine has available; on CUDA
+from what a profiling pass leaves free (vLLM's ``gpu_memory_utilization``).
 
 The pass runs the largest step the scheduler can hand the model (``max_num_batched_tokens``
 prompt tokens, logits for ``max_num_seqs`` rows) and records the peak memory PyTorch
@@ -17,6 +18,49 @@ from servelm.engine.attention import BatchLayout, get_backend
 log = logging.getLogger("servelm.engine")
 
 GRAPH_RESERVE_BYTES = 512 << 20  # CUDA graph pools and the decode scratch they keep alive
+# Share of the host's available memory (after the weights are loaded) the CPU KV pool may take: the rest
+# is left to activations, the tokenizer, the server and whatever else runs on the machine.
+CPU_KV_FRACTION = 0.25
+
+
+def available_memory() -> int:
+    """Bytes the host can still give this process without swapping (``MemAvailable``)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set so far, in bytes."""
+    import resource
+    import sys
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib if sys.platform == "darwin" else kib * 1024
+
+
+def cpu_kv_budget(bytes_per_block: int, block_size: int, max_model_len: int, max_num_seqs: int) -> int:
+    """Bytes of the CPU KV pool: what ``max_num_seqs`` sequences of ``max_model_len`` tokens can use, at most
+    ``CPU_KV_FRACTION`` of the memory available now. Raises ValueError when that is not one block."""
+    need = max_num_seqs * -(-max_model_len // block_size) * bytes_per_block
+    avail = available_memory()
+    budget = min(need, int(avail * CPU_KV_FRACTION))
+    if budget < bytes_per_block:
+        raise ValueError(f"no memory is left for the KV cache: {avail / 2**30:.2f} GiB available, one "
+                         f"{block_size}-token block needs {bytes_per_block / 2**20:.1f} MiB; free memory or pass "
+                         f"a smaller --max-model-len")
+    return budget
+
+
+def check_fits(need_bytes: int, what: str) -> None:
+    """Raises ModelLoadError, before anything is allocated, when ``need_bytes`` exceed the available memory."""
+    from servelm.engine.models.config import ModelLoadError
+
+    avail = available_memory()
+    if need_bytes > avail:
+        raise ModelLoadError(f"{what} needs {need_bytes / 2**30:.2f} GiB of memory, and this machine has "
+                             f"{avail / 2**30:.2f} GiB available; free memory, or use a smaller or more "
+                             f"quantized model")
 
 
 def profile_layout(lens: list[int], block_size: int, dev: torch.device) -> tuple[BatchLayout, torch.Tensor, int]:

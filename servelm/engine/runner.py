@@ -74,6 +74,9 @@ class ModelRunner:
         self.kv_caches = self.backend.allocate_kv_cache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
                                                         cfg.head_dim, kv_dtype, device)
         self.scale = cfg.head_dim ** -0.5
+        # GGUF blocks on the CPU: the whole decoder runs in one native call per step (None: the torch model)
+        from servelm.engine.native.forward import native_forward_for
+        self.native_forward = native_forward_for(model, self.kv_caches, device)
         self.cuda_graph = None  # a CUDAGraphRunner for decode steps, set by the engine on CUDA
         self.workers = None  # rank 0 under tensor parallelism: the TensorParallel handle on the other ranks
 
@@ -200,9 +203,11 @@ class ModelRunner:
             num_prefill_tokens=sum(n for _, n in prefills),
             context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32).to(dev, non_blocking=True),
         )
-        ctx = self.backend.make_context(layout, self.kv_caches, self.scale)
         ids_t = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
         if pending_rows:
             prev.fill(ids_t, pending_rows, pending_src)
         pos_t = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        if self.native_forward is not None:
+            return self.native_forward(ids_t, pos_t, layout), sample_rows, samplers, prompt_rows
+        ctx = self.backend.make_context(layout, self.kv_caches, self.scale)
         return self.model(ids_t, pos_t, ctx), sample_rows, samplers, prompt_rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,7 +18,10 @@ import torch
 from servelm.engine.models.config import ModelConfig, ModelLoadError, preset
 from servelm.engine.models.llama import LlamaForCausalLM, RotaryEmbedding
 
+log = logging.getLogger("servelm.engine")
+
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FLOAT_GGUF_TYPES = ("F32", "F16", "BF16")  # a GGUF of these runs the float path: there are no blocks to keep
 
 
 def default_model_path() -> Path:
@@ -98,17 +102,45 @@ def resolve_hub(repo_id: str, allow_patterns: list[str], cache_dir: str | None =
 
 def load_model(model: str | os.PathLike | None, dtype: torch.dtype, device: torch.device,
                max_model_len: int | None = None, seed: int = 0, progress: bool = False,
-               download_dir: str | None = None) -> LoadedModel:
-    """Load weights onto ``device`` in ``dtype``. Raises :class:`ModelLoadError` with the file's name."""
+               download_dir: str | None = None, gguf_blocks: bool = False, max_rows: int = 1) -> LoadedModel:
+    """Load weights onto ``device`` in ``dtype``. Raises :class:`ModelLoadError` with the file's name.
+
+    ``gguf_blocks``: a quantized GGUF keeps its blocks (see :func:`build_block_model`); without it, or for
+    an F32/F16/BF16 file, every tensor is dequantized to ``dtype`` as it is read (the float path).
+    ``max_rows`` (the engine's max_num_seqs) picks the CUDA int4 layout of Q4_0/Q4_1 weights."""
     spec = resolve_model(model, download_dir)
     if isinstance(spec, str):  # dummy:<shape>
         cfg = preset(spec.split(":", 1)[1])
         _cap_len(cfg, max_model_len)
         return LoadedModel(_dummy_model(cfg, dtype, device, seed), cfg, None)
     if spec.suffix == ".gguf":
-        from servelm.engine.models.gguf_loader import read_gguf
+        from servelm.engine.models import gguf_loader
 
-        cfg, tensors, qtypes = read_gguf(spec, progress)
+        opened = gguf_loader.open_gguf(spec)
+        blocks_path = gguf_blocks and gguf_loader.projection_type(opened) not in (None, *FLOAT_GGUF_TYPES)
+        if blocks_path and device.type == "cpu":
+            from servelm.engine import native
+
+            if not native.available():
+                why = "servelm's native CPU kernels are unavailable"
+                try:
+                    native.library()
+                except RuntimeError as e:  # says why the library did not build or load
+                    why = str(e)
+                log.warning("%s; %s runs dequantized to %s", why, spec.name, dtype)
+                blocks_path = False
+        if device.type == "cpu":
+            from servelm.engine.memory import check_fits
+
+            elem = torch.empty((), dtype=dtype).element_size()
+            need = sum(int(t.n_bytes) if blocks_path else int(t.n_elements) * elem for t in opened[0].tensors)
+            check_fits(need, f"{spec.name} ({'in its GGUF blocks' if blocks_path else f'dequantized to {dtype}'})")
+        if blocks_path:
+            cfg, blocks, qtypes = gguf_loader.read_gguf_blocks(spec, progress, opened)
+            _cap_len(cfg, max_model_len)
+            m = build_block_model(cfg, blocks, dtype, device, max_rows)
+            return LoadedModel(m, cfg, spec, {_fused_name(k): v for k, v in qtypes.items()})
+        cfg, tensors, qtypes = gguf_loader.read_gguf(spec, progress, dtype, opened)
         tok_src = spec
     else:
         from servelm.engine.models.safetensors_loader import read_safetensors_dir
@@ -168,6 +200,127 @@ def build_model(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtyp
     model.load_state_dict(sd, strict=False, assign=True)
     _finish(model, cfg, device)
     return model.eval()
+
+
+def build_block_model(cfg: ModelConfig, w: dict, dtype: torch.dtype, device: torch.device,
+                      max_rows: int = 1) -> LlamaForCausalLM:
+    """Assemble a model whose matrices stay in their GGUF blocks (``w``: HF name -> BlockTensor, vectors
+    as float tensors), q|k|v and gate|up fused by concatenating rows.
+
+    On the CPU every matrix is a :class:`GGUFBlockLinear` (the embedding a :class:`GGUFBlockEmbedding`, a
+    tied lm_head over the same blocks), multiplied by the native kernels. On CUDA, Q4_0/Q4_1 matrices go
+    into the int4 g32 GPU layout (the same grid: Q4_0 ``w = (q-8)*d``, Q4_1 ``w = q*d + m = (q-8)*d + (m+8d)``,
+    scales held in bfloat16) and every other matrix is dequantized to ``dtype`` one tensor at a time."""
+    from servelm.engine.models.gguf_loader import BlockTensor
+    from servelm.engine.quant.gguf_blocks import GGUFBlockEmbedding, GGUFBlockLinear
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    on_cpu = device.type == "cpu"
+
+    def linear(names: list[str], bias_names: list[str] | None = None) -> torch.nn.Module:
+        parts = [w.pop(n) for n in names]
+        bias = torch.cat([w.pop(b) for b in bias_names]) if bias_names else None
+        k = parts[0].k
+        if on_cpu:
+            # neighbours of one type become one part (one product instead of several), copied straight
+            # from the file into the fused buffer: one copy, no intermediate per source tensor
+            groups: list[list] = []
+            for p in parts:
+                if groups and groups[-1][0].qtype == p.qtype:
+                    groups[-1].append(p)
+                else:
+                    groups.append([p])
+            merged = []
+            for g in groups:
+                buf = torch.empty(sum(p.n for p in g), g[0].row_bytes, dtype=torch.uint8)
+                row = 0
+                for p in g:
+                    p.copy_into(buf[row:row + p.n].numpy())
+                    row += p.n
+                merged.append((buf, g[0].qtype, row))
+            return GGUFBlockLinear(merged, k, bias)
+        return _cuda_linear(parts, bias, dtype, device, max_rows)
+
+    emb = w.pop("model.embed_tokens.weight")
+    if on_cpu:
+        model.embed_tokens = GGUFBlockEmbedding(emb.tensor(), emb.qtype, emb.n, emb.k)
+        model.embed_tokens.dtype = dtype
+        model.lm_head = model.embed_tokens.as_linear() if cfg.tie_word_embeddings else linear(["lm_head.weight"])
+    else:
+        table = _dequantize(emb, dtype, device)
+        model.embed_tokens = torch.nn.Embedding.from_pretrained(table, freeze=True)
+        model.lm_head = (torch.nn.Linear(emb.k, emb.n, bias=False, device="meta") if cfg.tie_word_embeddings
+                         else linear(["lm_head.weight"]))
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        layer.self_attn.qkv_proj = linear([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+                                          [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]
+                                          if cfg.attention_bias else None)
+        layer.self_attn.o_proj = linear([a + "o_proj.weight"])
+        layer.mlp.gate_up_proj = linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        layer.mlp.down_proj = linear([p + "mlp.down_proj.weight"])
+    # what is left are the vectors: norms (and Qwen3's q/k norms), float in the model's dtype
+    sd = {}
+    for name, t in w.items():
+        if isinstance(t, BlockTensor):
+            continue  # a matrix the model does not use
+        sd[name.removeprefix("model.")] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.rope = RotaryEmbedding(cfg).to(device)
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise ModelLoadError(f"weights missing from the checkpoint: {', '.join(missing[:5])}")
+    return model.eval()
+
+
+def _dequantize(t, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One BlockTensor as a float matrix [n, k] in ``dtype`` on ``device`` (only this tensor is ever float32)."""
+    import gguf
+    import numpy as np
+
+    arr = gguf.quants.dequantize(t.tensor().numpy(), gguf.GGMLQuantizationType(t.qtype))
+    return torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(t.n, t.k)).to(device=device, dtype=dtype)
+
+
+def _q4_codes(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0/Q4_1 BlockTensor as int4 codes in Int4Linear's form: (q int32 [n, k] in 0..15, scale, zero
+    float32 [n, k/32]) with ``w = (q - 8) * scale + zero`` exactly the block's weights."""
+    import gguf
+
+    q41 = t.qtype == int(gguf.GGMLQuantizationType.Q4_1)
+    b = t.tensor().view(t.n, t.k // 32, 20 if q41 else 18)
+    d = b[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)
+    qs = b[..., 4:20] if q41 else b[..., 2:18]
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).to(torch.int32).reshape(t.n, t.k)  # low nibbles first
+    zero = (b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) + 8 * d) if q41 else torch.zeros_like(d)
+    return q, d, zero
+
+
+def _cuda_linear(parts: list, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device,
+                 max_rows: int) -> torch.nn.Module:
+    import gguf
+
+    from servelm.engine.quant.int4 import Int4Linear
+
+    q4 = {int(gguf.GGMLQuantizationType.Q4_0), int(gguf.GGMLQuantizationType.Q4_1)}
+    on_grid = all(p.qtype in q4 for p in parts)
+    n, k = sum(p.n for p in parts), parts[0].k
+    # a Q4 layer's float weight is never needed: Int4Linear reads only its shape, device and dtype
+    weight = (torch.empty(n, k, dtype=dtype, device=device) if on_grid
+              else torch.cat([_dequantize(p, dtype, device) for p in parts]))
+    lin = torch.nn.Linear(k, n, bias=bias is not None, device="meta")
+    lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = torch.nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+    if on_grid:
+        codes = [_q4_codes(p) for p in parts]
+        q, scale, zero = (torch.cat([c[j] for c in codes]).to(device) for j in range(3))
+        return Int4Linear(lin, 32, max_rows, codes=(q, scale, zero))
+    return lin
 
 
 def _finish(model: LlamaForCausalLM, cfg: ModelConfig, device: torch.device) -> None:

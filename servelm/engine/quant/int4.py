@@ -104,8 +104,11 @@ class Int4Linear(QuantLinear):
 
     method = "int4"
 
-    def __init__(self, linear: nn.Linear, group_size: int, max_rows: int = 1) -> None:
-        """``max_rows``: the most rows a product will multiply at once (decode batch), for the CUDA layout."""
+    def __init__(self, linear: nn.Linear, group_size: int, max_rows: int = 1,
+                 codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``max_rows``: the most rows a product will multiply at once (decode batch), for the CUDA layout.
+        ``codes``: (q, scale, zero) as :func:`quantize_int4` returns them, for weights already on a 4-bit
+        grid (GGUF Q4_0/Q4_1 blocks) instead of quantizing ``linear.weight``."""
         super().__init__(linear)
         n, k = self.out_features, self.in_features
         if k % group_size:
@@ -113,7 +116,7 @@ class Int4Linear(QuantLinear):
                              f"(layer {n}x{k}); pick a group size that divides {k}")
         self.group_size = group_size
         dev = linear.weight.device
-        q, scale, zero = quantize_int4(linear.weight.detach(), group_size)
+        q, scale, zero = codes if codes is not None else quantize_int4(linear.weight.detach(), group_size)
         # [K/g, N, 2] is what both packed kernels take; bf16 is their native scale dtype.
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.layout = "plain"

@@ -10,6 +10,7 @@ import torch
 
 from .config import INT4_GROUP_SIZES, QuantConfig
 
+# a quantized GGUF also gets a "gguf" row: its own blocks, as the engine runs it by default
 LADDER = ("fp32", "fp16", "bf16", "int8", "int4", "nf4", "nf4-dq")
 _GGUF_BLOCK32 = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "IQ4_NL"}
 
@@ -24,6 +25,7 @@ class Shapes:
     lm_head_tied: bool
     other_params: int  # embeddings and norms: kept at 16 bits by every quantized format
     source_qtype: str | None = None  # GGUF type of the projections, e.g. "Q4_1"
+    gguf_bytes: tuple[int, int] | None = None  # a quantized GGUF as it runs: (projection bytes, all bytes)
 
     @property
     def params(self) -> int:
@@ -38,7 +40,7 @@ def shapes_of(model: str | None) -> Shapes:
     from servelm.engine.models.loader import resolve_model
 
     spec = resolve_model(model)
-    qtype = None
+    qtype, gguf_bytes = None, None
     if isinstance(spec, str):
         cfg = preset(spec.split(":", 1)[1])
     elif spec.suffix == ".gguf":
@@ -46,18 +48,23 @@ def shapes_of(model: str | None) -> Shapes:
 
         from servelm.engine.models import gguf_loader
 
-        reader = gguf.GGUFReader(str(spec))
-        arch = gguf_loader._field(reader, "general.architecture")
+        reader, arch = gguf_loader.open_gguf(spec)
         cfg = gguf_loader._config(reader, arch, spec)
         names = {t.name: t.tensor_type.name for t in reader.tensors}
         cfg.tie_word_embeddings = "output.weight" not in names
         qtype = names.get("blk.0.attn_q.weight")
+        if qtype not in (None, "F32", "F16", "BF16"):  # the default: the file's own blocks
+            proj = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
+            gguf_bytes = (sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk.")
+                              and any(p in t.name for p in proj)),
+                          sum(int(t.n_bytes) for t in reader.tensors if t.name != "rope_freqs.weight"))
     else:
         cfg = ModelConfig.from_hf_dict(json.loads((spec / "config.json").read_text()), spec.name)
     h, hd, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     per_layer = [((cfg.num_heads + 2 * cfg.num_kv_heads) * hd, h), (h, cfg.num_heads * hd), (2 * i, h), (h, i)]
     other = cfg.vocab_size * h + (2 * cfg.num_layers + 1) * h
-    return Shapes(cfg.name, per_layer * cfg.num_layers, (cfg.vocab_size, h), cfg.tie_word_embeddings, other, qtype)
+    return Shapes(cfg.name, per_layer * cfg.num_layers, (cfg.vocab_size, h), cfg.tie_word_embeddings, other, qtype,
+                  gguf_bytes)
 
 
 def auto_group(method: str, linears: list[tuple[int, int]], source_qtype: str | None) -> int | None:
@@ -100,6 +107,10 @@ def ladder(model: str | None, group_size: int | None = None, include_lm_head: bo
     out = {"model": s.name, "params": s.params, "source_qtype": s.source_qtype,
            "lm_head_quantized": include_lm_head, "formats": {}}
     head_n, head_k = s.lm_head
+    if s.gguf_bytes:  # what the engine runs by default: the GGUF's blocks, embeddings and head included
+        proj, total = s.gguf_bytes
+        out["formats"]["gguf"] = {"computed_bytes": total, "group_size": None, "source": s.source_qtype,
+                                  "projection_bits_per_weight": round(8 * proj / sum(n * k for n, k in s.linears), 4)}
     for fmt in LADDER:
         quant = fmt in ("int8", "int4", "nf4", "nf4-dq")
         # a requested group size int4's kernels cannot take (e.g. 16 for nf4) leaves int4 on its own
@@ -120,6 +131,10 @@ def ladder(model: str | None, group_size: int | None = None, include_lm_head: bo
 
         from .apply import model_weight_bytes, quantize_model
 
+        if "gguf" in out["formats"]:
+            loaded = load_model(model, torch.float32, torch.device("cpu"), gguf_blocks=True)
+            out["formats"]["gguf"]["measured_bytes"] = model_weight_bytes(loaded.model)
+            del loaded
         for fmt in LADDER:
             dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(fmt, torch.bfloat16)
             loaded = load_model(model, dtype, torch.device("cpu"))
@@ -135,11 +150,12 @@ def format_ladder(r: dict) -> str:
     the projections, their scales included)."""
     lines = [f"{r['model']}: {r['params'] / 1e6:.1f}M parameters"
              + (f" (source {r['source_qtype']})" if r.get("source_qtype") else ""),
-             f"{'format':8} {'group':>5} {'bits/w':>7} {'computed':>12} {'measured':>12} {'vs fp16':>8}"]
+             f"{'format':9} {'group':>5} {'bits/w':>7} {'computed':>12} {'measured':>12} {'vs fp16':>8}"]
     fp16 = r["formats"]["fp16"]["computed_bytes"]
     for fmt, v in r["formats"].items():
         meas = v.get("measured_bytes")
-        lines.append(f"{fmt.upper():8} {v['group_size'] or '-':>5} {v['projection_bits_per_weight']:>7.3f} "
+        label = f"GGUF {v['source']}" if fmt == "gguf" else fmt.upper()
+        lines.append(f"{label:9} {v['group_size'] or '-':>5} {v['projection_bits_per_weight']:>7.3f} "
                      f"{v['computed_bytes'] / 1e9:>10.3f}GB "
                      f"{(f'{meas / 1e9:.3f}GB') if meas else '-':>12} {v['computed_bytes'] / fp16:>7.2f}x")
     return "\n".join(lines)
