@@ -27,8 +27,11 @@ def smol_loaded():
 
 @pytest.fixture(scope="session")
 def make_llm(smol_loaded):
-    """Build an ``LLM`` over the shared SmolLM2 weights with any engine settings."""
+    """Build an ``LLM`` over the shared SmolLM2 weights with any engine settings (a 256 MiB KV pool unless
+    the test sizes it: the default takes a share of free memory, and the suite builds many engines)."""
     def make(**kwargs) -> LLM:
+        if "num_kv_blocks" not in kwargs:
+            kwargs.setdefault("kv_cache_memory_bytes", 256 << 20)
         return LLM.from_engine(LLMEngine(EngineConfig(dtype="float32", device="cpu", **kwargs), loaded=smol_loaded))
     return make
 
