@@ -159,13 +159,7 @@ def read_gguf(path: Path, progress: bool = False, dtype: torch.dtype = torch.flo
     cfg = _config(reader, arch, path)
     tensors: dict[str, torch.Tensor] = {}
     qtypes: dict[str, str] = {}
-    for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress):
-        if t.name == "rope_freqs.weight":
-            _rope_freqs(cfg, t)
-            continue
-        hf_name = _hf_name(t.name)
-        if hf_name is None:
-            continue
+    for t, hf_name in _model_tensors(reader, cfg, path, progress):
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
@@ -184,6 +178,18 @@ def read_gguf(path: Path, progress: bool = False, dtype: torch.dtype = torch.flo
     return cfg, tensors, qtypes
 
 
+
+def _model_tensors(reader, cfg: ModelConfig, path: Path, progress: bool):
+    """Yields (GGUF tensor, its HF name) for the tensors the model holds; ``rope_freqs`` goes into ``cfg``."""
+    for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress):
+        if t.name == "rope_freqs.weight":
+            _rope_freqs(cfg, t)
+            continue
+        hf_name = _hf_name(t.name)
+        if hf_name is not None:
+            yield t, hf_name
+
+
 def read_gguf_blocks(path: Path, progress: bool = False, opened=None
                      ) -> tuple[ModelConfig, dict[str, BlockTensor | torch.Tensor], dict[str, str]]:
     """Return (config, HF-named weights, HF name -> GGUF type): each matrix a :class:`BlockTensor` of the
@@ -199,13 +205,7 @@ def read_gguf_blocks(path: Path, progress: bool = False, opened=None
     cfg = _config(reader, arch, path)
     tensors: dict[str, BlockTensor | torch.Tensor] = {}
     qtypes: dict[str, str] = {}
-    for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress):
-        if t.name == "rope_freqs.weight":
-            _rope_freqs(cfg, t)
-            continue
-        hf_name = _hf_name(t.name)
-        if hf_name is None:
-            continue
+    for t, hf_name in _model_tensors(reader, cfg, path, progress):
         kind = t.tensor_type.name
         dims = [int(d) for d in t.shape]
         if len(dims) == 1 or all(d == 1 for d in dims[1:]):  # norms and biases: small, float
