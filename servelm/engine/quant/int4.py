@@ -88,12 +88,32 @@ def cuda_layout(n: int, k: int, group_size: int, device: torch.device, max_rows:
     return _CUDA_LAYOUTS[key]
 
 
+_CPU_UNPACK: dict[tuple[int, int], torch.Tensor] = {}
+
+
 def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    # Layout of aten._convert_weight_to_int4pack_for_cpu: rows in blocks of 64; for each input
-    # column, byte j of a block holds row j (low nibble) and row j+32 (high nibble).
-    v = packed.view(n // 64, k, 32)
-    q = torch.cat([v & 15, v >> 4], dim=-1)
-    return q.permute(0, 2, 1).reshape(n, k)
+    """The [n, k] codes held by ``packed``, a weight packed by aten._convert_weight_to_int4pack_for_cpu.
+
+    That layout differs by CPU (its blocking follows the vector width torch was dispatched to: AVX-512
+    and AVX2 machines pack differently), so it is not written down here but read off the kernel once per
+    shape: codes that spell each element's own index, four bits per pack, show where every nibble goes."""
+    inv = _CPU_UNPACK.get((n, k))
+    if inv is None:
+        idx = torch.arange(n * k, dtype=torch.int64)
+        src = torch.zeros(n * k, dtype=torch.int64)
+        for shift in range(0, max(4, (n * k - 1).bit_length()), 4):
+            codes = ((idx >> shift) & 15).to(torch.int32).reshape(n, k)
+            src |= _nibbles(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)).to(torch.int64) << shift
+        inv = torch.empty(n * k, dtype=torch.int32)
+        inv[src] = torch.arange(n * k, dtype=torch.int32)
+        _CPU_UNPACK[(n, k)] = inv
+    return _nibbles(packed.cpu())[inv.long()].reshape(n, k).to(packed.device)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Every 4-bit code of a packed uint8 tensor, low nibble then high nibble of each byte, flattened."""
+    b = packed.contiguous().view(torch.uint8).reshape(-1)
+    return torch.stack([b & 15, b >> 4], dim=-1).reshape(-1)
 
 
 class Int4Linear(QuantLinear):
