@@ -10,7 +10,7 @@ import pytest
 from server_harness import create_key, fleet, openai_client
 
 MODEL = "SmolLM2-135M-Instruct"
-QUESTION = "What is the capital of France?"
+QUESTION = "What is 2 + 2?"  # the embedded model answers it in a few tokens and stops
 TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather in a city.",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
 

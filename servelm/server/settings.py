@@ -34,11 +34,13 @@ class ServerSettings(BaseSettings):
     max_num_seqs: int = Field(16, ge=1, description="Requests the engine runs at once.")
     max_model_len: int | None = Field(None, ge=16)
     kv_cache_memory_bytes: int | None = Field(None, ge=1)
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes seen before "
+                                        "(default: on).")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is split over (one process each).")
     enforce_eager: bool = False
     embedding_model: str | None = Field(default_factory=default_embedding_model)
-    embedding_model_name: str = "all-MiniLM-L6-v2"
+    embedding_model_name: str = Field("all-MiniLM-L6-v2", description="Name clients pass as 'model' to "
+                                      "/v1/embeddings.")
 
     # HTTP
     host: str = "127.0.0.1"
