@@ -152,7 +152,7 @@ def test_me_render_and_quantization_endpoints(srv):
         f["int4"]["computed_bytes"]
     # the embedded GGUF runs in its own Q4_1/Q8_0 blocks: the loaded bytes are the file's, not fp32's
     gguf_bytes = f["gguf"]["computed_bytes"]
-    assert quant["loaded"]["dtype"] == "float32" and 0.95 * gguf_bytes < quant["loaded"]["measured_bytes"] < 1.05 * gguf_bytes
+    assert quant["loaded"]["dtype"] == "float32" and 0.9 * gguf_bytes < quant["loaded"]["measured_bytes"] < 1.1 * gguf_bytes
     assert quant["loaded"]["measured_bytes"] < f["int8"]["computed_bytes"]
 
 
