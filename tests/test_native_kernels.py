@@ -80,6 +80,27 @@ def test_matmul_batch_invariant_bitwise(qtype):
         native.set_num_threads(native.default_num_threads())
 
 
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+def test_tiled_product_equals_single_rows_bitwise(qtype):
+    """A prefill-sized product (row blocks of 64, 4-row tiles, an odd tail of rows and of weight rows) gives
+    every row exactly what that row gets alone, and stays close to the dequantized product."""
+    n, k, m = 37, 512, 131
+    raw = random_weight(qtype, n, k, seed=6)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(7))
+    try:
+        native.set_num_threads(1)
+        single = torch.cat([native.matmul(x[i:i + 1], raw, qtype, n, k) for i in range(m)])
+        for threads in (1, 2):
+            native.set_num_threads(threads)
+            assert torch.equal(native.matmul(x, raw, qtype, n, k), single), threads
+            assert torch.equal(native.matmul(x[:5], raw[:35], qtype, 35, k), single[:5, :35]), threads
+    finally:
+        native.set_num_threads(native.default_num_threads())
+    want = x.double() @ reference(raw, qtype, n, k).double().T
+    tol = 1e-4 if qtype in (T.F32, T.F16, T.BF16) else 2e-2
+    assert (single.double() - want).norm() / want.norm() < tol
+
+
 def test_unsupported_type_is_named():
     for qtype in (T.Q2_K, T.IQ4_NL):
         with pytest.raises(ValueError, match=qtype.name):

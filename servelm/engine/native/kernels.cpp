@@ -600,6 +600,268 @@ float dot_bf16(const uint8_t* w, const float* x, int64_t k) {
 #endif
 }
 
+// ---------------------------------------------------------------------------- tiled products (AVX2)
+// A tile is R activation rows x C weight rows over the whole of k. Each weight block is unpacked once per
+// tile and used for the R activation rows; each activation block is loaded once and used for the C weight
+// rows. Output (i, j) is computed with exactly the operations of the R = C = 1 tile, in the same order
+// (per-lane fused multiply-adds over the blocks in order, then one horizontal sum; integer parts are
+// exact), so the tile shape, and with it the batch size and the thread split, never changes a result.
+// The single-row functions above are the portable build's; on AVX2 every product goes through tiles.
+#if defined(__AVX2__)
+// The 32 weights of one 32-block as bytes: signed (Q4_0, Q5_0, Q8_0) or unsigned with a min (Q4_1, Q5_1).
+template <int TY>
+inline __m256i q8w_quants(const uint8_t* p) {
+  if constexpr (TY == T_Q4_0) return _mm256_sub_epi8(nibbles32(p + 2), _mm256_set1_epi8(8));
+  if constexpr (TY == T_Q4_1) return nibbles32(p + 4);
+  if constexpr (TY == T_Q5_0)
+    return _mm256_sub_epi8(_mm256_or_si256(nibbles32(p + 6), bits32_x16(p + 2)), _mm256_set1_epi8(16));
+  if constexpr (TY == T_Q5_1) return _mm256_or_si256(nibbles32(p + 8), bits32_x16(p + 4));
+  return _mm256_loadu_si256((const __m256i*)(p + 2));  // Q8_0
+}
+template <int TY> constexpr int q8w_bytes() {
+  return TY == T_Q4_0 ? 18 : TY == T_Q4_1 ? 20 : TY == T_Q5_0 ? 22 : TY == T_Q5_1 ? 24 : 34;
+}
+template <int TY> constexpr bool q8w_has_min() { return TY == T_Q4_1 || TY == T_Q5_1; }
+
+template <int TY, int R, int C>
+void tile_q8(const uint8_t* w, int64_t wrb, const BlockQ8* a, int64_t nb, float* out, int64_t ldo) {
+  constexpr int BB = q8w_bytes<TY>();
+  constexpr bool MIN = q8w_has_min<TY>();
+  __m256 acc[R][C];
+  float accm[R][C];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) { acc[r][c] = _mm256_setzero_ps(); accm[r][c] = 0.f; }
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; b++) {
+    __m256i q[C], qs[C];
+    __m256 dw[C];
+    float mw[C];
+    for (int c = 0; c < C; c++) {
+      const uint8_t* p = w + c * wrb + b * BB;
+      q[c] = q8w_quants<TY>(p);
+      // signed weights: |w| x (a with w's sign), the same pairs maddubs sums in dot_i8
+      qs[c] = MIN ? q[c] : _mm256_sign_epi8(q[c], q[c]);
+      dw[c] = _mm256_set1_ps(rdh(p));
+      if constexpr (MIN) mw[c] = rdh(p + 2);
+    }
+    for (int r = 0; r < R; r++) {
+      const BlockQ8& ab = a[r * nb + b];
+      const __m256i qa = _mm256_loadu_si256((const __m256i*)ab.qs);
+      const __m256 da = _mm256_set1_ps(ab.d);
+      for (int c = 0; c < C; c++) {
+        const __m256i s = MIN ? qa : _mm256_sign_epi8(qa, q[c]);
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qs[c], s), ones);
+        acc[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[c], da), _mm256_cvtepi32_ps(dot), acc[r][c]);
+        if constexpr (MIN) accm[r][c] += mw[c] * ab.s;
+      }
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) out[r * ldo + c] = MIN ? hsum8(acc[r][c]) + accm[r][c] : hsum8(acc[r][c]);
+}
+
+// K-quants: per super-block an exact integer sum for each (row, column) pair, then the float step of the
+// single-row kernels: acc += d_a * (d * isum - dmin * summ) (Q4_K, Q5_K) or acc += d_a * d * isum (Q6_K).
+inline int hsum4i(__m128i s) {
+  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int TY> constexpr int kw_bytes() { return TY == T_Q4_K ? 144 : TY == T_Q5_K ? 176 : 210; }
+
+template <int TY, int R, int C>
+void tile_k(const uint8_t* w, int64_t wrb, const BlockQ8K* a, int64_t nb, float* out, int64_t ldo) {
+  constexpr int BB = kw_bytes<TY>();
+  float acc[R][C];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) acc[r][c] = 0.f;
+  const __m256i m4 = _mm256_set1_epi8(0x0f);
+  for (int64_t b = 0; b < nb; b++) {
+    __m256i sumi[R][C];
+    for (int r = 0; r < R; r++)
+      for (int c = 0; c < C; c++) sumi[r][c] = _mm256_setzero_si256();
+    int summ[R][C];  // Q4_K/Q5_K: the mins through the activation sums; Q6_K: the -32 offset likewise
+    if constexpr (TY == T_Q6_K) {
+      for (int c = 0; c < C; c++) {
+        const uint8_t* p = w + c * wrb + b * BB;
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(p + 192)));
+        for (int r = 0; r < R; r++) {
+          const __m256i bs = _mm256_loadu_si256((const __m256i*)a[r * nb + b].bsums);
+          summ[r][c] = hsum8i(_mm256_madd_epi16(sc16, bs));
+        }
+      }
+      for (int h = 0; h < 2; h++) {
+        for (int s = 0; s < 4; s++) {
+          __m256i q[C], scv[C];
+          for (int c = 0; c < C; c++) {
+            const uint8_t* p = w + c * wrb + b * BB;
+            const __m256i l = _mm256_loadu_si256((const __m256i*)(p + 64 * h + 32 * (s & 1)));
+            const __m256i hb = _mm256_loadu_si256((const __m256i*)(p + 128 + 32 * h));
+            const __m256i lo = (s >> 1) ? _mm256_and_si256(_mm256_srli_epi16(l, 4), m4) : _mm256_and_si256(l, m4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * s), _mm256_set1_epi8(3));
+            q[c] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+            const int8_t* sc = (const int8_t*)(p + 192);
+            const int e = (128 * h + 32 * s) / 16;
+            scv[c] = _mm256_set_m128i(_mm_set1_epi16(sc[e + 1]), _mm_set1_epi16(sc[e]));
+          }
+          for (int r = 0; r < R; r++) {
+            const __m256i qa = _mm256_loadu_si256((const __m256i*)(a[r * nb + b].qs + 128 * h + 32 * s));
+            for (int c = 0; c < C; c++)
+              sumi[r][c] = _mm256_add_epi32(sumi[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], qa), scv[c]));
+          }
+        }
+      }
+      for (int r = 0; r < R; r++) {
+        const BlockQ8K& ab = a[r * nb + b];
+        for (int c = 0; c < C; c++) {
+          const uint8_t* p = w + c * wrb + b * BB;
+          const int isum = hsum8i(sumi[r][c]) - 32 * summ[r][c];
+          acc[r][c] += ab.d * rdh(p + 208) * (float)isum;
+        }
+      }
+    } else {
+      uint8_t sc[C][8];
+      for (int c = 0; c < C; c++) {
+        const uint8_t* p = w + c * wrb + b * BB;
+        uint8_t mn[8];
+        k_scale_min(p + 4, sc[c], mn);
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)mn));
+        for (int r = 0; r < R; r++) {
+          const __m128i* bs = (const __m128i*)a[r * nb + b].bsums;
+          const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128(bs), _mm_loadu_si128(bs + 1));
+          summ[r][c] = hsum4i(_mm_madd_epi16(mins, pairs));
+        }
+      }
+      for (int ch = 0; ch < 4; ch++) {
+        __m256i lo[C], hi[C], s0[C], s1[C];
+        for (int c = 0; c < C; c++) {
+          const uint8_t* p = w + c * wrb + b * BB;
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(p + (TY == T_Q4_K ? 16 : 48) + 32 * ch));
+          lo[c] = _mm256_and_si256(v, m4);
+          hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          if constexpr (TY == T_Q5_K) {
+            const __m256i hv = _mm256_loadu_si256((const __m256i*)(p + 16));
+            const __m256i one = _mm256_set1_epi8(1);
+            lo[c] = _mm256_or_si256(lo[c], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 2 * ch), one), 4));
+            hi[c] = _mm256_or_si256(hi[c], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 2 * ch + 1), one), 4));
+          }
+          s0[c] = _mm256_set1_epi16(sc[c][2 * ch]);
+          s1[c] = _mm256_set1_epi16(sc[c][2 * ch + 1]);
+        }
+        for (int r = 0; r < R; r++) {
+          const int8_t* qa = a[r * nb + b].qs + 64 * ch;
+          const __m256i a0 = _mm256_loadu_si256((const __m256i*)qa);
+          const __m256i a1 = _mm256_loadu_si256((const __m256i*)(qa + 32));
+          for (int c = 0; c < C; c++) {
+            const __m256i t = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo[c], a0), s0[c]),
+                                               _mm256_madd_epi16(_mm256_maddubs_epi16(hi[c], a1), s1[c]));
+            sumi[r][c] = _mm256_add_epi32(sumi[r][c], t);
+          }
+        }
+      }
+      for (int r = 0; r < R; r++) {
+        const BlockQ8K& ab = a[r * nb + b];
+        for (int c = 0; c < C; c++) {
+          const uint8_t* p = w + c * wrb + b * BB;
+          acc[r][c] += ab.d * (rdh(p) * (float)hsum8i(sumi[r][c]) - rdh(p + 2) * (float)summ[r][c]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) out[r * ldo + c] = acc[r][c];
+}
+
+// Float weights: each 8 weights converted once per tile; per output the fused multiply-adds of dot_f32.
+template <int TY>
+inline __m256 fw8(const uint8_t* w, int64_t i) {
+  if constexpr (TY == T_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 2 * i)));
+  if constexpr (TY == T_BF16)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(w + 2 * i))), 16));
+  return _mm256_loadu_ps((const float*)w + i);
+}
+template <int TY>
+inline float fw1(const uint8_t* w, int64_t i) {
+  if constexpr (TY == T_F16) return rdh(w + 2 * i);
+  if constexpr (TY == T_BF16) return bf16_to_fp32(rd16(w + 2 * i));
+  return ((const float*)w)[i];
+}
+
+template <int TY, int R, int C>
+void tile_f(const uint8_t* w, int64_t wrb, const float* x, int64_t k, float* out, int64_t ldo) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    __m256 wv[C];
+    for (int c = 0; c < C; c++) wv[c] = fw8<TY>(w + c * wrb, i);
+    for (int r = 0; r < R; r++) {
+      const __m256 xv = _mm256_loadu_ps(x + r * k + i);
+      for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) {
+      float s = hsum8(acc[r][c]);
+      for (int64_t t = i; t < k; t++) s += fw1<TY>(w + c * wrb, t) * x[r * k + t];
+      out[r * ldo + c] = s;
+    }
+}
+
+// One tile of r <= 4 activation rows x c <= 4 weight rows: the instantiation for (type, r, c).
+template <int TY, int R, int C>
+void tile_one(const uint8_t* w, int64_t wrb, const float* x, const uint8_t* qa, int64_t k, float* out, int64_t ldo) {
+  if constexpr (TY == T_Q4_0 || TY == T_Q4_1 || TY == T_Q5_0 || TY == T_Q5_1 || TY == T_Q8_0)
+    tile_q8<TY, R, C>(w, wrb, (const BlockQ8*)qa, k / QK, out, ldo);
+  else if constexpr (TY == T_Q4_K || TY == T_Q5_K || TY == T_Q6_K)
+    tile_k<TY, R, C>(w, wrb, (const BlockQ8K*)qa, k / QKK, out, ldo);
+  else
+    tile_f<TY, R, C>(w, wrb, x, k, out, ldo);
+}
+
+template <int TY, int R>
+void tile_rc(int c, const uint8_t* w, int64_t wrb, const float* x, const uint8_t* qa, int64_t k, float* out,
+             int64_t ldo) {
+  switch (c) {
+    case 1: tile_one<TY, R, 1>(w, wrb, x, qa, k, out, ldo); break;
+    case 2: tile_one<TY, R, 2>(w, wrb, x, qa, k, out, ldo); break;
+    case 3: tile_one<TY, R, 3>(w, wrb, x, qa, k, out, ldo); break;
+    default: tile_one<TY, R, 4>(w, wrb, x, qa, k, out, ldo); break;
+  }
+}
+
+template <int TY>
+void tile_t(int r, int c, const uint8_t* w, int64_t wrb, const float* x, const uint8_t* qa, int64_t k, float* out,
+            int64_t ldo) {
+  switch (r) {
+    case 1: tile_rc<TY, 1>(c, w, wrb, x, qa, k, out, ldo); break;
+    case 2: tile_rc<TY, 2>(c, w, wrb, x, qa, k, out, ldo); break;
+    case 3: tile_rc<TY, 3>(c, w, wrb, x, qa, k, out, ldo); break;
+    default: tile_rc<TY, 4>(c, w, wrb, x, qa, k, out, ldo); break;
+  }
+}
+
+// out[r * ldo + c] for r < nr <= 4 activation rows (x or qa at row 0) and c < nc <= 4 weight rows (w at row 0).
+void tile(int t, int nr, int nc, const uint8_t* w, int64_t wrb, const float* x, const uint8_t* qa, int64_t k,
+          float* out, int64_t ldo) {
+  switch (t) {
+    case T_Q4_0: tile_t<T_Q4_0>(nr, nc, w, wrb, x, qa, k, out, ldo); break;
+    case T_Q4_1: tile_t<T_Q4_1>(nr, nc, w, wrb, x, qa, k, out, ldo); break;
+    case T_Q5_0: tile_t<T_Q5_0>(nr, nc, w, wrb, x, qa, k, out, ldo); break;
+    case T_Q5_1: tile_t<T_Q5_1>(nr, nc, w, wrb, x, qa, k, out, ldo); break;
+    case T_Q8_0: tile_t<T_Q8_0>(nr, nc, w, wrb, x, qa, k, out, ldo); break;
+    case T_Q4_K: tile_t<T_Q4_K>(nr, nc, w, wrb, x, qa, k, out, ldo); break;
+    case T_Q5_K: tile_t<T_Q5_K>(nr, nc, w, wrb, x, qa, k, out, ldo); break;
+    case T_Q6_K: tile_t<T_Q6_K>(nr, nc, w, wrb, x, qa, k, out, ldo); break;
+    case T_F16: tile_t<T_F16>(nr, nc, w, wrb, x, qa, k, out, ldo); break;
+    case T_BF16: tile_t<T_BF16>(nr, nc, w, wrb, x, qa, k, out, ldo); break;
+    default: tile_t<T_F32>(nr, nc, w, wrb, x, qa, k, out, ldo); break;
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------- thread pool
 // A small persistent pool. A job is a number of chunks; the calling thread and the workers claim chunks
 // through one atomic word holding (job generation, next chunk), and the caller returns once every chunk
@@ -753,13 +1015,27 @@ void quantize_rows(int t, const float* x, int64_t m, int64_t k, uint8_t* qa) {
   });
 }
 
-// out[i, j] for rows [0, m), weight rows [lo, hi): activations already prepared (qa) or float (x).
-void matmul_cols(int t, const float* x, const uint8_t* qa, int64_t m, const uint8_t* w, int64_t wrb, int64_t k,
-                 int64_t lo, int64_t hi, float* out, int64_t ldo) {
+// out[i, j] for activation rows [r0, r1), weight rows [lo, hi): activations prepared (qa) or float (x).
+void matmul_block(int t, const float* x, const uint8_t* qa, int64_t r0, int64_t r1, const uint8_t* w, int64_t wrb,
+                  int64_t k, int64_t lo, int64_t hi, float* out, int64_t ldo) {
   const int64_t arb = act_row_bytes(t, k);
+#if defined(__AVX2__)
+  // weight columns outer: their blocks stay in L1 while the activation rows pass over them
+  // 4 x 2 tiles keep their 8 accumulators in the 16 vector registers; a single row (decode) takes 1 x 4,
+  // reading one activation block for four weight rows.
+  constexpr int TR = 4;
+  const int tc = r1 - r0 == 1 ? 4 : 2;
+  for (int64_t j = lo; j < hi; j += tc) {
+    const int nc = (int)std::min<int64_t>(tc, hi - j);
+    for (int64_t i = r0; i < r1; i += TR) {
+      const int nr = (int)std::min<int64_t>(TR, r1 - i);
+      tile(t, nr, nc, w + j * wrb, wrb, x + i * k, qa + i * arb, k, out + i * ldo + j, ldo);
+    }
+  }
+#else
   for (int64_t j = lo; j < hi; j++) {
     const uint8_t* wr = w + j * wrb;
-    for (int64_t i = 0; i < m; i++) {
+    for (int64_t i = r0; i < r1; i++) {
       float v;
       const uint8_t* ar = qa + i * arb;
       switch (t) {
@@ -778,6 +1054,7 @@ void matmul_cols(int t, const float* x, const uint8_t* qa, int64_t m, const uint
       out[i * ldo + j] = v;
     }
   }
+#endif
 }
 
 }  // namespace
@@ -838,10 +1115,26 @@ int slk_matmul(const float* x, int64_t m, const uint8_t* w, int t, int64_t n, in
     qa = s.data();
     quantize_rows(t, x, m, k, qa);
   }
-  // column chunks sized so each thread gets several (load balance) of a few KiB of weights each
-  int64_t chunk = std::max<int64_t>(1, (int64_t)(16384 / std::max<int64_t>(1, wrb * std::max<int64_t>(1, m / 4))));
-  chunk = std::min<int64_t>(chunk, std::max<int64_t>(1, n / (4 * pool().size())));
-  parallel_chunks(n, chunk, [&](int64_t lo, int64_t hi) { matmul_cols(t, x, qa, m, w, wrb, k, lo, hi, out, ldo); });
+  // Tasks: column chunks (a multiple of the 4-column tile, a few KiB of weights, several per thread for
+  // balance) times row blocks of up to 64 rows (their activations stay in L2 while a chunk's weights pass).
+  const int64_t rblock = 64;
+  const int64_t nrb = (m + rblock - 1) / rblock;
+  const int64_t threads = pool().size();
+  int64_t chunk = std::max<int64_t>(4, (32768 / std::max<int64_t>(1, wrb)) & ~int64_t(3));
+  const int64_t want_tasks = 4 * threads;
+  if (nrb * ((n + chunk - 1) / chunk) < want_tasks)
+    chunk = std::max<int64_t>(4, ((n * nrb + want_tasks - 1) / want_tasks + 3) & ~int64_t(3));
+  const int64_t ncb = (n + chunk - 1) / chunk;
+  auto task = [&](int64_t c) {
+    const int64_t cb = c % ncb, rb = c / ncb;
+    matmul_block(t, x, qa, rb * rblock, std::min(m, rb * rblock + rblock), w, wrb, k, cb * chunk,
+                 std::min(n, cb * chunk + chunk), out, ldo);
+  };
+  if (threads == 1 || ncb * nrb <= 1) {
+    for (int64_t c = 0; c < ncb * nrb; c++) task(c);
+  } else {
+    pool().run(ncb * nrb, task);
+  }
   return 0;
 }
 
