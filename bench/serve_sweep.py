@@ -8,6 +8,14 @@ whose means are about 200 and 180 tokens (medians ``--input-len``/``--output-len
 
     python bench/serve_sweep.py --model dummy:llama-3-8b --rates 4 8 16 32 inf \
         --configs "" "--enforce-eager" --plot latency_vs_rate.png
+
+A config may start with environment assignments for its server (``"SERVELM_WARMUP=0"``: no warm-up
+before ready). ``--cold`` first runs ``--cold-rates`` (default: ``--rates``) on the freshly started server,
+before anything else has reached it, then the usual warm-up run and sweep; the report gains ``cold`` (those
+first runs) and ``tpot_p50_cold_over_warm`` per server and rate (a server that warms up before ready reads
+about 1.0):
+
+    python bench/serve_sweep.py --model dummy:llama-3-8b --rates 16 --cold --configs "" "SERVELM_WARMUP=0"
 """
 from __future__ import annotations
 
@@ -28,12 +36,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import serve  # noqa: E402
 
 
+def split_env(extra: str) -> tuple[dict[str, str], list[str]]:
+    """Returns the leading ``NAME=value`` words of a config (its server's environment) and its flags."""
+    words, env = shlex.split(extra), {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    return env, words
+
+
 def start_server(model: str, port: int, extra: str, max_num_seqs: int, log_path: str) -> subprocess.Popen:
+    env, flags = split_env(extra)
     cmd = [sys.executable, "-m", "servelm", "serve", "--model", model, "--port", str(port), "--no-auth", "--no-guard",
            "--no-rag", "--no-embeddings", "--max-num-seqs", str(max_num_seqs), "--max-queue", "4096",
-           "--max-model-len", "2048", "--log-level", "warning", *shlex.split(extra)]
+           "--max-model-len", "2048", "--log-level", "warning", *flags]
     log = open(log_path, "w")  # noqa: SIM115 (kept open for the server's lifetime)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     deadline = time.time() + 600
     while time.time() < deadline:  # polling a starting server is what a client does; loading takes a while
         if proc.poll() is not None:
@@ -54,31 +72,37 @@ def quiet(argv: list[str]) -> None:
         serve.main(argv)
 
 
-def sweep(args, extra: str, port: int, out_dir: str) -> dict:
+def sweep(args, extra: str, port: int, out_dir: str) -> tuple[dict, dict]:
+    """Returns the sweep's results by rate, and (with ``--cold``) the fresh server's first runs by rate."""
     proc = start_server(args.model, port, extra, args.max_num_seqs, os.path.join(out_dir, f"server_{port}.log"))
     base = ["--base-url", f"http://127.0.0.1:{port}", "--dataset", "sharegpt", "--input-len", str(args.input_len),
             "--output-len", str(args.output_len), "--max-input-len", "1024", "--max-output-len", "1024"]
-    results = {}
+    results, cold = {}, {}
+
+    def run_rate(rate: float, tag: str) -> dict:
+        n = args.num_prompts or int(min(400, max(64, (rate if rate != float("inf") else 16) * args.seconds)))
+        path = os.path.join(out_dir, f"{tag}rate_{rate}_{port}.json")
+        quiet(base + ["--num-prompts", str(n), "--request-rate", str(rate), "--seed", "1", "--out", path])
+        with open(path) as f:
+            r = json.load(f)
+        return {k: r[k] for k in ("completed", "failed", "duration_s", "request_throughput_rps",
+                                  "output_throughput_tok_s", "ttft_ms", "tpot_ms", "itl_ms",
+                                  "e2e_ms", "mean_prompt_tokens", "mean_output_tokens", "first_error")}
+
     try:
+        for rate in (args.cold_rates or args.rates) if args.cold else ():  # nothing has reached the server yet
+            cold[str(rate)] = run_rate(rate, "cold_")
         warm = os.path.join(out_dir, "warm.json")
         quiet(base + ["--num-prompts", "16", "--request-rate", "inf", "--out", warm])
         for rate in args.rates:
-            n = args.num_prompts or int(min(400, max(64, (rate if rate != float("inf") else 16) * args.seconds)))
-            path = os.path.join(out_dir, f"rate_{rate}_{port}.json")
-            quiet(base + ["--num-prompts", str(n), "--request-rate", str(rate), "--seed", "1", "--out", path])
-            with open(path) as f:
-                r = json.load(f)
-            results[str(rate)] = {k: r[k] for k in ("completed", "failed", "duration_s", "request_throughput_rps",
-                                                    "output_throughput_tok_s", "ttft_ms", "tpot_ms", "itl_ms",
-                                                    "e2e_ms", "mean_prompt_tokens", "mean_output_tokens",
-                                                    "first_error")}
+            results[str(rate)] = run_rate(rate, "")
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return results
+    return results, cold
 
 
 def plot(report: dict, path: str) -> None:
@@ -137,6 +161,9 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=None)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--cold", action="store_true",
+                    help="first run the rates on the freshly started server, then warm it up and sweep as usual")
+    ap.add_argument("--cold-rates", type=float, nargs="+", default=None, help="rates of the cold runs (default: --rates)")
     argv, configs = split_configs(ap, sys.argv[1:])
     args = ap.parse_args(argv)
     args.configs = configs or args.configs
@@ -151,7 +178,15 @@ def main() -> int:
     report = {"model": args.model, "device": device, "workload": "synthetic ShareGPT-like lognormal lengths",
               "servers": {}}
     for i, extra in enumerate(args.configs):
-        report["servers"][extra or "default"] = sweep(args, extra, 8100 + i, out_dir)
+        label = extra or "default"
+        report["servers"][label], cold = sweep(args, extra, 8100 + i, out_dir)
+        if args.cold:
+            report.setdefault("cold", {})[label] = cold
+            warm = report["servers"][label]
+            report.setdefault("tpot_p50_cold_over_warm", {})[label] = {
+                rate: (c["tpot_ms"]["p50"] / warm[rate]["tpot_ms"]["p50"]
+                       if rate in warm and c["tpot_ms"]["p50"] and warm[rate]["tpot_ms"]["p50"] else None)
+                for rate, c in cold.items()}
     if args.plot:
         try:
             plot(report, args.plot)

@@ -19,6 +19,7 @@ from servelm.engine.config import EngineConfig
 from servelm.engine.llm_engine import EngineStats, LLMEngine
 from servelm.engine.outputs import RequestOutput
 from servelm.engine.sampling_params import InvalidRequestError, SamplingParams
+from servelm.engine.warmup import warm_up
 
 log = logging.getLogger("servelm.engine")
 
@@ -45,6 +46,7 @@ class AsyncEngine:
         self._stats_time = 0.0
         self.last_step_time = 0.0
         self.healthy = False
+        self.warmup_report: dict | None = None  # what servelm.engine.warmup did at start
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -52,6 +54,8 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         if self.engine is None:
             self.engine = await asyncio.to_thread(LLMEngine, self.config)
+        # CUDA: every kernel shape compiled and captured before the first request (a no-op on the CPU)
+        self.warmup_report = await asyncio.to_thread(warm_up, self.engine)
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="servelm-engine", daemon=True)
         self._thread.start()

@@ -24,6 +24,7 @@ from servelm.engine.attention.base import SHORT_PREFILL
 from servelm.engine.attention.triton_backend import TritonAttentionBackend
 from servelm.engine.attention.triton_kernels import pick_num_splits
 from servelm.engine.sequence import Sequence
+from servelm.engine.warmup import CAPTURES
 
 log = logging.getLogger("servelm.engine")
 
@@ -89,6 +90,7 @@ class CUDAGraphRunner:
                 self.logits[bs] = self._forward(bs)
             pool = g.pool()
             self.graphs[bs] = g
+            CAPTURES[0] += 1  # servelm.engine.warmup.compile_counts reads it
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 

@@ -137,6 +137,12 @@ class KVCacheManager:
             self.cached[key] = block
             self.block_hash[block] = key
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix and the hit-rate counts (blocks in use stay allocated)."""
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+        self.prefix_queries = self.prefix_hits = 0
+
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks; the tail goes to the free queue first so prefixes live longest."""
         for block in reversed(seq.block_table):

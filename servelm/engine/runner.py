@@ -193,6 +193,8 @@ class ModelRunner:
                 samplers.append(seq)
         dev = self.device
         max_blocks = max(len(t) for t in tables)
+        if self.device.type == "cuda":  # a multiple of 16 columns: the Triton kernels' table stride (and the
+            max_blocks = -(-max_blocks // 16) * 16  # decode rows' offset) take one specialisation, any context
         block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
         layout = BatchLayout(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),

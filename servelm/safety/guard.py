@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from servelm.safety.metrics import GuardMetrics, log_event
 from servelm.safety.normalise import normalise
-from servelm.safety.pii import DEFAULT_ENTITIES, PiiSpan, get_pii_detector, not_supplied, redact
+from servelm.safety.pii import DEFAULT_ENTITIES, KNOWN_ENTITIES, PiiSpan, get_pii_detector, not_supplied, redact
 from servelm.safety.policy import Policy, PolicyError
 from servelm.safety.review_queue import ReviewQueue
 from servelm.safety.scanners import (
@@ -134,8 +134,18 @@ class Guard:
                     fn(text, ctx)
                 except Exception:  # noqa: BLE001 - a broken scanner fails (and is logged) on real requests
                     pass
+        for name, fn in self.output_scanners.items():
+            if self.policy.scanner(name).enabled:
+                try:
+                    fn(text, ctx)
+                except Exception:  # noqa: BLE001 - as above
+                    pass
         if self.runs_pii():
-            get_pii_detector()
+            # Both analyzers (with and without spaCy NER) run once: their first call builds Presidio's
+            # recogniser state, tens of milliseconds the first streamed answer would otherwise wait.
+            detector = get_pii_detector()
+            for entities in (DEFAULT_ENTITIES, KNOWN_ENTITIES):
+                detector.detect("Warm up: Ada wrote to a@example.com.", entities)
 
     def runs_pii(self) -> bool:
         """True when the deployment's policy or some key's override runs the pii scanner."""

@@ -3,7 +3,9 @@
 A streamed answer should look streamed: each token's text leaves the server as soon as no scanner could
 still need it. Text is held back only while it may be the beginning of something a scanner looks for:
 
-* the word still being written (an e-mail address or key arrives as ``"jo" "hn@exa" "mple.com"``);
+* the end of the word still being written, from its last character that cannot be part of an e-mail
+  address, a token-shaped key or an IP address (an address or key arrives as ``"jo" "hn@exa" "mple.com"``;
+  ``"I'm"`` leaves ``"I'"`` at once and holds ``"m"``, since ``m@example.com`` could follow);
 * the longest run that a *hold pattern* can still complete: a number written with spaces or dashes (a
   phone, card or SSN), an IBAN in groups of four, ``password: ...`` before its value, a PEM private key
   before its END line (the ``regex`` package's partial matching tells whether a pattern could still match
@@ -40,13 +42,26 @@ PRIVATE_KEY_HOLD = r"-----BEGIN[^\n]*PRIVATE KEY[\s\S]*?-----END[^\n]*?-----"
 # With PERSON on: a run of capitalised words ("George" may go on as "George Washington").
 NAME_HOLD = r"[A-Z][\w'\-]*(?:\.? +[A-Z][\w'\-]*)* *"
 DEFAULT_HOLDS = (NUMBER_HOLD, IBAN_HOLD, KEYWORD_HOLD, PRIVATE_KEY_HOLD)
+# Characters other than letters and digits inside e-mail addresses as people write them, provider keys,
+# JWTs, base64 secrets and IPv6 addresses. An apostrophe, "!" or "," ends the held run: RFC 5322 allows some
+# of them in an address's local part, but holding them would keep every "I'm" and "Sure!" back a token more
+# (the first text of an answer one token later), and a released "o'" of "o'brien@..." discloses nothing.
+WORD_CHARS = frozenset("._%+-/=@~:")
+
+
+def _continues_address(c: str) -> bool:
+    """True when an e-mail address, key or IP address written so far could go on after ``c``."""
+    # Letters beyond Latin (U+0250 on) end the run: CJK or Thai prose has no spaces, and holding it whole
+    # would send it in 256-character bursts; addresses written in those scripts are rare.
+    return c in WORD_CHARS or c == "_" or (c.isalnum() and ord(c) < 0x250)
 
 
 class StreamingRedactor:
     """Redacts PII in a stream of text deltas; ``feed`` returns what is safe to emit now.
 
     ``detect`` maps text to PII spans. ``holds`` are regular expressions (``regex`` syntax) whose partial
-    match at the end of the unsent text keeps it back; the word being written is always kept back.
+    match at the end of the unsent text keeps it back; the trailing run of characters that an e-mail address,
+    a key or an IP address could go on from (``WORD_CHARS``) is always kept back.
     """
 
     def __init__(self, detect: Detect, holds: tuple[str, ...] = DEFAULT_HOLDS, context: int = 64,
@@ -69,7 +84,9 @@ class StreamingRedactor:
         """Returns the index in the unsent text from which it must wait for more text."""
         buf, n = self._buf, len(self._buf)
         floor = max(0, n - self.max_hold)
-        hold = max(max(buf.rfind(c) for c in " \n\t") + 1, floor)  # the word being written
+        hold = n
+        while hold > floor and _continues_address(buf[hold - 1]):
+            hold -= 1  # the end of the word being written, which an address or key may go on from
         offset = max(0, n - self.max_hold_block)
         tail = buf[offset:]
         for rx in self.holds:

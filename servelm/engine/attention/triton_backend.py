@@ -22,6 +22,19 @@ from servelm.engine.attention.triton_kernels import decode_attention, pick_num_s
 from servelm.engine.fused import rope_store_kv
 
 
+def eager_num_splits(max_ctx: int) -> int:
+    """The decode grid's context splits for an eager step: :func:`pick_num_splits` rounded up to a power of two.
+
+    ``SPLITS`` is a compile-time constant of the kernels, so each value is one Triton compilation; by the
+    longest context alone a server would compile a new pair of kernels every 64 tokens of context its
+    traffic reaches (tenths of a second each, under live requests). Seven values cover every context,
+    and the warm-up compiles them before ready (``servelm.engine.warmup``). Splits are PART tokens long
+    whatever the grid (``_decode_split_kernel``), so the extra programs see no keys and the result is the
+    same bit for bit."""
+    n = pick_num_splits(max_ctx)
+    return 1 << (n - 1).bit_length()
+
+
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
 
@@ -62,7 +75,10 @@ class TritonAttentionContext(AttentionContext):
             starts = [0]
             for n in q_lens[:-1]:
                 starts.append(starts[-1] + n)
-            meta = torch.tensor([starts, q_lens], dtype=torch.int32).to(dev, non_blocking=True)
+            # padded to whole 16 bytes, so q_lens starts 16-byte aligned whatever the number of prefills:
+            # Triton specialises a kernel on its pointers' alignment (one more compilation per variant)
+            pad = -len(q_lens) % 4
+            meta = torch.tensor([starts + [0] * pad, q_lens + [0] * pad], dtype=torch.int32).to(dev, non_blocking=True)
             self.q_starts, self.q_lens = meta[0], meta[1]
             self.max_q_len = max(q_lens)
             self.prefill_tables = lay.block_tables[:lay.num_prefills]
@@ -70,8 +86,10 @@ class TritonAttentionContext(AttentionContext):
         if self.num_decodes:
             self.decode_tables = lay.block_tables[lay.num_prefills:]
             self.decode_ctx = lay.context_lens_tensor[lay.num_prefills:]
+            if lay.num_prefills % 4:  # a 16-byte aligned copy, as for q_lens above
+                self.decode_ctx = self.decode_ctx.clone()
             if num_splits is None:
-                num_splits = pick_num_splits(max(lay.context_lens[lay.num_prefills:]))
+                num_splits = eager_num_splits(max(lay.context_lens[lay.num_prefills:]))
             self.num_splits = num_splits
 
     def attention(self, layer, q, k, v, rotary=None):
