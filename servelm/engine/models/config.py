@@ -101,6 +101,12 @@ class ModelConfig:
         if d.get("use_sliding_window", True) and d.get("sliding_window"):
             cfg.sliding_window = int(d["sliding_window"])
             cfg.layer_types = list(d["layer_types"]) if d.get("layer_types") else None
+        if arch == "gemma2" and cfg.sliding_window and not cfg.layer_types:  # configs before layer_types
+            cfg.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_layers)]
+        if arch == "gemma3_text" and cfg.sliding_window and not cfg.layer_types:
+            every = d.get("sliding_window_pattern", 6)
+            cfg.layer_types = ["sliding_attention" if (i + 1) % every else "full_attention"
+                               for i in range(cfg.num_layers)]
         if arch in MOE_ARCHS:
             cfg.num_experts = d.get("num_local_experts") or d["num_experts"]
             cfg.num_experts_per_tok = d["num_experts_per_tok"]
@@ -119,7 +125,7 @@ class ModelConfig:
                 full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
                 cfg.rope_theta = full.get("rope_theta", d.get("rope_theta", cfg.rope_theta))
                 cfg.rope_local_base_freq = local.get("rope_theta", d.get("rope_local_base_freq", 10000.0))
-                cfg.rope_scaling = _rope_scaling(full) if full else cfg.rope_scaling
+                cfg.rope_scaling = _rope_scaling({"rope_scaling": full}) if full else cfg.rope_scaling
         return cfg
 
     @property

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from servelm.engine.models.config import ModelConfig, ModelLoadError, preset
+from servelm.engine.models.config import GEMMA_ARCHS, ModelConfig, ModelLoadError, preset
 from servelm.engine.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 log = logging.getLogger("servelm.engine")
@@ -165,6 +165,15 @@ def _fused_name(hf_name: str) -> str:
     return name
 
 
+def model_class(cfg: ModelConfig) -> type[torch.nn.Module]:
+    """The module class that implements ``cfg.arch``."""
+    if cfg.arch in GEMMA_ARCHS:
+        from servelm.engine.models.gemma import GemmaForCausalLM
+
+        return GemmaForCausalLM
+    return LlamaForCausalLM
+
+
 def build_model(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtype,
                 device: torch.device) -> LlamaForCausalLM:
     """Assemble a model from HF-named tensors (fusing q/k/v and gate/up); raises on missing weights."""
@@ -201,11 +210,14 @@ def build_model(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtyp
             sd[f"layers.{i}.mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight")
         sd[f"layers.{i}.input_layernorm.weight"] = take(p + "input_layernorm.weight")
         sd[f"layers.{i}.post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+        if cfg.arch in GEMMA_ARCHS:
+            for norm in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+                sd[f"layers.{i}.{norm}.weight"] = take(p + norm + ".weight")
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = take("lm_head.weight")
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = model_class(cfg)(cfg)
     model.load_state_dict(sd, strict=False, assign=True)
     _finish(model, cfg, device)
     return model.eval()
@@ -362,6 +374,10 @@ def _cuda_linear(parts: list, bias: torch.Tensor | None, dtype: torch.dtype, dev
 def _finish(model: LlamaForCausalLM, cfg: ModelConfig, device: torch.device) -> None:
     # Non-persistent buffers and tied weights are not in the state dict.
     model.rope = RotaryEmbedding(cfg).to(device)
+    if getattr(model, "rope_local", None) is not None:
+        from servelm.engine.models.gemma import local_rope
+
+        model.rope_local = local_rope(cfg).to(device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -372,14 +388,14 @@ def _finish(model: LlamaForCausalLM, cfg: ModelConfig, device: torch.device) -> 
 def _dummy_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> LlamaForCausalLM:
     """Random weights in a real shape, for benchmarks (no download)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = model_class(cfg)(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in list(model.named_parameters()):
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         t = torch.empty(p.shape, dtype=dtype, device=device)
         if name.endswith("norm.weight"):
-            t.fill_(1.0)
+            t.fill_(0.0 if cfg.arch in GEMMA_ARCHS else 1.0)  # Gemma's norms scale by 1 + w
         else:
             t.normal_(0.0, 0.02, generator=gen)
         mod_name, _, attr = name.rpartition(".")
