@@ -191,6 +191,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                           num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128, rope_theta=1000000.0,
                           max_position_embeddings=40960, qk_norm=True, rms_norm_eps=1e-6, num_experts=128,
                           num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
+    "gemma-3-4b": dict(arch="gemma3_text", vocab_size=262208, hidden_size=2560, intermediate_size=10240,
+                       num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256, rope_theta=1000000.0,
+                       rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_local_base_freq=10000.0,
+                       max_position_embeddings=131072, tie_word_embeddings=True, qk_norm=True, rms_norm_eps=1e-6,
+                       query_pre_attn_scalar=256, sliding_window=1024,
+                       layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(34)]),
     "tiny": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=16, max_position_embeddings=2048),
 }
