@@ -76,7 +76,7 @@ class ModelRunner:
         self.scale = cfg.head_dim ** -0.5
         # GGUF blocks on the CPU: the whole decoder runs in one native call per step (None: the torch model)
         from servelm.engine.native.forward import native_forward_for
-        self.native_forward = native_forward_for(model, self.kv_caches, device)
+        self.native_forward = native_forward_for(model, self.kv_caches, device) if cfg.llama_layout else None
         self.cuda_graph = None  # a CUDAGraphRunner for decode steps, set by the engine on CUDA
         self.workers = None  # rank 0 under tensor parallelism: the TensorParallel handle on the other ranks
 

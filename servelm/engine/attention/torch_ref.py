@@ -4,6 +4,10 @@ Prefills run one sequence at a time through ``scaled_dot_product_attention`` (wi
 explicit mask when part of the context is already cached). Decodes run as one batch:
 each sequence's blocks are gathered through its block table, padded to the longest
 context, and masked.
+
+A layer may ask for a sliding window (a query sees its ``window`` latest positions, itself included),
+tanh soft-capping of the scores (Gemma 2) and its own scale (Gemma's ``query_pre_attn_scalar``); the
+masks of each window are built once per step.
 """
 from __future__ import annotations
 
@@ -69,45 +73,77 @@ class TorchAttentionContext(AttentionContext):
             blocks = lay.block_tables[i, : -(-cl // self.block_size)].long()
             self.prefills.append((start, ql, cl, blocks, mask))
             start += ql
+        self._window_masks: dict[int, tuple[list, list]] = {}
+
+    def _masks(self, window: int | None) -> tuple[list, list]:
+        """(per prefill, per decode group) the boolean masks of ``window`` (None: the causal ones above;
+        a prefill's None means plain causal over new tokens only)."""
+        if window is None:
+            return [p[4] for p in self.prefills], [g[3] for g in self.decode_groups]
+        if window not in self._window_masks:
+            dev = self.layout.block_tables.device
+            pre = []
+            for _, ql, cl, _, _ in self.prefills:
+                q_pos = torch.arange(cl - ql, cl, device=dev)[:, None]
+                k_pos = torch.arange(cl, device=dev)[None, :]  # every key of the context (cached or new)
+                pre.append((k_pos <= q_pos) & (k_pos > q_pos - window))
+            dec = []
+            ctx_all = self.layout.context_lens_tensor[self.layout.num_prefills:]
+            for idx, L, _, _ in self.decode_groups:
+                ctx = ctx_all if idx is None else ctx_all[idx]
+                pos = torch.arange(L, device=dev)[None, :]
+                dec.append(((pos < ctx[:, None]) & (pos >= ctx[:, None] - window))[:, None, None, :])
+            self._window_masks[window] = (pre, dec)
+        return self._window_masks[window]
 
     def _gather(self, cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
         # cache: [num_blocks, block_size, kv_heads, head_dim] -> [length, kv_heads, head_dim]
         return cache.index_select(0, blocks).flatten(0, 1)[:length]
 
-    def attention(self, layer, q, k, v, rotary=None):
+    def attention(self, layer, q, k, v, rotary=None, window=None, softcap=None, scale=None):
         q, k = apply_rotary(q, k, rotary)
+        scale = self.scale if scale is None else scale
         cache = self.kv_caches[layer]
         k_cache, v_cache = cache[0], cache[1]
         lay = self.layout
         k_cache.view(-1, *k.shape[1:]).index_copy_(0, lay.slot_mapping, k)
         v_cache.view(-1, *v.shape[1:]).index_copy_(0, lay.slot_mapping, v)
-        if not self.prefills and len(self.decode_groups) == 1:
-            return self._decode(q, cache, *self.decode_groups[0][1:])  # all decodes, one group: no copy
+        pre_masks, dec_masks = self._masks(window)
+        if not self.prefills and len(self.decode_groups) == 1:  # all decodes, one group: no copy
+            _, L, blocks, _ = self.decode_groups[0]
+            return self._decode(q, cache, L, blocks, dec_masks[0], scale, softcap)
         out = torch.empty_like(q)
-        for start, ql, cl, blocks, mask in self.prefills:
+        for (start, ql, cl, blocks, cached), mask in zip(self.prefills, pre_masks):
             # 4-D [1, H, L, D] inputs: 3-D ones take a slow path in the CPU kernel (15x here).
             qi = q[start:start + ql].transpose(0, 1)[None]
-            if mask is None:  # whole context is new: attend to this step's k/v directly
+            if cached is None:  # whole context is new: attend to this step's k/v directly
                 ki, vi = k[start:start + ql].transpose(0, 1)[None], v[start:start + ql].transpose(0, 1)[None]
             else:
                 ki = self._gather(k_cache, blocks, cl).transpose(0, 1)[None]
                 vi = self._gather(v_cache, blocks, cl).transpose(0, 1)[None]
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=mask is None,
-                                               scale=self.scale, enable_gqa=True)
+            if softcap is None:
+                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=mask is None,
+                                                   scale=scale, enable_gqa=True)
+            else:
+                group = qi.shape[1] // ki.shape[1]
+                if mask is None:
+                    mask = torch.ones(ql, ql, dtype=torch.bool, device=q.device).tril()
+                o = _capped_attention(qi, ki.repeat_interleave(group, 1), vi.repeat_interleave(group, 1),
+                                      mask, scale, softcap)
             out[start:start + ql] = o[0].transpose(0, 1)
         if self.num_decodes:
             qd_all = q[lay.num_prefill_tokens:]
             out_d = out[lay.num_prefill_tokens:]
-            for idx, L, blocks, mask in self.decode_groups:
+            for (idx, L, blocks, _), mask in zip(self.decode_groups, dec_masks):
                 qd = qd_all if idx is None else qd_all.index_select(0, idx)
-                o = self._decode(qd, cache, L, blocks, mask)
+                o = self._decode(qd, cache, L, blocks, mask, scale, softcap)
                 if idx is None:
                     out_d.copy_(o)
                 else:
                     out_d.index_copy_(0, idx, o)
         return out
 
-    def _decode(self, qd, cache, L, blocks, mask):
+    def _decode(self, qd, cache, L, blocks, mask, scale, softcap=None):
         """Attention of ``B`` one-token queries ([B, H, D]) over their gathered, padded contexts."""
         B, _, d = qd.shape
         kvh = cache.shape[3]
@@ -117,4 +153,17 @@ class TorchAttentionContext(AttentionContext):
         qd = qd.reshape(B, kvh, -1, d)
         kv = cache.index_select(1, blocks).view(2, B, -1, kvh, d)[:, :, :L].transpose(2, 3)  # K and V in one gather
         kd, vd = kv[0], kv[1]  # [B, KVH, L, D]
-        return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=self.scale).reshape(B, -1, d)
+        if softcap is not None:
+            if mask is None:
+                mask = torch.ones(1, 1, 1, L, dtype=torch.bool, device=qd.device)
+            return _capped_attention(qd, kd, vd, mask, scale, softcap).reshape(B, -1, d)
+        return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale).reshape(B, -1, d)
+
+
+def _capped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """Attention with the scores soft-capped as ``softcap * tanh(s / softcap)`` before the mask (Gemma 2);
+    SDPA has no such option. ``q``/``k``/``v``: [..., L, D] with matching heads; ``mask``: True = attend."""
+    s = (q @ k.transpose(-1, -2)).float() * scale
+    s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(s, dim=-1).to(v.dtype) @ v)

@@ -92,7 +92,12 @@ class TritonAttentionContext(AttentionContext):
                 num_splits = eager_num_splits(max(lay.context_lens[lay.num_prefills:]))
             self.num_splits = num_splits
 
-    def attention(self, layer, q, k, v, rotary=None):
+    def attention(self, layer, q, k, v, rotary=None, window=None, softcap=None, scale=None):
+        if window is not None or softcap is not None:
+            # the kernels have no window mask and no score cap yet: such a model needs the torch backend
+            raise NotImplementedError("the Triton attention kernels run no sliding window or soft-capping; "
+                                      "run this model with --attention-backend torch")
+        scale = self.scale if scale is None else scale
         cache = self.kv_caches[layer]
         k_cache, v_cache = cache[0], cache[1]
         lay = self.layout
@@ -105,8 +110,8 @@ class TritonAttentionContext(AttentionContext):
         p = lay.num_prefill_tokens
         if self.num_prefills:
             prefill_attention(q[:p], out[:p], k_cache, v_cache, self.prefill_tables, self.q_starts, self.q_lens,
-                              self.prefill_ctx, self.max_q_len, self.scale)
+                              self.prefill_ctx, self.max_q_len, scale)
         if self.num_decodes:
             decode_attention(q[p:], out[p:], k_cache, v_cache, self.decode_tables, self.decode_ctx,
-                             self.num_splits, self.scale)
+                             self.num_splits, scale)
         return out

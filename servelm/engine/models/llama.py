@@ -1,4 +1,5 @@
-"""A Llama-family decoder in plain PyTorch (Llama 2/3, Mistral, Qwen2, SmolLM2).
+"""A Llama-family decoder in plain PyTorch (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, Phi-3), and its
+mixture-of-experts variants (Mixtral, Qwen2-MoE, Qwen3-MoE: the MLP is ``moe.SparseMoeBlock``).
 
 Tokens arrive flattened (``[num_tokens]``, many sequences packed together, vLLM-style),
 so prefill, chunked prefill and decode run the same code. Attention over the paged KV
@@ -104,6 +105,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.window = cfg.window(layer_idx)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin, rope: RotaryEmbedding, ctx) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -113,16 +115,19 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # Qwen3: per head, over head_dim
             q, k = self.q_norm(q), self.k_norm(k)
         # rotary embedding on q and k, K/V into the cache, attention: [T, num_heads, head_dim]
-        o = ctx.attention(self.layer_idx, q, k, v, rotary=(rope, positions, cos_sin))
+        if self.window is None:
+            o = ctx.attention(self.layer_idx, q, k, v, rotary=(rope, positions, cos_sin))
+        else:
+            o = ctx.attention(self.layer_idx, q, k, v, rotary=(rope, positions, cos_sin), window=self.window)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # rows [gate; up]
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.intermediate_size = inter = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)  # rows [gate; up]
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -135,7 +140,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        if cfg.is_moe_layer(layer_idx):
+            from servelm.engine.models.moe import SparseMoeBlock
+
+            self.mlp = SparseMoeBlock(cfg)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, x, residual, positions, cos_sin, rope, ctx):
         """(this layer's MLP output, the residual stream before it); the stream is ``x + residual``.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from servelm.engine.models.config import ModelConfig, ModelLoadError, preset
+from servelm.engine.models.config import GEMMA_ARCHS, ModelConfig, ModelLoadError, preset
 from servelm.engine.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 log = logging.getLogger("servelm.engine")
@@ -165,6 +165,15 @@ def _fused_name(hf_name: str) -> str:
     return name
 
 
+def model_class(cfg: ModelConfig) -> type[torch.nn.Module]:
+    """The module class that implements ``cfg.arch``."""
+    if cfg.arch in GEMMA_ARCHS:
+        from servelm.engine.models.gemma import GemmaForCausalLM
+
+        return GemmaForCausalLM
+    return LlamaForCausalLM
+
+
 def build_model(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtype,
                 device: torch.device) -> LlamaForCausalLM:
     """Assemble a model from HF-named tensors (fusing q/k/v and gate/up); raises on missing weights."""
@@ -173,13 +182,19 @@ def build_model(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtyp
             raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
         return hf[name]
 
+    def fused(prefix: str, parts: tuple[str, ...], fused_name: str) -> torch.Tensor:
+        # Phi-3 checkpoints already hold the fused matrix (qkv_proj, gate_up_proj) in our row order
+        if prefix + fused_name in hf:
+            return hf[prefix + fused_name]
+        return torch.cat([take(prefix + n) for n in parts])
+
     sd: dict[str, torch.Tensor] = {"embed_tokens.weight": take("model.embed_tokens.weight"),
                                    "norm.weight": take("model.norm.weight")}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        sd[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
-            [take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")])
+        sd[f"layers.{i}.self_attn.qkv_proj.weight"] = fused(
+            a, ("q_proj.weight", "k_proj.weight", "v_proj.weight"), "qkv_proj.weight")
         if cfg.attention_bias:
             sd[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
                 [take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")])
@@ -187,19 +202,52 @@ def build_model(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtyp
         if cfg.qk_norm:
             sd[f"layers.{i}.self_attn.q_norm.weight"] = take(a + "q_norm.weight")
             sd[f"layers.{i}.self_attn.k_norm.weight"] = take(a + "k_norm.weight")
-        sd[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
-            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-        sd[f"layers.{i}.mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight")
+        if cfg.is_moe_layer(i):
+            sd.update(_moe_weights(cfg, i, take, hf))
+        else:
+            sd[f"layers.{i}.mlp.gate_up_proj.weight"] = fused(
+                p + "mlp.", ("gate_proj.weight", "up_proj.weight"), "gate_up_proj.weight")
+            sd[f"layers.{i}.mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight")
         sd[f"layers.{i}.input_layernorm.weight"] = take(p + "input_layernorm.weight")
         sd[f"layers.{i}.post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+        if cfg.arch in GEMMA_ARCHS:
+            for norm in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+                sd[f"layers.{i}.{norm}.weight"] = take(p + norm + ".weight")
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = take("lm_head.weight")
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = model_class(cfg)(cfg)
     model.load_state_dict(sd, strict=False, assign=True)
     _finish(model, cfg, device)
     return model.eval()
+
+
+# Where each MoE checkpoint keeps a layer's experts: (block, expert, gate, up, down names)
+_MOE_NAMES = {"mixtral": ("block_sparse_moe", "experts.{e}.", "w1", "w3", "w2")}
+_MOE_DEFAULT = ("mlp", "experts.{e}.", "gate_proj", "up_proj", "down_proj")
+
+
+def _moe_weights(cfg: ModelConfig, i: int, take, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Layer ``i``'s router, experts stacked into ``w13`` ``[E, 2I, H]`` / ``w2`` ``[E, H, I]`` and shared expert,
+    from per-expert matrices (as checkpoints on the Hub hold them) or already stacked ones."""
+    block, expert, gate, up, down = _MOE_NAMES.get(cfg.arch, _MOE_DEFAULT)
+    p, q = f"model.layers.{i}.{block}.", f"layers.{i}.mlp."
+    out = {q + "gate.weight": take(p + "gate.weight")}
+    if p + "experts.gate_up_proj" in hf:  # transformers' own stacked layout
+        out[q + "w13"], out[q + "w2"] = hf[p + "experts.gate_up_proj"], take(p + "experts.down_proj")
+    else:
+        e_names = [p + expert.format(e=e) for e in range(cfg.num_experts)]
+        out[q + "w13"] = torch.stack([torch.cat([take(n + gate + ".weight"), take(n + up + ".weight")])
+                                      for n in e_names])
+        out[q + "w2"] = torch.stack([take(n + down + ".weight") for n in e_names])
+    if cfg.shared_expert_intermediate_size:
+        s = p + "shared_expert."
+        out[q + "shared_expert.gate_up_proj.weight"] = torch.cat(
+            [take(s + "gate_proj.weight"), take(s + "up_proj.weight")])
+        out[q + "shared_expert.down_proj.weight"] = take(s + "down_proj.weight")
+        out[q + "shared_expert_gate.weight"] = take(p + "shared_expert_gate.weight")
+    return out
 
 
 def build_block_model(cfg: ModelConfig, w: dict, dtype: torch.dtype, device: torch.device,
@@ -326,6 +374,10 @@ def _cuda_linear(parts: list, bias: torch.Tensor | None, dtype: torch.dtype, dev
 def _finish(model: LlamaForCausalLM, cfg: ModelConfig, device: torch.device) -> None:
     # Non-persistent buffers and tied weights are not in the state dict.
     model.rope = RotaryEmbedding(cfg).to(device)
+    if getattr(model, "rope_local", None) is not None:
+        from servelm.engine.models.gemma import local_rope
+
+        model.rope_local = local_rope(cfg).to(device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -336,14 +388,14 @@ def _finish(model: LlamaForCausalLM, cfg: ModelConfig, device: torch.device) -> 
 def _dummy_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> LlamaForCausalLM:
     """Random weights in a real shape, for benchmarks (no download)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = model_class(cfg)(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in list(model.named_parameters()):
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         t = torch.empty(p.shape, dtype=dtype, device=device)
         if name.endswith("norm.weight"):
-            t.fill_(1.0)
+            t.fill_(0.0 if cfg.arch in GEMMA_ARCHS else 1.0)  # Gemma's norms scale by 1 + w
         else:
             t.normal_(0.0, 0.02, generator=gen)
         mod_name, _, attr = name.rpartition(".")
