@@ -147,6 +147,13 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, device: torc
 
         cfg, tensors = read_safetensors_dir(spec, progress)
         qtypes, tok_src = {}, spec
+        qcfg = read_hf_config(spec).get("quantization_config")
+        if qcfg:  # quantized by someone else (GPTQ, AWQ, compressed-tensors, FP8): kept in its own codes
+            from servelm.engine.quant.prequantized import build_prequantized_model
+
+            _cap_len(cfg, max_model_len)
+            m, kinds = build_prequantized_model(cfg, qcfg, tensors, dtype, device, max_rows)
+            return LoadedModel(m, cfg, tok_src, kinds)
     _cap_len(cfg, max_model_len)
     m = build_model(cfg, tensors, dtype, device)
     return LoadedModel(m, cfg, tok_src, {_fused_name(k): v for k, v in qtypes.items()})

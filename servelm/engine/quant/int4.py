@@ -125,10 +125,13 @@ class Int4Linear(QuantLinear):
     method = "int4"
 
     def __init__(self, linear: nn.Linear, group_size: int, max_rows: int = 1,
-                 codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                 codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 scale_dtype: torch.dtype = torch.bfloat16) -> None:
         """``max_rows``: the most rows a product will multiply at once (decode batch), for the CUDA layout.
         ``codes``: (q, scale, zero) as :func:`quantize_int4` returns them, for weights already on a 4-bit
-        grid (GGUF Q4_0/Q4_1 blocks) instead of quantizing ``linear.weight``."""
+        grid (GGUF Q4_0/Q4_1 blocks, GPTQ/AWQ checkpoints) instead of quantizing ``linear.weight``.
+        ``scale_dtype``: how the (scale, zero) pairs are held; float32 keeps a checkpoint's fp16 scales
+        exact on the CPU (whose kernel reads float32 too). The CUDA kernels read bfloat16 only."""
         super().__init__(linear)
         n, k = self.out_features, self.in_features
         if k % group_size:
@@ -138,7 +141,9 @@ class Int4Linear(QuantLinear):
         dev = linear.weight.device
         q, scale, zero = codes if codes is not None else quantize_int4(linear.weight.detach(), group_size)
         # [K/g, N, 2] is what both packed kernels take; bf16 is their native scale dtype.
-        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        if dev.type == "cuda":
+            scale_dtype = torch.bfloat16
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(scale_dtype)
         self.layout = "plain"
         packed = None
         if dev.type == "cpu" and n % 64 == 0:
@@ -200,9 +205,11 @@ class Int4Linear(QuantLinear):
                 x, cuda_w4.dequantize(self.qweight, self.scales_zeros, g).to(x.dtype))
         if self.layout == "gemv":  # listed first: taken as is if first seen inside a CUDA-graph capture
             cands["triton_w4"] = lambda x: triton_gemv.w4_matmul(x, self.qweight, self.scales_zeros, g)
-        if self.layout == "cpu":
-            cands["int4pack_bf16"] = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.to(torch.bfloat16), self.qweight, g, self.scales_zeros)
+        if self.layout == "cpu":  # the kernel multiplies in the dtype its scales are held in
+            sdt = self.scales_zeros.dtype
+            name = "int4pack_bf16" if sdt == torch.bfloat16 else "int4pack_fp32"
+            cands[name] = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(sdt), self.qweight, g, self.scales_zeros)
         cands["dequant_matmul"] = lambda x: F.linear(x, self._dequant_weight(x.dtype))
         return cands
 

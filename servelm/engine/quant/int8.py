@@ -51,9 +51,11 @@ class Int8Linear(QuantLinear):
 
     method = "int8"
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``codes``: (q int8 [N, K], scale float32 [N]) of a checkpoint already in this form (GPTQ 8-bit,
+        compressed-tensors int-quantized) instead of quantizing ``linear.weight``."""
         super().__init__(linear)
-        q, scale = quantize_int8(linear.weight.detach())
+        q, scale = codes if codes is not None else quantize_int8(linear.weight.detach())
         self.register_buffer("qweight", q.to(linear.weight.device))
         self.register_buffer("scale", scale.to(linear.weight.device))
         self._scale_cache: dict[torch.dtype, torch.Tensor] = {}
