@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from servelm.engine.attention import BatchLayout, get_backend
+from servelm.engine.attention.base import as_decode_rows
 from servelm.engine.models.llama import LlamaForCausalLM
 from servelm.engine.parallel import pack_items
 from servelm.engine.sampling import Sampler, SampleResult, host_to_device
@@ -216,5 +217,9 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         if self.native_forward is not None:
             return self.native_forward(ids_t, pos_t, layout), sample_rows, samplers, prompt_rows
+        if prefills and all(s.spec_token_ids for s, _ in prefills):
+            # only verifications of proposals: each token attends as a decode row does (one batched kernel
+            # instead of one call per sequence, and the same arithmetic as decoding without speculation)
+            layout = as_decode_rows(layout)
         ctx = self.backend.make_context(layout, self.kv_caches, self.scale)
         return self.model(ids_t, pos_t, ctx), sample_rows, samplers, prompt_rows

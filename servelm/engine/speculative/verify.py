@@ -45,9 +45,24 @@ def verify(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> Veri
     chosen = sampler._choose(processed, row_seqs).tolist()
     logprobs_all = (torch.log_softmax(processed, dim=-1) if any(s.params.logprobs is not None for s in seqs)
                     else None)
+    # the target distribution of every row of the sampled speculating sequences, in one pass, on the host
+    # (the accept/reject walk below is sequential per sequence)
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    sampled = [i for i, (s, c) in enumerate(zip(seqs, counts)) if c > 1 and not s.params.greedy]
+    probs, at = None, {}
+    if sampled:
+        rows = [r for i in sampled for r in range(starts[i], starts[i + 1])]
+        probs = sampler.probs(processed[torch.tensor(rows, device=processed.device)],
+                              [row_seqs[r] for r in rows]).cpu()
+        off = 0
+        for i in sampled:
+            at[i] = off
+            off += counts[i]
     out_ids, out_lps = [], []
     row = 0
-    for seq, c in zip(seqs, counts):
+    for i, (seq, c) in enumerate(zip(seqs, counts)):
         drafts = seq.spec_token_ids
         if c == 1:
             toks = [chosen[row]]
@@ -60,7 +75,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> Veri
             else:
                 toks.append(chosen[row + c - 1])
         else:
-            toks = _rejection_sample(sampler, processed[row:row + c], seq, drafts, chosen[row + c - 1])
+            toks = _rejection_sample(probs[at[i]:at[i] + c], seq, drafts, chosen[row + c - 1])
         k = seq.params.logprobs
         out_lps.append([token_logprobs(logprobs_all[row + j], t, k) if k is not None else None
                         for j, t in enumerate(toks)])
@@ -69,10 +84,9 @@ def verify(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> Veri
     return VerifiedSample(out_ids, out_lps, [c - 1 for c in counts])
 
 
-def _rejection_sample(sampler: Sampler, logits: torch.Tensor, seq: Sequence, drafts: list[int],
-                      bonus: int) -> list[int]:
-    """The accepted proposals plus one token: a residual draw at the first rejection, else ``bonus``."""
-    probs = sampler.probs(logits, [seq] * logits.shape[0]).cpu()
+def _rejection_sample(probs: torch.Tensor, seq: Sequence, drafts: list[int], bonus: int) -> list[int]:
+    """The accepted proposals plus one token: a residual draw at the first rejection, else ``bonus``
+    (``probs``: the target distribution at the ``len(drafts) + 1`` rows)."""
     gen = seq.generator  # a seeded request draws every random number from its own stream
     p_draft = probs[torch.arange(len(drafts)), torch.tensor(drafts)].tolist()
     uniform = torch.rand(len(drafts), generator=gen).tolist()
