@@ -35,6 +35,7 @@ PROMPTS = [
     "Translate 'good morning' into Spanish.", "Name a famous scientist.",
     "a b c d e f g a b c d e f g a b c", "one, two, three, one, two, three, one,",
     "<p>item</p><p>item</p><p>item</p><p>", "SELECT name FROM users; SELECT name FROM",
+    "Summarise: the meeting moved to Tuesday. Summary: the meeting", "Hi!",
 ]
 
 
