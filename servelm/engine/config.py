@@ -35,6 +35,9 @@ class EngineConfig:
     async_scheduling: bool | None = None  # overlap host work with the device's decode steps (None: on CUDA)
     tensor_parallel_size: int = 1  # processes (GPUs) the model is split over; see engine/parallel.py
     seed: int = 0
+    # vLLM's: {"method": "ngram", "num_speculative_tokens": 4, ...} as a dict or its JSON text (see
+    # engine/speculative/config.py); None: no speculative decoding
+    speculative_config: dict | str | None = None
     served_model_name: str | None = None
     show_progress: bool = False  # a progress bar while weights load (the CLI turns it on)
 

@@ -143,6 +143,16 @@ class KVCacheManager:
         self.block_hash = [None] * self.num_blocks
         self.prefix_queries = self.prefix_hits = 0
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free ``seq``'s blocks past the first ``num_tokens`` tokens (the slots of rejected speculative
+        proposals); they hold no registered prefix, since only computed full blocks are registered."""
+        keep = self.blocks_needed(num_tokens)
+        for block in reversed(seq.block_table[keep:]):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_queue[block] = None
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks; the tail goes to the free queue first so prefixes live longest."""
         for block in reversed(seq.block_table):

@@ -27,6 +27,8 @@ from servelm.engine.sampling import Sampler
 from servelm.engine.sampling_params import InvalidRequestError, SamplingParams
 from servelm.engine.scheduler import Scheduler, SchedulerConfig
 from servelm.engine.sequence import Sequence
+from servelm.engine.speculative import SpeculativeConfig, build_proposer
+from servelm.engine.speculative.verify import VerifiedSample
 from servelm.engine.structured_output import GrammarCompiler
 from servelm.engine.tokenizer import TokenIdsOnly, Tokenizer
 
@@ -49,6 +51,10 @@ class EngineStats:
     steps: int
     prompt_tokens_computed: int  # prompt tokens actually run through the model (cache hits excluded)
     overlapped_steps: int  # steps launched before the previous one's tokens were read (async scheduling)
+    spec_num_drafts: int = 0  # speculative decoding: verification steps of a sequence (vLLM's num_drafts)
+    spec_num_draft_tokens: int = 0  # proposed tokens verified
+    spec_num_accepted_tokens: int = 0  # of which accepted
+    spec_num_emitted_tokens: int = 0  # tokens the verification steps produced (accepted + one per step)
     healthy: bool = True
 
 
@@ -111,11 +117,17 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.output = OutputProcessor(self.tokenizer, self.tokenizer.eos_token_ids, self.max_model_len)
         self.requests: dict[str, _Request] = {}
+        self.speculative = SpeculativeConfig.parse(config.speculative_config)
+        self.proposer = build_proposer(self.speculative) if self.speculative is not None else None
+        if self.proposer is not None and self.tp is not None:
+            raise ValueError("speculative decoding does not combine with tensor parallelism yet; drop one of them")
+        self.spec_counts = [0, 0, 0, 0]  # drafts, draft tokens, accepted, emitted
         self._failed: list[RequestOutput] = []  # outputs of requests that failed in this step (see _fail_request)
         # Async scheduling pays off where the device runs apart from the host (CUDA); on CPU it would only
         # hold each token back one step. Tensor-parallel workers receive token ids, so it is off there.
+        # Speculative steps need the sampled tokens on the host to propose the next ones: no overlap then.
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda") and self.tp is None
+                                 else self.device.type == "cuda") and self.tp is None and self.proposer is None
         self._inflight = None  # the launched step whose tokens are not read yet (async scheduling)
         self.overlapped_steps = 0
         self.steps = 0
@@ -285,20 +297,30 @@ class LLMEngine:
         if inflight is not None and not self._can_continue_overlap():
             self._inflight = None
             return self._finish_inflight(inflight)  # nothing new runs in this call
+        if self.proposer is not None:
+            self._propose()
         batch = self.scheduler.schedule()
         if not batch.items:
             return []
         self.steps += 1
         if inflight is None and not self._may_overlap(batch.items):
             items, result = self._run_isolating(batch.items)
-            self._account(items)
+            # proposals count as computed only once accepted (_append_verified)
+            self._account([(s, n - len(s.spec_token_ids)) for s, n in items])
             touched: dict[str, None] = {}
             for seq, entries in result.prompt_logprobs if result is not None else ():
                 self._guarded(seq, self.output.append_prompt_logprobs, seq, entries)
-            if result is not None and result.sample is not None:
-                for seq, tok, lp in zip(result.seqs, result.sample.token_ids, result.sample.logprobs):
+            sample = result.sample if result is not None else None
+            if isinstance(sample, VerifiedSample):
+                for seq, toks, lps, k in zip(result.seqs, sample.token_ids, sample.logprobs, sample.num_proposed):
+                    if not seq.finished:
+                        self._append_verified(seq, toks, lps, k, touched)
+            elif sample is not None:
+                for seq, tok, lp in zip(result.seqs, sample.token_ids, sample.logprobs):
                     if not seq.finished:  # a sibling's failure may have ended it
                         self._append(seq, tok, lp, touched)
+            for seq, _ in items:
+                seq.spec_token_ids = []
             return self._outputs(touched)
         if inflight is not None and len(batch.items) != len(self.scheduler.running):
             # _can_continue_overlap rules this out: a pending token is read only by the very next step
@@ -421,6 +443,57 @@ class LLMEngine:
                 self.prompt_tokens_computed += min(seq.num_computed_tokens, seq.num_prompt_tokens) - prev
             self.kv.cache_full_blocks(seq, prev)
 
+    def _speculable(self, seq: Sequence) -> bool:
+        """Whether ``seq`` may verify proposals: its sampling at each proposed position is the same
+        function of the logits (no penalties, grammar, bad words or logits processors, which read the
+        output so far; min_tokens already reached), and the request did not opt out."""
+        p = seq.params
+        return (p.speculative and seq.grammar is None and p.repetition_penalty == 1.0 and not p.presence_penalty
+                and not p.frequency_penalty and not p.bad_words_token_ids and not p.logits_processors
+                and seq.num_output_tokens >= p.min_tokens)
+
+    def _propose(self) -> None:
+        """Set each running decode's ``spec_token_ids`` for this step (none while the batch is larger than
+        ``disable_by_batch_size``), never more than its max_tokens and the context window leave room for."""
+        running = self.scheduler.running
+        for s in running:
+            s.spec_token_ids = []
+        if len(running) > self.speculative.disable_by_batch_size:
+            return
+        seqs, limits = [], []
+        for s in running:
+            if s.num_tokens - s.num_computed_tokens != 1 or s.pending_tokens or not self._speculable(s):
+                continue
+            # the step emits up to k + 1 tokens: k proposals and the target's next one
+            room = min(s.max_tokens - s.num_output_tokens, self.max_model_len - s.num_tokens) - 1
+            if room >= 1:
+                seqs.append(s)
+                limits.append(room)
+        for s, drafts in zip(seqs, self.proposer.propose(seqs, limits) if seqs else ()):
+            s.spec_token_ids = list(drafts)
+
+    def _append_verified(self, seq: Sequence, toks: list[int], lps: list, num_proposed: int,
+                         touched: dict[str, None]) -> None:
+        """Append a verification's tokens until one finishes ``seq``; then count the accepted proposals
+        as computed (their K/V are in the cache), register the full blocks they fill, and free the
+        blocks that only rejected proposals used."""
+        prev = seq.num_computed_tokens
+        for tok, lp in zip(toks, lps):
+            self._append(seq, tok, lp, touched)
+            if seq.finished:
+                break
+        if num_proposed:
+            c = self.spec_counts
+            c[0] += 1
+            c[1] += num_proposed
+            c[2] += len(toks) - 1
+            c[3] += len(toks)
+        if seq.finished:
+            return
+        seq.num_computed_tokens = seq.num_tokens - 1  # the last token (the target's own) is computed next step
+        self.kv.cache_full_blocks(seq, prev)
+        self.kv.trim(seq, seq.num_tokens)
+
     def _append(self, seq: Sequence, token: int, lp, touched: dict[str, None]) -> None:
         if not self._guarded(seq, self.output.append_token, seq, token, lp):
             return
@@ -461,7 +534,9 @@ class LLMEngine:
             kv_blocks_free=kv.free, kv_usage=kv.usage, prefix_cache_queries=kv.prefix_queries,
             prefix_cache_hits=kv.prefix_hits, prefix_hit_rate=kv.prefix_hit_rate,
             num_preemptions=self.scheduler.num_preemptions, steps=self.steps,
-            prompt_tokens_computed=self.prompt_tokens_computed, overlapped_steps=self.overlapped_steps)
+            prompt_tokens_computed=self.prompt_tokens_computed, overlapped_steps=self.overlapped_steps,
+            spec_num_drafts=self.spec_counts[0], spec_num_draft_tokens=self.spec_counts[1],
+            spec_num_accepted_tokens=self.spec_counts[2], spec_num_emitted_tokens=self.spec_counts[3])
 
 
 def build_runner(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,

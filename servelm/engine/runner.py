@@ -3,7 +3,8 @@
 It owns the model, the KV cache tensors and the attention backend. Sequences that
 compute several tokens (prefills) are packed first, single-token decodes after them;
 logits are computed only for the last token of sequences that finish their known
-tokens this step (a chunk in the middle of a prompt samples nothing).
+tokens this step (a chunk in the middle of a prompt samples nothing), and for every proposed
+token of a sequence verifying speculative proposals (``speculative/verify.py``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from servelm.engine.attention import BatchLayout, get_backend
+from servelm.engine.attention.base import as_decode_rows
 from servelm.engine.models.llama import LlamaForCausalLM
 from servelm.engine.parallel import pack_items
 from servelm.engine.sampling import Sampler, SampleResult, host_to_device
@@ -97,6 +99,10 @@ class ModelRunner:
         logits, samplers, prompt_lp = self._logits(items)
         if not samplers or self.sampler is None:
             return StepResult([], None, prompt_lp)
+        if any(s.spec_token_ids for s in samplers):  # rows of k + 1 positions per speculating sequence
+            from servelm.engine.speculative.verify import verify  # noqa: PLC0415
+
+            return StepResult(samplers, verify(self.sampler, logits, samplers), prompt_lp)
         return StepResult(samplers, self.sampler(logits, samplers), prompt_lp)
 
     @torch.inference_mode()
@@ -120,7 +126,8 @@ class ModelRunner:
         """(logits of the rows to sample, their sequences, prompt logprobs); (None, [], ...) when none samples."""
         # graphs compute only the sampled rows: a step that scores prompt tokens runs eagerly
         if self.cuda_graph is not None and not any(
-                s.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens for s, _ in items):
+                (s.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens) or s.spec_token_ids
+                for s, _ in items):
             out = self.cuda_graph.run(items, prev)  # None unless the step's rows fit a captured size
             if out is not None:
                 return (*out, [])
@@ -177,7 +184,7 @@ class ModelRunner:
                 first, last = max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)
                 if last > first:
                     prompt_rows.append((seq, len(input_ids) + first - start, first, last - first))
-            toks = seq.token_ids[start:end]
+            toks = (seq.token_ids + seq.spec_token_ids if seq.spec_token_ids else seq.token_ids)[start:end]
             if len(toks) < n:  # the last one was sampled by the step in flight (async scheduling)
                 prev.pending_input(seq, len(input_ids) + len(toks), pending_rows, pending_src)
                 toks = toks + [0]
@@ -188,8 +195,9 @@ class ModelRunner:
             query_lens.append(n)
             context_lens.append(end)
             tables.append(table)
-            if end == seq.num_tokens_incl_pending:
-                sample_rows.append(len(input_ids) - 1)
+            if end == seq.num_tokens_incl_pending + len(seq.spec_token_ids):
+                # the last row, and the rows of the last known token and the proposals when speculating
+                sample_rows.extend(range(len(input_ids) - 1 - len(seq.spec_token_ids), len(input_ids)))
                 samplers.append(seq)
         dev = self.device
         max_blocks = max(len(t) for t in tables)
@@ -211,5 +219,9 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         if self.native_forward is not None:
             return self.native_forward(ids_t, pos_t, layout), sample_rows, samplers, prompt_rows
+        if prefills and all(s.spec_token_ids for s, _ in prefills):
+            # only verifications of proposals: each token attends as a decode row does (one batched kernel
+            # instead of one call per sequence, and the same arithmetic as decoding without speculation)
+            layout = as_decode_rows(layout)
         ctx = self.backend.make_context(layout, self.kv_caches, self.scale)
         return self.model(ids_t, pos_t, ctx), sample_rows, samplers, prompt_rows

@@ -37,15 +37,8 @@ class Sampler:
         if any(p.logprobs is not None for p in params):
             logprobs_all = torch.log_softmax(logits, dim=-1)
             for i, p in enumerate(params):
-                if p.logprobs is None:
-                    continue
-                row = logprobs_all[i]
-                top = []
-                if p.logprobs > 0:
-                    vals, ids = row.topk(p.logprobs)
-                    top = list(zip(ids.tolist(), vals.tolist()))
-                chosen = row[token_list[i]]
-                lps[i] = (float(chosen), top, int((row > chosen).sum()) + 1)
+                if p.logprobs is not None:
+                    lps[i] = token_logprobs(logprobs_all[i], token_list[i], p.logprobs)
         return SampleResult(token_list, lps)
 
     @torch.inference_mode()
@@ -161,6 +154,18 @@ class Sampler:
                                                                    logits.device))
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        probs = self.probs(logits, seqs)
+        dev = logits.device
+        noise = torch.empty_like(probs).exponential_()
+        for i, s in enumerate(seqs):
+            if s.generator is not None:  # its own stream: the draw does not depend on batch mates
+                noise[i] = torch.empty(probs.shape[-1]).exponential_(generator=s.generator).to(dev)
+        return (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
+
+    @staticmethod
+    def probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The distribution each row draws from: softmax after temperature, top-k, top-p and min-p
+        (speculative decoding's rejection sampling accepts against exactly this)."""
         dev = logits.device
         temps = host_to_device([s.params.temperature for s in seqs], torch.float32, dev)
         logits = logits / temps[:, None]
@@ -173,11 +178,17 @@ class Sampler:
         if any(m > 0 for m in min_p):
             mp = host_to_device(min_p, torch.float32, dev)[:, None]
             probs = probs.masked_fill(probs < mp * probs.max(dim=-1, keepdim=True).values, 0.0)
-        noise = torch.empty_like(probs).exponential_()
-        for i, s in enumerate(seqs):
-            if s.generator is not None:  # its own stream: the draw does not depend on batch mates
-                noise[i] = torch.empty(probs.shape[-1]).exponential_(generator=s.generator).to(dev)
-        return (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
+        return probs
+
+
+def token_logprobs(row: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]], int]:
+    """(``token``'s logprob, the top ``k`` (token, logprob) pairs, ``token``'s rank) of one row of logprobs."""
+    top = []
+    if k > 0:
+        vals, ids = row.topk(k)
+        top = list(zip(ids.tolist(), vals.tolist()))
+    chosen = row[token]
+    return float(chosen), top, int((row > chosen).sum()) + 1
 
 
 def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -84,6 +84,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token (0 = only the chosen one)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring, echo)
     min_tokens: int = 0
+    speculative: bool = True  # False: this request never uses the engine's speculative decoding
     structured_output: StructuredOutputParams | None = None  # constrained decoding (JSON schema, regex, ...)
     logit_bias: dict[int, float] | None = None
     # vLLM's names, so scripts written for vLLM run unchanged:

@@ -62,13 +62,18 @@ class Scheduler:
         self.kv.free(seq)
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        n = min(seq.num_tokens_incl_pending - seq.num_computed_tokens, budget)
+        known = seq.num_tokens_incl_pending - seq.num_computed_tokens
+        n = min(known, budget)
         if self.config.prefill_chunk_size and n > 1:
             n = min(n, self.config.prefill_chunk_size)
+        if known == 1 and seq.spec_token_ids:  # a decode verifying proposals: as many as the budget holds
+            n = min(1 + len(seq.spec_token_ids), budget)
+            del seq.spec_token_ids[n - 1:]
         return n
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.spec_token_ids = []
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -85,6 +90,10 @@ class Scheduler:
             seq = self.running[i]
             n = self._chunk(seq, budget)
             while not self.kv.allocate(seq, n):
+                if seq.spec_token_ids:  # drop the proposals before preempting anyone for them
+                    seq.spec_token_ids = []
+                    n = self._chunk(seq, budget)
+                    continue
                 victim = self.running[-1]  # newest first
                 self._preempt(victim)
                 batch.num_preempted += 1

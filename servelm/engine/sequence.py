@@ -30,7 +30,7 @@ class Sequence:
                  "wait_for", "output_text", "emitted_text_len", "emitted_token_count", "prefix_offset",
                  "read_offset", "finish_reason", "stop_reason", "logprobs", "prompt_logprobs", "cumulative_logprob",
                  "arrival_time", "first_scheduled_time", "first_token_time", "last_token_time", "max_tokens",
-                 "grammar", "pending_tokens")
+                 "grammar", "pending_tokens", "spec_token_ids")
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
                  arrival_time: float, max_tokens: int):
@@ -43,6 +43,9 @@ class Sequence:
         # Async scheduling: 1 while a token sampled on the device has not reached ``token_ids`` yet (the
         # next step already computes it, reading it on the device); 0 otherwise.
         self.pending_tokens = 0
+        # Speculative decoding: tokens a proposer guessed follow ``token_ids``, verified in this step's
+        # forward pass (their K/V are written past the computed tokens; the rejected ones' slots are reused)
+        self.spec_token_ids: list[int] = []
         self.num_cached_prompt_tokens = 0
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
