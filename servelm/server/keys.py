@@ -157,3 +157,13 @@ class KeyStore:
 def _record(row) -> KeyRecord:
     return KeyRecord(id=row[0], name=row[1], hint=row[3], scopes=tuple(row[4].split(",")), rpm=row[5],
                      tpm=row[6], created_at=row[7], revoked_at=row[8])
+
+
+def open_key_store(settings) -> "KeyStore":
+    """Returns the key store ``settings`` name: PostgreSQL at ``settings.pg_url`` when set (shared by replicas
+    on several machines), else the SQLite file in the data directory."""
+    if settings.pg_url:
+        from servelm.server.keys_pg import PgKeyStore
+
+        return PgKeyStore(settings.pg_url)
+    return KeyStore(settings.keys_db)
