@@ -79,6 +79,7 @@ def register(subparsers) -> None:
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--config", default=_S, help="YAML settings file, as for serve (for data_dir; default: none).")
     where.add_argument("--data-dir", default=_S, help="Where the key store lives (default: $SERVELM_DATA_DIR, else ~/.local/share/servelm).")
+    where.add_argument("--pg-url", default=_S, help="postgresql://...: the key store of servers run with --pg-url (default: none, the data directory's).")
     k = subparsers.add_parser("keys", help="Manage API keys.", parents=[where])
     ks = k.add_subparsers(dest="keys_command", required=True)
     c = ks.add_parser("create", help="Create a key and print it once.", parents=[where])
@@ -216,17 +217,20 @@ def _serve(args: argparse.Namespace) -> int:
             admission.draining = True  # /ready turns 503 so load balancers stop sending
             super().handle_exit(sig, frame)
 
+    # h11 and asyncio, named: ray[serve] installs httptools and uvloop, which uvicorn's "auto" would pick
+    # instead of the parser and loop this server is tested with.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s, lifespan="on")
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s, lifespan="on",
+                            http="h11", loop="asyncio")
     Server(config).run()
     return 0
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from servelm.server.keys import KeyStore
+    from servelm.server.keys import open_key_store
 
-    settings = _settings(args, ("data_dir",))
-    store = KeyStore(settings.keys_db)
+    settings = _settings(args, ("data_dir", "pg_url"))
+    store = open_key_store(settings)
     try:
         if args.keys_command == "create":
             try:

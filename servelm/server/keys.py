@@ -82,6 +82,8 @@ def parse_scopes(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 class KeyStore:
     """The key table. Thread-safe; several processes (server replicas, the CLI) may share the file."""
 
+    _IntegrityError = sqlite3.IntegrityError  # what a taken name raises (PgKeyStore: psycopg's)
+
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
@@ -113,7 +115,7 @@ class KeyStore:
                 self._db.execute(
                     "INSERT INTO api_keys (name, key_hash, hint, scopes, rpm, tpm, created_at) VALUES (?,?,?,?,?,?,?)",
                     (name, hash_key(key), hint, ",".join(scopes), rpm, tpm, time.time()))
-            except sqlite3.IntegrityError:
+            except self._IntegrityError:
                 raise ValueError(f"a key named {name!r} already exists") from None
         return key, self.get(name)
 
