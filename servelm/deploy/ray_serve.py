@@ -272,7 +272,7 @@ def build_app(settings, engine_config: EngineConfig, num_gpus: float = 0):
             # router falls back to the less loaded of two (power of two choices).
             request_router_kwargs={"imbalanced_threshold": settings.router_imbalanced_threshold}))
     api = serve.deployment(ApiServer, name="ApiServer").options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
+        num_replicas=settings.api_replicas, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     return api.bind(settings, engine.bind(engine_config))
 
 

@@ -73,6 +73,8 @@ class ServerSettings(BaseSettings):
                                  "endpoint (default: none, one process as usual).")
     ray_address: str | None = Field(None, description="With --replicas: the Ray cluster to join (ray://host:10001 "
                                     "or auto); default: start a local one.")
+    api_replicas: int = Field(1, ge=1, description="With --replicas: replicas of the HTTP API tier (routes, "
+                              "auth, limits, guard) in front of the engine replicas.")
     replica_num_cpus: float = Field(1.0, gt=0, description="With --replicas: CPUs Ray reserves for each engine "
                                     "replica.")
     router_imbalanced_threshold: float = Field(4.0, ge=0, description="With --replicas: requests go to the "
