@@ -31,7 +31,7 @@ from servelm.safety.metrics import GuardMetrics, log_event
 from servelm.safety.normalise import normalise
 from servelm.safety.pii import DEFAULT_ENTITIES, KNOWN_ENTITIES, PiiSpan, get_pii_detector, not_supplied, redact
 from servelm.safety.policy import Policy, PolicyError
-from servelm.safety.review_queue import ReviewQueue
+from servelm.safety.review_queue import ReviewQueue, open_review_queue
 from servelm.safety.scanners import (
     INPUT_SCANNERS, OUTPUT_SCANNERS, ScanContext, ScanResult, scan_harmful_output,
 )
@@ -107,14 +107,14 @@ class Guard:
                     registry: CollectorRegistry | None = None) -> "Guard":
         """Return a guard for ``policy`` (a Policy, a mapping, or a YAML file path; None = defaults).
 
-        ``review_db`` is the SQLite file of the review queue (None: "review" acts as "block").
+        ``review_db`` is the review queue's SQLite file or ``postgresql://`` URL (None: "review" acts as "block").
         Raises :class:`~servelm.safety.policy.PolicyError` for an invalid policy.
         """
         if isinstance(policy, (str, Path)):
             policy = Policy.from_yaml(policy)
         elif isinstance(policy, dict) or policy is None:
             policy = Policy.from_dict(policy)
-        queue = ReviewQueue(review_db) if review_db is not None else None
+        queue = open_review_queue(review_db) if review_db is not None else None
         return cls(policy, queue, registry)
 
     def add_scanner(self, stage: str, name: str, fn: Scanner) -> None:

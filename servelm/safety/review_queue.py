@@ -163,3 +163,13 @@ class ReviewQueue:
         rows = self._db.execute(q + (" WHERE review_id=? ORDER BY seq" if review_id else " ORDER BY seq"),
                                 (review_id,) if review_id else ()).fetchall()
         return [dict(zip(("seq", "review_id", "action", "actor", "at", "detail"), r)) for r in rows]
+
+
+def open_review_queue(where: str | Path, on_depth=None) -> ReviewQueue:
+    """Returns the review queue at ``where``: a ``postgresql://`` URL (shared by replicas on several
+    machines) or a SQLite file."""
+    if str(where).startswith(("postgresql://", "postgres://")):
+        from servelm.safety.review_queue_pg import PgReviewQueue
+
+        return PgReviewQueue(str(where), on_depth)
+    return ReviewQueue(where, on_depth)

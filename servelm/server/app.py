@@ -18,7 +18,7 @@ from servelm.server.admission import Admission, Lane
 from servelm.server.context import ServerContext
 from servelm.server.errors import install_handlers
 from servelm.server.guarding import build_guarding
-from servelm.server.keys import KeyStore
+from servelm.server.keys import KeyStore, open_key_store
 from servelm.server.metrics import Metrics
 from servelm.server.middleware import RequestMiddleware
 from servelm.server.pipeline import RequestPipeline
@@ -41,7 +41,7 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
     (``start_banner``; default: stderr).
     """
     if not settings.no_auth and keys is None:
-        keys = KeyStore(settings.keys_db)
+        keys = open_key_store(settings)
     wait, per_key = settings.queue_wait_bound_s, settings.max_inflight_per_key
     # One embedding batch, one retrieval and one ingestion run at a time: each already uses every core.
     admission = Admission(settings.max_num_seqs, settings.max_queue, wait, settings.request_timeout_s, lanes={
@@ -70,7 +70,7 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
         if guarding.guard is None:
             log.warning("guardrails are OFF (--no-guard): no input or output scanning, no review queue")
         else:
-            log.info("guardrails on", extra={"policy": settings.policy or "default", "reviews_db": settings.reviews_db,
+            log.info("guardrails on", extra={"policy": settings.policy or "default", "reviews_db": "postgresql" if settings.pg_url else settings.reviews_db,
                                              "fallback": settings.fallback})
         guarding.serve_context(engine.max_model_len)
         if ctx.rag is not None:

@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--host", default=_S, help="Interface to bind; 0.0.0.0 for all.")
     p.add_argument("--port", type=int, default=_S, help="Port.")
     p.add_argument("--no-auth", action="store_true", default=_S, help="Accept requests without an API key.")
+    p.add_argument("--address", dest="ray_address", default=_S,
+                   help="With --replicas: the Ray cluster to join (ray://head:10001 or auto; default: a local one).")
     p.add_argument("--redis-url", default=_S, help="redis://host:port/0 to share rate limits across replicas (default: none, limits kept in memory).")
     p.add_argument("--data-dir", default=_S, help="Where keys, reviews and RAG collections live (default: $SERVELM_DATA_DIR, else ~/.local/share/servelm).")
     p.add_argument("--log-prompts", action="store_true", default=_S, help="Include prompts in request logs.")
@@ -77,6 +79,7 @@ def register(subparsers) -> None:
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--config", default=_S, help="YAML settings file, as for serve (for data_dir; default: none).")
     where.add_argument("--data-dir", default=_S, help="Where the key store lives (default: $SERVELM_DATA_DIR, else ~/.local/share/servelm).")
+    where.add_argument("--pg-url", default=_S, help="postgresql://...: the key store of servers run with --pg-url (default: none, the data directory's).")
     k = subparsers.add_parser("keys", help="Manage API keys.", parents=[where])
     ks = k.add_subparsers(dest="keys_command", required=True)
     c = ks.add_parser("create", help="Create a key and print it once.", parents=[where])
@@ -184,6 +187,14 @@ def _serve(args: argparse.Namespace) -> int:
         sys.exit(f"servelm serve: model not found: {settings.model} (give a .gguf file, a Hugging Face model "
                  "directory or dummy:<arch>; leave --model out for the embedded SmolLM2)")
     _check_port_free(settings.host, settings.port)
+    engine_fields = ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes", "enable_prefix_caching", "dtype",
+                     "quantization", "quant_calibration", "tensor_parallel_size", "enforce_eager")
+    engine_kwargs = {f: getattr(settings, f) for f in engine_fields if getattr(settings, f) is not None}
+    if settings.replicas:
+        from servelm.deploy.ray_serve import serve_on_ray
+        from servelm.engine import EngineConfig
+
+        return serve_on_ray(settings, EngineConfig(model=settings.model, **engine_kwargs))
     import uvicorn
 
     from servelm.engine import AsyncEngine, EngineConfig
@@ -191,9 +202,6 @@ def _serve(args: argparse.Namespace) -> int:
     from servelm.server.logs import setup_logging
 
     setup_logging(settings.log_level)
-    engine_fields = ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes", "enable_prefix_caching", "dtype",
-                     "quantization", "quant_calibration", "tensor_parallel_size", "enforce_eager")
-    engine_kwargs = {f: getattr(settings, f) for f in engine_fields if getattr(settings, f) is not None}
     engine = AsyncEngine(EngineConfig(model=settings.model, **engine_kwargs))
     from servelm.prompts import UnknownStrategyError
     from servelm.safety import PolicyError
@@ -209,17 +217,20 @@ def _serve(args: argparse.Namespace) -> int:
             admission.draining = True  # /ready turns 503 so load balancers stop sending
             super().handle_exit(sig, frame)
 
+    # h11 and asyncio, named: ray[serve] installs httptools and uvloop, which uvicorn's "auto" would pick
+    # instead of the parser and loop this server is tested with.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s, lifespan="on")
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s, lifespan="on",
+                            http="h11", loop="asyncio")
     Server(config).run()
     return 0
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from servelm.server.keys import KeyStore
+    from servelm.server.keys import open_key_store
 
-    settings = _settings(args, ("data_dir",))
-    store = KeyStore(settings.keys_db)
+    settings = _settings(args, ("data_dir", "pg_url"))
+    store = open_key_store(settings)
     try:
         if args.keys_command == "create":
             try:

@@ -344,7 +344,8 @@ def build_guarding(settings, registry) -> Guarding:
     """
     guard = None
     if not settings.no_guard:
-        guard = Guard.from_policy(settings.policy, review_db=settings.reviews_db, registry=registry)
+        guard = Guard.from_policy(settings.policy, review_db=settings.pg_url or settings.reviews_db,
+                                 registry=registry)
     caller = None
     if settings.fallback == "static":
         breaker = CircuitBreaker("engine", BreakerConfig(settings.breaker_failures, settings.breaker_reset_s,

@@ -82,6 +82,8 @@ def parse_scopes(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 class KeyStore:
     """The key table. Thread-safe; several processes (server replicas, the CLI) may share the file."""
 
+    _IntegrityError = sqlite3.IntegrityError  # what a taken name raises (PgKeyStore: psycopg's)
+
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
@@ -113,7 +115,7 @@ class KeyStore:
                 self._db.execute(
                     "INSERT INTO api_keys (name, key_hash, hint, scopes, rpm, tpm, created_at) VALUES (?,?,?,?,?,?,?)",
                     (name, hash_key(key), hint, ",".join(scopes), rpm, tpm, time.time()))
-            except sqlite3.IntegrityError:
+            except self._IntegrityError:
                 raise ValueError(f"a key named {name!r} already exists") from None
         return key, self.get(name)
 
@@ -157,3 +159,13 @@ class KeyStore:
 def _record(row) -> KeyRecord:
     return KeyRecord(id=row[0], name=row[1], hint=row[3], scopes=tuple(row[4].split(",")), rpm=row[5],
                      tpm=row[6], created_at=row[7], revoked_at=row[8])
+
+
+def open_key_store(settings) -> "KeyStore":
+    """Returns the key store ``settings`` name: PostgreSQL at ``settings.pg_url`` when set (shared by replicas
+    on several machines), else the SQLite file in the data directory."""
+    if settings.pg_url:
+        from servelm.server.keys_pg import PgKeyStore
+
+        return PgKeyStore(settings.pg_url)
+    return KeyStore(settings.keys_db)

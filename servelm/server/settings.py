@@ -68,6 +68,19 @@ class ServerSettings(BaseSettings):
     allowed_headers: list[str] = ["*"]
     allow_credentials: bool = Field(False, description="Allow cookies/HTTP auth cross-origin (not with '*').")
 
+    # Scale-out on Ray Serve (servelm.deploy.ray_serve; docs/deploy.md)
+    replicas: int | None = Field(None, ge=1, description="Run this many engine replicas on Ray Serve behind one "
+                                 "endpoint (default: none, one process as usual).")
+    ray_address: str | None = Field(None, description="With --replicas: the Ray cluster to join (ray://host:10001 "
+                                    "or auto); default: start a local one.")
+    api_replicas: int = Field(1, ge=1, description="With --replicas: replicas of the HTTP API tier (routes, "
+                              "auth, limits, guard) in front of the engine replicas.")
+    replica_num_cpus: float = Field(1.0, gt=0, description="With --replicas: CPUs Ray reserves for each engine "
+                                    "replica.")
+    router_imbalanced_threshold: float = Field(4.0, ge=0, description="With --replicas: requests go to the "
+                                               "replica holding their prompt prefix while the replicas' queues "
+                                               "differ by fewer than this; past it, to the less loaded one.")
+
     # Security and limits
     no_auth: bool = False
     data_dir: str = Field(default_factory=default_data_dir)

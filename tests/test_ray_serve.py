@@ -1,0 +1,197 @@
+"""``servelm serve --replicas 2`` on a local Ray cluster: two engine replicas of the embedded model behind one
+endpoint, keys in the test PostgreSQL, shared with a plain single-process ``servelm serve --pg-url`` beside it
+(the Kubernetes Deployment's shape). One server of each for the module; the test that kills a replica runs
+last."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from servelm.server.keys_pg import PgKeyStore
+from tests.rag_support import pg_uri
+from tests.server_harness import ENV, ROOT, Server, free_port
+
+MODEL = "SmolLM2-135M-Instruct"
+# A system prompt of about 700 tokens, shared by the requests the prefix router should keep together.
+SYSTEM = ("You are the support assistant of Nova Technologies. Answer politely, briefly and only about our "
+          "products, which are routers, switches and the cloud console. ") * 22
+
+
+class RayServer:
+    """``python -m servelm.server serve --replicas 2`` in its own process group."""
+
+    def __init__(self, pg_url: str):
+        self.dir = tempfile.mkdtemp(prefix="servelm-ray-")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(self.dir, "serve.out")
+        self._log = open(self.log_path, "wb")
+        env = {**ENV, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "servelm.server", "serve", "--replicas", "2",
+             "--replica-num-cpus", "0.5", "--port", str(self.port), "--data-dir", self.dir, "--pg-url", pg_url,
+             "--kv-cache-memory-bytes", str(128 * 1024 * 1024), "--max-num-seqs", "4", "--no-embeddings",
+             "--no-rag", "--no-guard"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+
+    def output(self) -> str:
+        self._log.flush()
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_ready(self, timeout: float = 400.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"servelm serve --replicas exited:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"servelm serve --replicas not ready:\n{self.output()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2.0).status_code == 200 and self.admin_key():
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+
+    def admin_key(self) -> str | None:
+        keys = re.findall(r"sk-servelm-[A-Za-z0-9_\-]+", self.output())
+        return keys[0] if keys else None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """Returns (the Ray endpoint, a plain server), both with their keys in one PostgreSQL."""
+    pg = pg_uri()
+    srv = RayServer(pg)
+    plain = Server("plain-pg", tempfile.mkdtemp(prefix="servelm-pg-plain-"), "--pg-url", pg, "--no-embeddings",
+                   "--no-rag", "--no-guard")
+    try:
+        srv.wait_ready()
+        plain.wait_ready(400)
+        srv.pg = pg
+        yield srv, plain
+    finally:
+        plain.proc.terminate()
+        srv.stop()
+        plain.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]
+
+
+def _client(server, key: str) -> OpenAI:
+    return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _replica_series(server, name: str) -> dict[str, float]:
+    """Returns ``{replica: value}`` of the per-replica series ``servelm:<name>`` on /metrics."""
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {server.admin_key()}"},
+                     timeout=30).text
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(rf'^servelm:{name}(?:_total)?{{replica="([^"]+)"}} (\S+)$', text, re.M)}
+
+
+def _chat(client: OpenAI, user: str, system: str | None = None, max_tokens: int = 4) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens)
+    return reply.choices[0].message.content
+
+
+def test_openai_sdk_streams_through_the_ray_endpoint(server):
+    client = _client(server, server.admin_key())
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                            max_tokens=12, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_key_made_on_one_server_is_valid_on_the_other_and_revoking_it_there_is_effective_at_once(servers):
+    server, plain = servers
+    admin = {"Authorization": f"Bearer {server.admin_key()}"}
+    made = httpx.post(server.url + "/v1/admin/keys", headers=admin, timeout=30,
+                      json={"name": "shared-key", "scopes": ["models"]})
+    assert made.status_code == 200, made.text
+    key = made.json()["key"]
+    store = PgKeyStore(server.pg)  # the key lives in PostgreSQL, not in a replica's file
+    try:
+        assert store.verify(key) is not None
+    finally:
+        store.close()
+    auth = {"Authorization": f"Bearer {key}"}
+    for url in (server.url, plain.url):
+        assert httpx.get(url + "/v1/models", headers=auth, timeout=30).status_code == 200
+    # revoked through the plain server's admin API (the Ray endpoint's admin key works there too)
+    assert httpx.delete(plain.url + "/v1/admin/keys/shared-key", headers=admin, timeout=30).status_code == 200
+    for url in (server.url, plain.url):
+        refused = httpx.get(url + "/v1/models", headers=auth, timeout=30)
+        assert refused.status_code == 401 and refused.json()["error"]["message"]
+
+
+def test_repeats_of_a_shared_system_prompt_go_to_one_replica(server):
+    client = _client(server, server.admin_key())
+    for system in (SYSTEM, SYSTEM.replace("Nova", "Orion")):
+        before = _replica_series(server, "replica_requests")
+        cached_before = _replica_series(server, "replica_cached_prompt_tokens")
+        for i in range(4):
+            _chat(client, f"Question {i}: what do you sell?", system)
+        after = _replica_series(server, "replica_requests")
+        grown = {r: after[r] - before.get(r, 0) for r in after if after[r] != before.get(r, 0)}
+        assert list(grown.values()) == [4.0], grown  # all four on one replica
+        (replica,) = grown
+        # ...where the three repeats found the system prompt in that replica's prefix cache
+        cached = _replica_series(server, "replica_cached_prompt_tokens")
+        assert cached[replica] - cached_before.get(replica, 0) >= 3 * 500
+
+
+def test_killing_a_replica_mid_stream_ends_its_stream_with_an_error_and_new_requests_succeed(server):
+    import ray
+
+    client = _client(server, server.admin_key())
+    stream = iter(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a very long story about a dragon."}],
+        max_tokens=1500, stream=True, extra_body={"ignore_eos": True}))
+    next(stream)
+    (replica,) = [r for r, n in _replica_series(server, "replica_streams_running").items() if n == 1]
+    ray.init(address="auto", log_to_driver=False)
+    try:
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::servelm#EngineReplica#{replica}", namespace="serve"))
+        with pytest.raises(Exception) as failed:  # the SDK raises on the stream's error event
+            for _ in stream:
+                pass
+        assert "error" in str(failed.value).lower() or "fail" in str(failed.value).lower()
+        assert _replica_series(server, "replica_streams_running")[replica] == 0
+        for i in range(3):  # the survivor serves new requests
+            assert _chat(client, f"Hello number {i}").strip()
+        # Ray Serve starts a replacement replica
+        deadline = time.monotonic() + 300
+        while True:
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if "#EngineReplica#" in a["name"]]
+            if len(names) == 2 and all(replica not in n for n in names):
+                break
+            assert time.monotonic() < deadline, names
+            time.sleep(1)
+    finally:
+        ray.shutdown()
