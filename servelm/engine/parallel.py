@@ -156,6 +156,7 @@ class StepSeq:
     __slots__ = ("num_computed_tokens", "num_tokens", "block_table", "token_ids", "prompt_logprobs",
                  "num_prompt_tokens", "params")
     pending_tokens = 0  # async scheduling is off: every token is known on the host
+    spec_token_ids = ()  # speculative decoding does not run under tensor parallelism
 
     def __init__(self, start: int, num_tokens: int, block_table: list[int], tail: list[int],
                  scoring: tuple[int, int, int] | None = None):
