@@ -215,8 +215,13 @@ def test_fields_real_clients_send_are_served(srv, key, client):
                   {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
                   {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}]
     for extra in served:
-        r = _post(srv, key, "/v1/chat/completions", {"messages": msgs, "max_completion_tokens": 2, **extra})
-        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], (extra, r.text)
+        r = _post(srv, key, "/v1/chat/completions", {"messages": msgs, "max_completion_tokens": 2, "seed": 1, **extra})
+        assert r.status_code == 200, (extra, r.text)
+        # sampled at the default temperature, two tokens may be whitespace or the start of a tool call the
+        # parser holds: what a client needs is a well-formed answer that says why it ended
+        choice = r.json()["choices"][0]
+        assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("length", "stop", "tool_calls")
+        assert isinstance(choice["message"]["content"], str) or choice["message"].get("tool_calls"), (extra, r.text)
     # null means the default: completions' max_tokens is 16
     r = _post(srv, key, "/v1/completions", {"prompt": "Go on:", "max_tokens": None, "ignore_eos": True})
     assert r.json()["usage"]["completion_tokens"] == 16
