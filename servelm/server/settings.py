@@ -71,6 +71,13 @@ class ServerSettings(BaseSettings):
     # Scale-out on Ray Serve (servelm.deploy.ray_serve; docs/deploy.md)
     replicas: int | None = Field(None, ge=1, description="Run this many engine replicas on Ray Serve behind one "
                                  "endpoint (default: none, one process as usual).")
+    min_replicas: int | None = Field(None, ge=0, description="Autoscale the engine replicas on Ray Serve between "
+                                     "this many and --max-replicas, on ongoing requests per replica.")
+    max_replicas: int | None = Field(None, ge=1, description="With --min-replicas: the most engine replicas "
+                                     "autoscaling starts (setting it alone autoscales from 1).")
+    target_ongoing_requests: float | None = Field(None, gt=0, description="When autoscaling: the ongoing "
+                                                  "requests per replica Ray Serve scales to keep (default: "
+                                                  "max_num_seqs, a replica's full batch).")
     ray_address: str | None = Field(None, description="With --replicas: the Ray cluster to join (ray://host:10001 "
                                     "or auto); default: start a local one.")
     api_replicas: int = Field(1, ge=1, description="With --replicas: replicas of the HTTP API tier (routes, "
