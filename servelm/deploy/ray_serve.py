@@ -345,7 +345,8 @@ def engine_deployment_options(settings, num_gpus: float = 0) -> dict:
             request_router_class=PREFIX_ROUTER,
             # Prefix affinity while the replicas' queues differ by fewer than this many requests; past it the
             # router falls back to the less loaded of two (power of two choices).
-            request_router_kwargs={"imbalanced_threshold": settings.router_imbalanced_threshold})}
+            request_router_kwargs={"imbalanced_threshold": settings.router_imbalanced_threshold})
+        if settings.request_router == "prefix_cache_affinity" else RequestRouterConfig()}
 
 
 def build_app(settings, engine_config: EngineConfig, num_gpus: float = 0):

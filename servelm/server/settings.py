@@ -84,6 +84,10 @@ class ServerSettings(BaseSettings):
                               "auth, limits, guard) in front of the engine replicas.")
     replica_num_cpus: float = Field(1.0, gt=0, description="With --replicas: CPUs Ray reserves for each engine "
                                     "replica.")
+    request_router: Literal["prefix_cache_affinity", "power_of_two"] = Field(
+        "prefix_cache_affinity", description="With --replicas: how requests pick an engine replica: the one "
+        "likely to hold their prompt prefix in its KV cache, balanced against load; or Ray Serve's default, the "
+        "less loaded of two drawn at random.")
     router_imbalanced_threshold: float = Field(4.0, ge=0, description="With --replicas: requests go to the "
                                                "replica holding their prompt prefix while the replicas' queues "
                                                "differ by fewer than this; past it, to the less loaded one.")
