@@ -15,7 +15,9 @@ which is why the engine sits behind a handle rather than behind the proxy direct
 A stream stays on its replica; closing it (the client hung up) cancels the replica's generator, which aborts
 the request there and frees its KV blocks. A replica that dies ends its streams with an error event
 (``EngineDeadError`` reaches the stream encoder) and Ray Serve starts a new one; new requests go to the
-survivors.
+survivors. With ``--max-replicas`` Ray Serve autoscales the engine replicas on ongoing requests; one that
+leaves drains its streams first. Each scrape of ``/metrics`` asks every engine replica for its figures
+(``DeploymentHandle.broadcast``), so one scrape shows them all, labelled by replica.
 """
 from __future__ import annotations
 
