@@ -1,7 +1,7 @@
 """``servelm serve --replicas 2`` on a local Ray cluster: two engine replicas of the embedded model behind one
 endpoint, keys in the test PostgreSQL, shared with a plain single-process ``servelm serve --pg-url`` beside it
-(the Kubernetes Deployment's shape). One server of each for the module; the test that kills a replica runs
-last."""
+(the Kubernetes Deployment's shape), and rate limits in one Redis that both use. One server of each for the
+module; the test that kills a replica runs last."""
 from __future__ import annotations
 
 import os
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import asyncio
 
 import httpx
 import pytest
@@ -18,7 +19,9 @@ from openai import OpenAI
 
 from servelm.server.keys_pg import PgKeyStore
 from tests.rag_support import pg_uri
-from tests.server_harness import ENV, ROOT, Server, free_port
+from servelm.deploy.ray_serve import EngineReplica, engine_deployment_options, scaling_problem
+from servelm.server.settings import ServerSettings
+from tests.server_harness import ENV, ROOT, Redis, Server, free_port
 
 MODEL = "SmolLM2-135M-Instruct"
 # A system prompt of about 700 tokens, shared by the requests the prefix router should keep together.
@@ -29,7 +32,7 @@ SYSTEM = ("You are the support assistant of Nova Technologies. Answer politely, 
 class RayServer:
     """``python -m servelm.server serve --replicas 2`` in its own process group."""
 
-    def __init__(self, pg_url: str):
+    def __init__(self, pg_url: str, redis_url: str):
         self.dir = tempfile.mkdtemp(prefix="servelm-ray-")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -39,7 +42,7 @@ class RayServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "servelm.server", "serve", "--replicas", "2",
              "--replica-num-cpus", "0.5", "--port", str(self.port), "--data-dir", self.dir, "--pg-url", pg_url,
-             "--kv-cache-memory-bytes", str(128 * 1024 * 1024), "--max-num-seqs", "4", "--no-embeddings",
+             "--redis-url", redis_url, "--kv-cache-memory-bytes", str(128 * 1024 * 1024), "--max-num-seqs", "4", "--no-embeddings",
              "--no-rag", "--no-guard"],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
 
@@ -80,9 +83,11 @@ class RayServer:
 def servers():
     """Returns (the Ray endpoint, a plain server), both with their keys in one PostgreSQL."""
     pg = pg_uri()
-    srv = RayServer(pg)
-    plain = Server("plain-pg", tempfile.mkdtemp(prefix="servelm-pg-plain-"), "--pg-url", pg, "--no-embeddings",
-                   "--no-rag", "--no-guard")
+    redis = Redis()
+    redis.wait()
+    srv = RayServer(pg, redis.url)
+    plain = Server("plain-pg", tempfile.mkdtemp(prefix="servelm-pg-plain-"), "--pg-url", pg, "--redis-url",
+                   redis.url, "--no-embeddings", "--no-rag", "--no-guard")
     try:
         srv.wait_ready()
         plain.wait_ready(400)
@@ -92,6 +97,7 @@ def servers():
         plain.proc.terminate()
         srv.stop()
         plain.proc.wait(60)
+        redis.stop()
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +123,31 @@ def _chat(client: OpenAI, user: str, system: str | None = None, max_tokens: int 
     return reply.choices[0].message.content
 
 
+# ------------------------------------------------------------------ replica settings (no cluster needed)
+def test_min_and_max_replicas_autoscale_on_ongoing_requests_and_drain_gracefully():
+    from ray import serve
+
+    settings = ServerSettings(min_replicas=1, max_replicas=4, max_num_seqs=8, shutdown_timeout_s=45)
+    config = serve.deployment(EngineReplica).options(**engine_deployment_options(settings))._deployment_config
+    scaling = config.autoscaling_config
+    assert (scaling.min_replicas, scaling.initial_replicas, scaling.max_replicas) == (1, 1, 4)
+    assert scaling.target_ongoing_requests == 8  # a replica's full batch
+    assert config.graceful_shutdown_timeout_s == 45  # streams of a replica scaled away may finish
+    fixed = serve.deployment(EngineReplica).options(**engine_deployment_options(ServerSettings(replicas=3)))
+    assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
+
+
+def test_impossible_replica_bounds_are_refused_before_anything_starts():
+    done = subprocess.run([sys.executable, "-m", "servelm.server", "serve", "--port", str(free_port()),
+                           "--min-replicas", "3", "--max-replicas", "2"],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert done.returncode != 0 and "--min-replicas 3 is above --max-replicas 2" in done.stderr, done.stderr
+    assert "--min-replicas needs --max-replicas" in scaling_problem(ServerSettings(min_replicas=1))
+    assert "must lie between --min-replicas 1 and --max-replicas 2" in scaling_problem(
+        ServerSettings(replicas=5, max_replicas=2))
+
+
+# ------------------------------------------------------------------ a local Ray cluster
 def test_openai_sdk_streams_through_the_ray_endpoint(server):
     client = _client(server, server.admin_key())
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
@@ -165,6 +196,39 @@ def test_repeats_of_a_shared_system_prompt_go_to_one_replica(server):
         assert cached[replica] - cached_before.get(replica, 0) >= 3 * 500
 
 
+def test_rpm_limit_is_exact_across_both_replicas_and_a_plain_server_under_50_parallel_clients(servers):
+    server, plain = servers
+    admin = {"Authorization": f"Bearer {server.admin_key()}"}
+    made = httpx.post(server.url + "/v1/admin/keys", headers=admin, timeout=30,
+                      json={"name": "rpm-20", "scopes": ["chat"], "rpm": 20})
+    assert made.status_code == 200, made.text
+    before = _replica_series(server, "replica_requests")
+
+    async def run():
+        async with httpx.AsyncClient(timeout=180, headers={"Authorization": f"Bearer {made.json()['key']}"},
+                                     limits=httpx.Limits(max_connections=50)) as h:
+            # distinct prompts, so the router has no shared prefix to keep them together
+            return await asyncio.gather(*[
+                h.post((server, plain)[i % 2].url + "/v1/completions",
+                       json={"model": MODEL, "prompt": f"{i * 7919 % 1000} apples and {i} pears", "max_tokens": 1})
+                for i in range(50)])
+
+    responses = asyncio.run(run())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, [r.text for r in responses if r.status_code not in (200, 429)]
+    assert abs(statuses.count(200) - 20) <= 1, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert r.json()["error"]["type"] == "rate_limit_error" and int(r.headers["retry-after"]) >= 1
+    # the budget is one: both endpoints refused some of their share
+    assert {r.request.url.port for r in responses if r.status_code == 429} == {server.port, plain.port}
+    # the Ray endpoint's admitted requests ran on both engine replicas, as one scrape of /metrics shows
+    after = _replica_series(server, "replica_requests")
+    assert len(after) == 2 and all(after[r] > before.get(r, 0) for r in after), (before, after)
+    admitted_on_ray = sum(1 for r in responses if r.status_code == 200 and r.request.url.port == server.port)
+    assert sum(after.values()) - sum(before.values()) == admitted_on_ray
+
+
 def test_killing_a_replica_mid_stream_ends_its_stream_with_an_error_and_new_requests_succeed(server):
     import ray
 
@@ -181,7 +245,7 @@ def test_killing_a_replica_mid_stream_ends_its_stream_with_an_error_and_new_requ
             for _ in stream:
                 pass
         assert "error" in str(failed.value).lower() or "fail" in str(failed.value).lower()
-        assert _replica_series(server, "replica_streams_running")[replica] == 0
+        assert _replica_series(server, "replica_streams_running").get(replica, 0) == 0
         for i in range(3):  # the survivor serves new requests
             assert _chat(client, f"Hello number {i}").strip()
         # Ray Serve starts a replacement replica

@@ -15,7 +15,9 @@ which is why the engine sits behind a handle rather than behind the proxy direct
 A stream stays on its replica; closing it (the client hung up) cancels the replica's generator, which aborts
 the request there and frees its KV blocks. A replica that dies ends its streams with an error event
 (``EngineDeadError`` reaches the stream encoder) and Ray Serve starts a new one; new requests go to the
-survivors.
+survivors. With ``--max-replicas`` Ray Serve autoscales the engine replicas on ongoing requests; one that
+leaves drains its streams first. Each scrape of ``/metrics`` asks every engine replica for its figures
+(``DeploymentHandle.broadcast``), so one scrape shows them all, labelled by replica.
 """
 from __future__ import annotations
 
@@ -64,6 +66,16 @@ class EngineCall:
     request_id: str
 
 
+@dataclass(slots=True)
+class ReplicaCounts:
+    """What one engine replica served since it started: the per-replica series of ``/metrics``."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # found in this replica's prefix cache
+    streams_running: int = 0
+
+
 class EngineReplica:
     """One Serve replica owning one ``AsyncEngine``."""
 
@@ -71,6 +83,7 @@ class EngineReplica:
         self.engine = AsyncEngine(engine_config)
         await self.engine.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.counts = ReplicaCounts()
 
     def describe(self) -> dict:
         """Returns what the API tier needs to serve this model: name, context window, tokenizer, vocab size,
@@ -79,10 +92,24 @@ class EngineReplica:
         return {"model_name": eng.model_name, "max_model_len": eng.max_model_len, "tokenizer": eng.tokenizer,
                 "vocab_size": eng.model_config.vocab_size, "replica": self.replica, "stats": self.engine.stats()}
 
+    def snapshot(self) -> tuple[str, EngineStats, ReplicaCounts]:
+        """Returns this replica's id, engine statistics and counts (the API tier asks every replica at each
+        scrape of ``/metrics``)."""
+        return self.replica, self.engine.stats(), self.counts
+
     async def generate(self, call: EngineCall):
         """Yields ``(replica id, RequestOutput, EngineStats or None)``; the stats come with the last output."""
-        async for out in self.engine.generate(call.prompt_ids, call.params, request_id=call.request_id):
-            yield self.replica, out, (self.engine.stats() if out.finished else None)
+        c = self.counts
+        c.requests += 1
+        c.streams_running += 1
+        try:
+            async for out in self.engine.generate(call.prompt_ids, call.params, request_id=call.request_id):
+                if out.finished:
+                    c.prompt_tokens += len(out.prompt_token_ids)
+                    c.cached_prompt_tokens += out.num_cached_tokens
+                yield self.replica, out, (self.engine.stats() if out.finished else None)
+        finally:
+            c.streams_running -= 1
 
     def check_health(self) -> None:
         """Ray Serve's health check: raising marks the replica unhealthy, and Serve replaces it."""
@@ -99,7 +126,9 @@ class RemoteEngine:
 
     Tokenizing and chat templates run here, in the API tier, with the replicas' own tokenizer; ``engine``
     carries the grammar compiler the structured-output check uses. Per-replica series (requests, prompt
-    tokens, prefix-cache hits, streams running) go to the app's registry through :meth:`bind_metrics`."""
+    tokens, prefix-cache hits, streams running; label ``replica``) go to the app's registry through
+    :meth:`bind_metrics`; :meth:`refresh_stats`, run before each scrape, asks every replica for them, so one
+    scrape of any API replica shows every engine replica."""
 
     def __init__(self, handle):
         self.handle = handle.options(stream=True)
@@ -111,21 +140,28 @@ class RemoteEngine:
         self._stats: dict[str, EngineStats] = {}
         self._running = False
         self._streams: dict[str, object] = {}
-        self._m = None
+        self._counts: dict[str, ReplicaCounts] = {}
 
     def bind_metrics(self, registry) -> None:
         """Registers the per-replica series (label ``replica``) on ``registry``."""
-        from prometheus_client import Counter, Gauge
+        registry.register(_ReplicaCollector(self._counts))
 
-        self._m = SimpleNamespace(
-            requests=Counter("servelm:replica_requests", "Requests served, per engine replica.", ["replica"],
-                             registry=registry),
-            prompt=Counter("servelm:replica_prompt_tokens", "Prompt tokens, per engine replica.", ["replica"],
-                           registry=registry),
-            cached=Counter("servelm:replica_cached_prompt_tokens", "Prompt tokens found in the replica's "
-                           "prefix cache, per engine replica.", ["replica"], registry=registry),
-            running=Gauge("servelm:replica_streams_running", "Streams running, per engine replica.",
-                          ["replica"], registry=registry))
+    async def refresh_stats(self, timeout_s: float = 5.0) -> None:
+        """Asks every live engine replica for its statistics and counts. A replica that does not answer within
+        ``timeout_s`` (dying, or gone) drops out of the series until it answers again."""
+        try:
+            answers = await self._describe.broadcast("snapshot").results_async(timeout_s=timeout_s,
+                                                                               return_exceptions=True)
+        except Exception as e:  # no replica reachable: keep the last figures, /ready reports the engine
+            log.warning("no engine replica answered the metrics broadcast: %s", e)
+            return
+        live = [a for a in answers if isinstance(a, tuple)]
+        if not live:
+            return
+        self._stats.clear()
+        self._counts.clear()
+        for replica, stats, counts in live:
+            self._stats[replica], self._counts[replica] = stats, counts
 
     async def start(self) -> None:
         """Asks one replica for the model's description and loads the tokenizer it sends.
@@ -195,22 +231,18 @@ class RemoteEngine:
         replica = None
         try:
             async for replica_id, out, stats in response:
-                if replica is None:
-                    replica = replica_id
-                    self._count(replica, out, started=True)
+                replica = replica_id
                 if stats is not None:
                     self._stats[replica] = stats
-                    self._count(replica, out, started=False)
                 yield out
         except RayTaskError as e:  # the replica raised: give the caller the engine's own exception
             raise e.as_instanceof_cause().cause if isinstance(e.cause, Exception) else e from None
         except RayActorError as e:
             self._stats.pop(replica, None)
+            self._counts.pop(replica, None)
             raise EngineDeadError(f"engine replica {replica or '?'} died mid-request") from e
         finally:
             self._streams.pop(rid, None)
-            if replica is not None and self._m is not None:
-                self._m.running.labels(replica=replica).dec()
             response.cancel()  # a stream closed early (the client hung up) aborts on its replica
 
     async def abort(self, request_id: str) -> None:
@@ -219,15 +251,31 @@ class RemoteEngine:
         if response is not None:
             response.cancel()
 
-    def _count(self, replica: str, out: RequestOutput, started: bool) -> None:
-        if self._m is None:
-            return
-        if started:
-            self._m.requests.labels(replica=replica).inc()
-            self._m.running.labels(replica=replica).inc()
-        else:
-            self._m.prompt.labels(replica=replica).inc(len(out.prompt_token_ids))
-            self._m.cached.labels(replica=replica).inc(out.num_cached_tokens)
+
+
+class _ReplicaCollector:
+    """The per-replica series, from the counts :meth:`RemoteEngine.refresh_stats` last collected."""
+
+    def __init__(self, counts: dict[str, ReplicaCounts]):
+        self.counts = counts
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        families = {
+            "requests": CounterMetricFamily("servelm:replica_requests", "Requests served, per engine replica.",
+                                            labels=["replica"]),
+            "prompt_tokens": CounterMetricFamily("servelm:replica_prompt_tokens", "Prompt tokens, per engine "
+                                                 "replica.", labels=["replica"]),
+            "cached_prompt_tokens": CounterMetricFamily(
+                "servelm:replica_cached_prompt_tokens", "Prompt tokens found in the replica's prefix cache, per "
+                "engine replica.", labels=["replica"]),
+            "streams_running": GaugeMetricFamily("servelm:replica_streams_running", "Streams running, per engine "
+                                                 "replica.", labels=["replica"])}
+        for replica, counts in list(self.counts.items()):
+            for name, family in families.items():
+                family.add_metric([replica], getattr(counts, name))
+        yield from families.values()
 
 
 def _sum_stats(parts: list[EngineStats]) -> EngineStats:
@@ -257,23 +305,83 @@ class ApiServer:
         return app
 
 
-def build_app(settings, engine_config: EngineConfig, num_gpus: float = 0):
-    """Returns the Serve application (bound deployments) for ``settings.replicas`` engine replicas."""
-    from ray.serve.config import RequestRouterConfig
+def scaling_problem(settings) -> str | None:
+    """Returns what is wrong with the replica settings (--replicas, --min-replicas, --max-replicas) in words
+    that say what to change, or None."""
+    lo, hi = settings.min_replicas, settings.max_replicas
+    if lo is not None and hi is None:
+        return "--min-replicas needs --max-replicas (the most replicas autoscaling may start)"
+    if hi is not None and lo is not None and lo > hi:
+        return f"--min-replicas {lo} is above --max-replicas {hi}"
+    if hi is not None and settings.replicas is not None and not (lo or 1) <= settings.replicas <= hi:
+        return (f"--replicas {settings.replicas} (the replicas to start with when autoscaling) must lie between "
+                f"--min-replicas {lo or 1} and --max-replicas {hi}")
+    return None
 
-    engine = serve.deployment(EngineReplica, name=ENGINE_DEPLOYMENT).options(
-        num_replicas=settings.replicas,
-        max_ongoing_requests=settings.max_num_seqs + settings.max_queue,
-        ray_actor_options={"num_cpus": settings.replica_num_cpus, "num_gpus": num_gpus},
-        health_check_period_s=5, graceful_shutdown_timeout_s=settings.shutdown_timeout_s,
-        request_router_config=RequestRouterConfig(
+
+def engine_deployment_options(settings, num_gpus: float = 0) -> dict:
+    """Returns the engine replicas' Serve deployment options: a fixed ``settings.replicas``, or, with
+    ``settings.max_replicas``, an ``autoscaling_config`` on ongoing requests per replica."""
+    from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+    if settings.max_replicas is not None:
+        lo = settings.min_replicas if settings.min_replicas is not None else 1
+        scaling = {"autoscaling_config": AutoscalingConfig(
+            min_replicas=lo, max_replicas=settings.max_replicas,
+            initial_replicas=settings.replicas if settings.replicas is not None else max(lo, 1),
+            # a replica is busy when its batch is full: scale so that each runs about max_num_seqs streams
+            target_ongoing_requests=settings.target_ongoing_requests or settings.max_num_seqs,
+            # scale down slowly: a new replica costs a model load, and LLM load comes in bursts
+            downscale_delay_s=300)}
+    else:
+        scaling = {"num_replicas": settings.replicas}
+    return {
+        **scaling,
+        "max_ongoing_requests": settings.max_num_seqs + settings.max_queue,
+        "ray_actor_options": {"num_cpus": settings.replica_num_cpus, "num_gpus": num_gpus},
+        "health_check_period_s": 5,
+        # Graceful drain: a replica leaving (scale-down, a rolling update) takes no new requests and has this
+        # long to finish its streams before Serve stops it.
+        "graceful_shutdown_timeout_s": settings.shutdown_timeout_s,
+        "request_router_config": RequestRouterConfig(
             request_router_class=PREFIX_ROUTER,
             # Prefix affinity while the replicas' queues differ by fewer than this many requests; past it the
             # router falls back to the less loaded of two (power of two choices).
-            request_router_kwargs={"imbalanced_threshold": settings.router_imbalanced_threshold}))
+            request_router_kwargs={"imbalanced_threshold": settings.router_imbalanced_threshold})
+        if settings.request_router == "prefix_cache_affinity" else RequestRouterConfig()}
+
+
+def build_app(settings, engine_config: EngineConfig, num_gpus: float = 0):
+    """Returns the Serve application (bound deployments) for the engine replicas ``settings`` asks for."""
+    engine = serve.deployment(EngineReplica, name=ENGINE_DEPLOYMENT).options(
+        **engine_deployment_options(settings, num_gpus))
     api = serve.deployment(ApiServer, name="ApiServer").options(
         num_replicas=settings.api_replicas, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     return api.bind(settings, engine.bind(engine_config))
+
+
+def app_builder(args: dict):
+    """Returns the Serve application for a Serve config file or a KubeRay ``RayService`` (``import_path:
+    servelm.deploy.ray_serve:app_builder``): ``args`` holds server settings by their snake_case names
+    (``replicas``, ``min_replicas``, ``max_replicas``, ...), over ``SERVELM_*`` environment variables, and
+    optionally ``replica_num_gpus`` (GPUs per engine replica; default 1 on a cluster that has GPUs, else 0).
+
+    Raises ``ValueError`` when the settings are invalid or the replica bounds impossible."""
+    import ray
+
+    from servelm.server.cli import engine_settings
+    from servelm.server.settings import ServerSettings
+
+    args = dict(args or {})
+    gpus = args.pop("replica_num_gpus", None)
+    settings = ServerSettings(**args)
+    if not (settings.replicas or settings.max_replicas):
+        settings.replicas = 1
+    if problem := scaling_problem(settings):
+        raise ValueError(problem)
+    if gpus is None:
+        gpus = settings.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    return build_app(settings, EngineConfig(model=settings.model, **engine_settings(settings)), float(gpus))
 
 
 def _bootstrap_admin_key(settings) -> str | None:
@@ -299,15 +407,17 @@ def serve_on_ray(settings, engine_config: EngineConfig) -> int:
     else:
         # Logical CPUs: the replicas' shares plus one for the router's prefix-tree actor, which Ray places
         # like any default actor (it needs a whole free CPU to start and holds none after).
-        cpus = max(os.cpu_count() or 1, math.ceil(settings.replicas * settings.replica_num_cpus) + 1)
+        most = settings.max_replicas or settings.replicas
+        cpus = max(os.cpu_count() or 1, math.ceil(most * settings.replica_num_cpus) + 1)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     admin_key = None if settings.no_auth else _bootstrap_admin_key(settings)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(settings, engine_config, num_gpus * settings.tensor_parallel_size),
               name=APP_NAME, route_prefix="/")
-    print(f"servelm: {settings.replicas} engine replicas on Ray Serve at http://{settings.host}:{settings.port}",
-          flush=True)
+    count = (f"{settings.min_replicas or 1} to {settings.max_replicas}" if settings.max_replicas
+             else str(settings.replicas))
+    print(f"servelm: {count} engine replicas on Ray Serve at http://{settings.host}:{settings.port}", flush=True)
     if admin_key:  # printed here, never logged: the replicas' output goes to Ray's log files
         print(f"First start: created an admin API key (shown only now; store it):\n\n{admin_key}\n", flush=True)
     stop = threading.Event()

@@ -178,6 +178,13 @@ def _settings(args: argparse.Namespace, fields: tuple[str, ...]):
 
 
 
+def engine_settings(settings) -> dict:
+    """Returns the server settings that configure the engine (``EngineConfig`` keyword arguments), those set."""
+    fields = ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes", "enable_prefix_caching", "dtype",
+              "quantization", "quant_calibration", "tensor_parallel_size", "enforce_eager")
+    return {f: getattr(settings, f) for f in fields if getattr(settings, f) is not None}
+
+
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from servelm.server.settings import ServerSettings
@@ -187,12 +194,13 @@ def _serve(args: argparse.Namespace) -> int:
         sys.exit(f"servelm serve: model not found: {settings.model} (give a .gguf file, a Hugging Face model "
                  "directory or dummy:<arch>; leave --model out for the embedded SmolLM2)")
     _check_port_free(settings.host, settings.port)
-    engine_fields = ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes", "enable_prefix_caching", "dtype",
-                     "quantization", "quant_calibration", "tensor_parallel_size", "enforce_eager")
-    engine_kwargs = {f: getattr(settings, f) for f in engine_fields if getattr(settings, f) is not None}
-    if settings.replicas:
-        from servelm.deploy.ray_serve import serve_on_ray
+    engine_kwargs = engine_settings(settings)
+    if settings.replicas or settings.max_replicas or settings.min_replicas is not None:
+        from servelm.deploy.ray_serve import scaling_problem, serve_on_ray
         from servelm.engine import EngineConfig
+
+        if problem := scaling_problem(settings):
+            sys.exit(f"servelm serve: {problem}")
 
         return serve_on_ray(settings, EngineConfig(model=settings.model, **engine_kwargs))
     import uvicorn

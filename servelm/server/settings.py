@@ -71,12 +71,23 @@ class ServerSettings(BaseSettings):
     # Scale-out on Ray Serve (servelm.deploy.ray_serve; docs/deploy.md)
     replicas: int | None = Field(None, ge=1, description="Run this many engine replicas on Ray Serve behind one "
                                  "endpoint (default: none, one process as usual).")
+    min_replicas: int | None = Field(None, ge=0, description="Autoscale the engine replicas on Ray Serve between "
+                                     "this many and --max-replicas, on ongoing requests per replica.")
+    max_replicas: int | None = Field(None, ge=1, description="With --min-replicas: the most engine replicas "
+                                     "autoscaling starts (setting it alone autoscales from 1).")
+    target_ongoing_requests: float | None = Field(None, gt=0, description="When autoscaling: the ongoing "
+                                                  "requests per replica Ray Serve scales to keep (default: "
+                                                  "max_num_seqs, a replica's full batch).")
     ray_address: str | None = Field(None, description="With --replicas: the Ray cluster to join (ray://host:10001 "
                                     "or auto); default: start a local one.")
     api_replicas: int = Field(1, ge=1, description="With --replicas: replicas of the HTTP API tier (routes, "
                               "auth, limits, guard) in front of the engine replicas.")
     replica_num_cpus: float = Field(1.0, gt=0, description="With --replicas: CPUs Ray reserves for each engine "
                                     "replica.")
+    request_router: Literal["prefix_cache_affinity", "power_of_two"] = Field(
+        "prefix_cache_affinity", description="With --replicas: how requests pick an engine replica: the one "
+        "likely to hold their prompt prefix in its KV cache, balanced against load; or Ray Serve's default, the "
+        "less loaded of two drawn at random.")
     router_imbalanced_threshold: float = Field(4.0, ge=0, description="With --replicas: requests go to the "
                                                "replica holding their prompt prefix while the replicas' queues "
                                                "differ by fewer than this; past it, to the less loaded one.")

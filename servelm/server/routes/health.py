@@ -85,4 +85,8 @@ async def version() -> dict:
 async def metrics(request: Request) -> Response:
     """Returns the Prometheus text exposition of every server and engine metric; 401/403 without a key
     holding the metrics (or admin) scope, unless the server runs with ``metrics_auth: false``."""
+    ctx = get_context(request)
+    refresh = getattr(ctx.engine, "refresh_stats", None)  # an engine on several replicas gathers their figures
+    if refresh is not None:
+        await refresh()
     return Response(get_context(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
