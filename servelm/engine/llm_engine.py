@@ -111,9 +111,17 @@ class LLMEngine:
                                                Sampler(self.tokenizer.eos_token_ids))
         self.runner.workers = self.tp
         block_size = config.block_size
-        self.kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching)
+        long_after = getattr(getattr(loaded.model, "rope", None), "long_after", None)
+        prefix_caching = config.enable_prefix_caching
+        if long_after is not None and prefix_caching:
+            # a block's K/V depend on whether its sequence ran with longrope's short or long factors, which
+            # the prefix cache's token hashes do not say
+            log.info("prefix caching is off: longrope rotates a prefix differently in short and long sequences")
+            prefix_caching = False
+        self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk_size), self.kv)
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk_size,
+                            long_context_after=long_after), self.kv)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.output = OutputProcessor(self.tokenizer, self.tokenizer.eos_token_ids, self.max_model_len)
         self.requests: dict[str, _Request] = {}

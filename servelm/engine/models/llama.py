@@ -137,7 +137,10 @@ class RotaryEmbedding(nn.Module):
 
     With longrope scaling (Phi-3) there is a second set of tables, ``long_cos``/``long_sin_signed``: as in
     transformers, a sequence whose context this step is longer than ``original_max_position_embeddings``
-    rotates all its new tokens with the long factors, a shorter one with the short factors."""
+    rotates all its new tokens with the long factors, a shorter one with the short factors; the scheduler
+    recomputes a sequence whose decoding crosses that length (``SchedulerConfig.long_context_after``). A prompt
+    longer than that length split into prefill chunks rotates its chunks that end within it with the short
+    factors (transformers, which never chunks, would rotate them with the long ones)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
