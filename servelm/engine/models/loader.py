@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from servelm.engine.models.config import GEMMA_ARCHS, ModelConfig, ModelLoadError, preset
+from servelm.engine.models.config import GEMMA_ARCHS, LLAMA_ARCHS, ModelConfig, ModelLoadError, preset
 from servelm.engine.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 log = logging.getLogger("servelm.engine")
@@ -118,6 +118,10 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, device: torc
 
         opened = gguf_loader.open_gguf(spec)
         blocks_path = gguf_blocks and gguf_loader.projection_type(opened) not in (None, *FLOAT_GGUF_TYPES)
+        if blocks_path and opened[1] not in LLAMA_ARCHS:
+            # the block path (and the native CPU forward) runs the dense Llama layout only
+            log.info("%s is %s, not a Llama layout: its tensors are dequantized to %s", spec.name, opened[1], dtype)
+            blocks_path = False
         if blocks_path and device.type == "cpu":
             from servelm.engine import native
 
