@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from servelm.engine.models.llama import MLP, LlamaForCausalLM, RMSNorm, RotaryEmbedding
+from servelm.engine.models.moe import SparseMoeBlock
 
 
 @triton.jit
@@ -194,9 +195,14 @@ def install_fused_kernels(model: LlamaForCausalLM) -> None:
             m.forward = types.MethodType(
                 lambda self, x, residual=None: rms_norm(x, self.weight, self.eps) if residual is None
                 else add_rms_norm(x, residual, self.weight, self.eps), m)
-        elif isinstance(m, RotaryEmbedding):
+        elif isinstance(m, RotaryEmbedding) and m.long_after is None:
             # the fused kernels read the full tables themselves: skip the model's per-step cos/sin lookup
+            # (longrope's two sets of tables, chosen per sequence, keep the eager lookup)
             m.forward = types.MethodType(lambda self, pos, q, k, cos_sin=None: rope(pos, q, k, self.cos, self.sin), m)
-            m.tables = types.MethodType(lambda self, positions, dtype: None, m)
+            m.tables = types.MethodType(lambda self, positions, dtype, long_rows=None: None, m)
+        elif isinstance(m, SparseMoeBlock):
+            from servelm.engine.fused_moe import fused_moe  # noqa: PLC0415
+
+            m.experts = fused_moe  # the block still runs gpt-oss's biased, clamped experts by reference
         elif isinstance(m, MLP):
             m.forward = types.MethodType(lambda self, x: self.down_proj(silu_mul(self.gate_up_proj(x))), m)

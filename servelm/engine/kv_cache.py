@@ -5,6 +5,10 @@ lists its blocks in order. A full block is named by a hash chain over its tokens
 its predecessors', so two requests with the same prefix map to the same blocks.
 Free blocks keep their contents and stay findable by hash until they are reused,
 least recently freed first (LRU).
+
+With a sliding window in every layer (Mistral's ``sliding_window``), a sequence's blocks that fell wholly out
+of the window are released as it advances: its later queries never read them. Their block-table entries
+stay (positions still index the table) and point at block 0 as a placeholder, which the attention masks out.
 """
 from __future__ import annotations
 
@@ -35,8 +39,11 @@ class KVCacheStats:
 class KVCacheManager:
     """Hands out blocks to sequences; never touches tensors (the runner owns those)."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 window: int | None = None):
         self.num_blocks = num_blocks
+        self.window = window  # the window of every layer, or None where any layer sees the whole context
+        self.released: dict[int, int] = {}  # seq_id -> leading block-table entries released (placeholders)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
@@ -137,6 +144,25 @@ class KVCacheManager:
             self.cached[key] = block
             self.block_hash[block] = key
 
+    def release_out_of_window(self, seq: Sequence) -> None:
+        """Release ``seq``'s blocks that no later query can see: the next one, at position
+        ``num_computed_tokens``, sees the ``window`` positions up to itself. A released block keeps its cached
+        prefix (another request may still reuse it) until the pool hands it out again."""
+        if self.window is None:
+            return
+        start = self.released.get(seq.seq_id, 0)
+        upto = min((seq.num_computed_tokens - self.window + 1) // self.block_size, len(seq.block_table))
+        for j in range(start, upto):
+            self._unref(seq.block_table[j])
+            seq.block_table[j] = 0
+        if upto > start:
+            self.released[seq.seq_id] = upto
+
+    def _unref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free_queue[block] = None
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix and the hit-rate counts (blocks in use stay allocated)."""
         self.cached.clear()
@@ -146,17 +172,13 @@ class KVCacheManager:
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Free ``seq``'s blocks past the first ``num_tokens`` tokens (the slots of rejected speculative
         proposals); they hold no registered prefix, since only computed full blocks are registered."""
-        keep = self.blocks_needed(num_tokens)
+        keep = max(self.blocks_needed(num_tokens), self.released.get(seq.seq_id, 0))
         for block in reversed(seq.block_table[keep:]):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_queue[block] = None
+            self._unref(block)
         del seq.block_table[keep:]
 
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks; the tail goes to the free queue first so prefixes live longest."""
-        for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_queue[block] = None
+        for block in reversed(seq.block_table[self.released.pop(seq.seq_id, 0):]):
+            self._unref(block)
         seq.block_table = []

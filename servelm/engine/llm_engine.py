@@ -111,9 +111,21 @@ class LLMEngine:
                                                Sampler(self.tokenizer.eos_token_ids))
         self.runner.workers = self.tp
         block_size = config.block_size
-        self.kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching)
+        long_after = getattr(getattr(loaded.model, "rope", None), "long_after", None)
+        prefix_caching = config.enable_prefix_caching
+        if long_after is not None and prefix_caching:
+            # a block's K/V depend on whether its sequence ran with longrope's short or long factors, which
+            # the prefix cache's token hashes do not say
+            log.info("prefix caching is off: longrope rotates a prefix differently in short and long sequences")
+            prefix_caching = False
+        cfg = self.model_config
+        windows = {cfg.window(i) for i in range(cfg.num_layers)}
+        # blocks out of the window are released only where every layer has that window
+        window = windows.pop() if len(windows) == 1 and None not in windows else None
+        self.kv = KVCacheManager(num_blocks, block_size, prefix_caching, window)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk_size), self.kv)
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk_size,
+                            long_context_after=long_after), self.kv)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.output = OutputProcessor(self.tokenizer, self.tokenizer.eos_token_ids, self.max_model_len)
         self.requests: dict[str, _Request] = {}
@@ -442,6 +454,7 @@ class LLMEngine:
             if prev < seq.num_prompt_tokens:
                 self.prompt_tokens_computed += min(seq.num_computed_tokens, seq.num_prompt_tokens) - prev
             self.kv.cache_full_blocks(seq, prev)
+            self.kv.release_out_of_window(seq)
 
     def _speculable(self, seq: Sequence) -> bool:
         """Whether ``seq`` may verify proposals: its sampling at each proposed position is the same
@@ -493,6 +506,7 @@ class LLMEngine:
         seq.num_computed_tokens = seq.num_tokens - 1  # the last token (the target's own) is computed next step
         self.kv.cache_full_blocks(seq, prev)
         self.kv.trim(seq, seq.num_tokens)
+        self.kv.release_out_of_window(seq)
 
     def _append(self, seq: Sequence, token: int, lp, touched: dict[str, None]) -> None:
         if not self._guarded(seq, self.output.append_token, seq, token, lp):

@@ -21,6 +21,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     prefill_chunk_size: int | None = None  # max prompt tokens of one sequence per step (None: the budget)
+    # longrope (Phi-3): the context length past which the model rotates with its long factors; a sequence
+    # that decodes past it is recomputed from its first token, as transformers recomputes its cache there
+    long_context_after: int | None = None
 
 
 @dataclass(slots=True)
@@ -71,6 +74,16 @@ class Scheduler:
             del seq.spec_token_ids[n - 1:]
         return n
 
+    def _recompute_past_long_context(self, seq: Sequence) -> None:
+        after = self.config.long_context_after
+        # the decode step whose context first exceeds ``after``: the cached K/V were rotated with the short
+        # factors, so the whole sequence is computed again (its blocks freed, re-allocated below)
+        if (after is not None and seq.num_computed_tokens == after and seq.num_output_tokens > 0
+                and seq.num_tokens_incl_pending == after + 1):
+            seq.spec_token_ids = []
+            self.kv.free(seq)
+            seq.num_computed_tokens = 0
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         seq.spec_token_ids = []
@@ -88,6 +101,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            self._recompute_past_long_context(seq)
             n = self._chunk(seq, budget)
             while not self.kv.allocate(seq, n):
                 if seq.spec_token_ids:  # drop the proposals before preempting anyone for them

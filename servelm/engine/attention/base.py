@@ -72,13 +72,15 @@ class AttentionContext(ABC):
     @abstractmethod
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary=None,
                   window: int | None = None, softcap: float | None = None,
-                  scale: float | None = None) -> torch.Tensor:
+                  scale: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Rotate ``q``/``k`` by ``rotary`` (see :func:`apply_rotary`; None: already rotated), write ``k``/``v``
         ([T, kv_heads, head_dim]) into the cache and return the attention output [T, heads, head_dim] for
         queries ``q`` ([T, heads, head_dim]).
 
         ``window``: each query sees only its ``window`` latest positions (itself included); ``softcap``: scores
-        become ``softcap * tanh(score / softcap)``; ``scale``: this layer's score scale (default the step's).
+        become ``softcap * tanh(score / softcap)``; ``scale``: this layer's score scale (default the step's);
+        ``sinks`` (``[heads]``, gpt-oss): one more logit per head in each softmax's denominator, attending to
+        nothing (the weights of the real keys then sum to less than one).
         A backend that cannot apply one of them raises NotImplementedError."""
 
 

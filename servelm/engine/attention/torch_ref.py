@@ -100,7 +100,7 @@ class TorchAttentionContext(AttentionContext):
         # cache: [num_blocks, block_size, kv_heads, head_dim] -> [length, kv_heads, head_dim]
         return cache.index_select(0, blocks).flatten(0, 1)[:length]
 
-    def attention(self, layer, q, k, v, rotary=None, window=None, softcap=None, scale=None):
+    def attention(self, layer, q, k, v, rotary=None, window=None, softcap=None, scale=None, sinks=None):
         q, k = apply_rotary(q, k, rotary)
         scale = self.scale if scale is None else scale
         cache = self.kv_caches[layer]
@@ -111,7 +111,7 @@ class TorchAttentionContext(AttentionContext):
         pre_masks, dec_masks = self._masks(window)
         if not self.prefills and len(self.decode_groups) == 1:  # all decodes, one group: no copy
             _, L, blocks, _ = self.decode_groups[0]
-            return self._decode(q, cache, L, blocks, dec_masks[0], scale, softcap)
+            return self._decode(q, cache, L, blocks, dec_masks[0], scale, softcap, sinks)
         out = torch.empty_like(q)
         for (start, ql, cl, blocks, cached), mask in zip(self.prefills, pre_masks):
             # 4-D [1, H, L, D] inputs: 3-D ones take a slow path in the CPU kernel (15x here).
@@ -121,29 +121,29 @@ class TorchAttentionContext(AttentionContext):
             else:
                 ki = self._gather(k_cache, blocks, cl).transpose(0, 1)[None]
                 vi = self._gather(v_cache, blocks, cl).transpose(0, 1)[None]
-            if softcap is None:
+            if softcap is None and sinks is None:
                 o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=mask is None,
                                                    scale=scale, enable_gqa=True)
             else:
                 group = qi.shape[1] // ki.shape[1]
                 if mask is None:
                     mask = torch.ones(ql, ql, dtype=torch.bool, device=q.device).tril()
-                o = _capped_attention(qi, ki.repeat_interleave(group, 1), vi.repeat_interleave(group, 1),
-                                      mask, scale, softcap)
+                o = _explicit_attention(qi, ki.repeat_interleave(group, 1), vi.repeat_interleave(group, 1),
+                                        mask, scale, softcap, None if sinks is None else sinks.view(1, -1, 1, 1))
             out[start:start + ql] = o[0].transpose(0, 1)
         if self.num_decodes:
             qd_all = q[lay.num_prefill_tokens:]
             out_d = out[lay.num_prefill_tokens:]
             for (idx, L, blocks, _), mask in zip(self.decode_groups, dec_masks):
                 qd = qd_all if idx is None else qd_all.index_select(0, idx)
-                o = self._decode(qd, cache, L, blocks, mask, scale, softcap)
+                o = self._decode(qd, cache, L, blocks, mask, scale, softcap, sinks)
                 if idx is None:
                     out_d.copy_(o)
                 else:
                     out_d.index_copy_(0, idx, o)
         return out
 
-    def _decode(self, qd, cache, L, blocks, mask, scale, softcap=None):
+    def _decode(self, qd, cache, L, blocks, mask, scale, softcap=None, sinks=None):
         """Attention of ``B`` one-token queries ([B, H, D]) over their gathered, padded contexts."""
         B, _, d = qd.shape
         kvh = cache.shape[3]
@@ -153,17 +153,25 @@ class TorchAttentionContext(AttentionContext):
         qd = qd.reshape(B, kvh, -1, d)
         kv = cache.index_select(1, blocks).view(2, B, -1, kvh, d)[:, :, :L].transpose(2, 3)  # K and V in one gather
         kd, vd = kv[0], kv[1]  # [B, KVH, L, D]
-        if softcap is not None:
+        if softcap is not None or sinks is not None:
             if mask is None:
                 mask = torch.ones(1, 1, 1, L, dtype=torch.bool, device=qd.device)
-            return _capped_attention(qd, kd, vd, mask, scale, softcap).reshape(B, -1, d)
+            sinks = None if sinks is None else sinks.view(1, kvh, -1, 1)  # head kvh * G + g sits at [kvh, g]
+            return _explicit_attention(qd, kd, vd, mask, scale, softcap, sinks).reshape(B, -1, d)
         return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale).reshape(B, -1, d)
 
 
-def _capped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
-    """Attention with the scores soft-capped as ``softcap * tanh(s / softcap)`` before the mask (Gemma 2);
-    SDPA has no such option. ``q``/``k``/``v``: [..., L, D] with matching heads; ``mask``: True = attend."""
+def _explicit_attention(q, k, v, mask, scale: float, softcap: float | None,
+                        sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention with the scores soft-capped as ``softcap * tanh(s / softcap)`` before the mask (Gemma 2) and/or
+    a sink logit per head joining each softmax (gpt-oss); SDPA has neither option. ``q``/``k``/``v``:
+    [..., L, D] with matching heads; ``mask``: True = attend; ``sinks`` broadcasts to the scores' [..., 1]."""
     s = (q @ k.transpose(-1, -2)).float() * scale
-    s = softcap * torch.tanh(s / softcap)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~mask, float("-inf"))
-    return (torch.softmax(s, dim=-1).to(v.dtype) @ v)
+    if sinks is None:
+        return torch.softmax(s, dim=-1).to(v.dtype) @ v
+    sink = sinks.float().expand(*s.shape[:-1], 1)
+    probs = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from servelm.engine.attention.base import (AttentionBackend, AttentionContext, BatchLayout, as_decode_rows,
-                                           short_prefill_rows)
+from servelm.engine.attention.base import (AttentionBackend, AttentionContext, BatchLayout, apply_rotary,
+                                           as_decode_rows, short_prefill_rows)
 from servelm.engine.attention.triton_kernels import decode_attention, pick_num_splits, prefill_attention, store_kv
 from servelm.engine.fused import rope_store_kv
 
@@ -92,15 +92,19 @@ class TritonAttentionContext(AttentionContext):
                 num_splits = eager_num_splits(max(lay.context_lens[lay.num_prefills:]))
             self.num_splits = num_splits
 
-    def attention(self, layer, q, k, v, rotary=None, window=None, softcap=None, scale=None):
-        if window is not None or softcap is not None:
-            # the kernels have no window mask and no score cap yet: such a model needs the torch backend
-            raise NotImplementedError("the Triton attention kernels run no sliding window or soft-capping; "
-                                      "run this model with --attention-backend torch")
+    def attention(self, layer, q, k, v, rotary=None, window=None, softcap=None, scale=None, sinks=None):
+        if window is not None or softcap is not None or sinks is not None:
+            # the kernels have no window mask, score cap or sinks yet: such a model needs the torch backend
+            raise NotImplementedError("the Triton attention kernels run no sliding window, soft-capping or "
+                                      "attention sinks; run this model with --attention-backend torch")
         scale = self.scale if scale is None else scale
         cache = self.kv_caches[layer]
         k_cache, v_cache = cache[0], cache[1]
         lay = self.layout
+        if rotary is not None and (rotary[2] is not None and rotary[0].long_after is not None):
+            # longrope picks its tables per sequence (the model looked them up): rotate with those
+            q, k = apply_rotary(q, k, rotary)
+            rotary = None
         if rotary is None:
             store_kv(k, v, k_cache, v_cache, lay.slot_mapping)
         else:  # one launch instead of two; the rotated k lives only in the cache

@@ -11,9 +11,9 @@ class ModelLoadError(ValueError):
 
 # Architectures servelm implements (HF ``model_type`` / GGUF ``general.architecture``): the Llama layout
 # (``llama.py``, run natively on the CPU from GGUF blocks), its mixture-of-experts variants (same file, the
-# MLP replaced by ``moe.py``) and Gemma (``gemma.py``).
+# MLP replaced by ``moe.py``; gpt-oss adds attention sinks and biases) and Gemma (``gemma.py``).
 LLAMA_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 GEMMA_ARCHS = ("gemma2", "gemma3_text")
 SUPPORTED_ARCHS = LLAMA_ARCHS + MOE_ARCHS + GEMMA_ARCHS + ("phi3",)
 # Architectures people ask for that servelm does not run, with why (the error says so).
@@ -23,7 +23,6 @@ _UNSUPPORTED_WHY = {
     "gemma3": "it has a vision tower; pass a text-only Gemma 3 (model_type gemma3_text)",
     "llava": "it has a vision tower", "qwen2_vl": "it has a vision tower", "qwen2_5_vl": "it has a vision tower",
     "mllama": "it has a vision tower", "mistral3": "it has a vision tower", "llama4": "it has a vision tower",
-    "gpt_oss": "gpt-oss (attention sinks, MXFP4 experts) is not implemented yet",
 }
 
 
@@ -59,6 +58,16 @@ class ModelConfig:
     norm_topk_prob: bool = True
     shared_expert_intermediate_size: int = 0
     moe_layers: list[int] | None = None
+    # gpt-oss: the router has a bias and takes the softmax over the top-k logits only; experts have biases
+    # and a clamped SwiGLU ``(clamp(up) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate, limit)``;
+    # attention has an o_proj bias and a learned sink logit per head
+    router_bias: bool = False
+    softmax_after_topk: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+    o_proj_bias: bool = False
+    attention_sinks: bool = False
     # Gemma: tanh soft-capping of the final logits and of attention scores; the attention scale is
     # query_pre_attn_scalar ** -0.5; Gemma 3's sliding layers use their own RoPE base
     final_logit_softcapping: float | None = None
@@ -115,6 +124,19 @@ class ModelConfig:
             cfg.shared_expert_intermediate_size = d.get("shared_expert_intermediate_size") or 0
             step, dense = d.get("decoder_sparse_step", 1), set(d.get("mlp_only_layers") or [])
             cfg.moe_layers = [i for i in range(cfg.num_layers) if i not in dense and (i + 1) % step == 0]
+        if arch == "gpt_oss":
+            cfg.norm_topk_prob = False  # the softmax over the top-k already sums to one
+            cfg.router_bias = cfg.softmax_after_topk = cfg.expert_bias = True
+            cfg.o_proj_bias = cfg.attention_bias
+            cfg.attention_sinks = True
+            cfg.swiglu_limit, cfg.swiglu_alpha = float(d.get("swiglu_limit", 7.0)), float(d.get("swiglu_alpha", 1.702))
+        rs = cfg.rope_scaling
+        if rs and rs["rope_type"] in ("yarn", "longrope") and not rs.get("factor"):
+            # fixed from the checkpoint's max_position_embeddings, before max_model_len caps the config's
+            rs["factor"] = cfg.max_position_embeddings / rs["original_max_position_embeddings"]
+        if rs and rs["rope_type"] == "longrope" and "original_max_position_embeddings" not in rs:
+            rs["original_max_position_embeddings"] = d.get("original_max_position_embeddings",
+                                                           cfg.max_position_embeddings)
         if arch in GEMMA_ARCHS:
             cfg.tie_word_embeddings = bool(d.get("tie_word_embeddings", True))
             cfg.final_logit_softcapping = d.get("final_logit_softcapping")
@@ -197,6 +219,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                        max_position_embeddings=131072, tie_word_embeddings=True, qk_norm=True, rms_norm_eps=1e-6,
                        query_pre_attn_scalar=256, sliding_window=1024,
                        layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(34)]),
+    "gpt-oss-20b": dict(arch="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                        num_layers=24, num_heads=64, num_kv_heads=8, head_dim=64, rope_theta=150000.0,
+                        rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                      "truncate": False, "original_max_position_embeddings": 4096},
+                        max_position_embeddings=131072, rms_norm_eps=1e-5, attention_bias=True, o_proj_bias=True,
+                        attention_sinks=True, sliding_window=128,
+                        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(24)],
+                        num_experts=32, num_experts_per_tok=4, moe_intermediate_size=2880, norm_topk_prob=False,
+                        router_bias=True, softmax_after_topk=True, expert_bias=True, swiglu_limit=7.0),
     "tiny": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=16, max_position_embeddings=2048),
 }

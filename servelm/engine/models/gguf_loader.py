@@ -20,7 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from servelm.engine.models.config import SUPPORTED_ARCHS, ModelConfig, ModelLoadError
+from servelm.engine.models.config import LLAMA_ARCHS, SUPPORTED_ARCHS, ModelConfig, ModelLoadError
+
+# llama.cpp's ``general.architecture`` names where they differ from transformers' model_type
+# (Gemma's GGUFs are not read: llama.cpp's converter stores its norms as 1 + w, another layout)
+GGUF_ARCHS = {"qwen3moe": "qwen3_moe"}
+# stacked expert matrices (GGUF ``[E, rows, inputs]``) -> transformers' stacked names
+_EXPERT_NAMES = {"ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+                 "ffn_down_exps": "mlp.experts.down_proj"}
 
 # The types the block path runs (servelm.engine.native's kernels); every type inside common Q4_K_M,
 # Q5_K_M, Q6_K and Q8_0 files. Others (Q2_K, Q3_K, IQ*) load only dequantized (--quantization none).
@@ -83,6 +90,8 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # the MoE router
+    **_EXPERT_NAMES,
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -131,7 +140,7 @@ def _open(path: Path):
     except Exception as e:  # the reader raises ValueError/struct errors on corrupt files
         raise ModelLoadError(f"cannot read GGUF file {path}: {e}") from e
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
+    if GGUF_ARCHS.get(arch, arch) not in SUPPORTED_ARCHS:
         raise ModelLoadError(
             f"{path.name}: unsupported architecture {arch!r}; servelm runs {', '.join(SUPPORTED_ARCHS)}")
     return reader, arch
@@ -173,6 +182,12 @@ def read_gguf(path: Path, progress: bool = False, dtype: torch.dtype = torch.flo
                 w = _unpermute(w, cfg.num_kv_heads)
         tensors[hf_name] = w
         qtypes[hf_name] = t.tensor_type.name
+    for i in range(cfg.num_layers):  # stacked experts: gate and up into transformers' gate_up_proj [E, 2I, H]
+        p = f"model.layers.{i}.mlp.experts."
+        if p + "gate_proj.weight" in tensors:
+            tensors[p + "gate_up_proj"] = torch.cat([tensors.pop(p + "gate_proj.weight"),
+                                                     tensors.pop(p + "up_proj.weight")], dim=1)
+            tensors[p + "down_proj"] = tensors.pop(p + "down_proj.weight")
     if "lm_head.weight" not in tensors:
         cfg.tie_word_embeddings = True
     return cfg, tensors, qtypes
@@ -339,8 +354,8 @@ def _config(reader, arch: str, path: Path) -> ModelConfig:
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
     name = _field(reader, "general.name") or path.stem
-    return ModelConfig(
-        arch=arch,
+    cfg = ModelConfig(
+        arch=GGUF_ARCHS.get(arch, arch),
         vocab_size=int(vocab),
         hidden_size=int(hidden),
         intermediate_size=int(get("feed_forward_length")),
@@ -358,3 +373,12 @@ def _config(reader, arch: str, path: Path) -> ModelConfig:
         name=path.stem,
         eos_token_ids=sorted({int(x) for x in (eos, eot) if x is not None}),
     )
+    if get("expert_count"):  # llama.cpp's qwen3moe/qwen2moe: softmax router, top-k renormalised for Qwen3
+        cfg.num_experts, cfg.num_experts_per_tok = int(get("expert_count")), int(get("expert_used_count"))
+        cfg.moe_intermediate_size = int(get("expert_feed_forward_length") or cfg.intermediate_size)
+        cfg.norm_topk_prob = arch == "qwen3moe"
+        cfg.qk_norm = cfg.qk_norm or arch == "qwen3moe"
+        if cfg.arch != "qwen3_moe":
+            raise ModelLoadError(f"{path.name}: servelm reads mixture-of-experts GGUFs of the qwen3moe architecture "
+                                 f"only, not {arch!r}; load the safetensors checkpoint instead")
+    return cfg

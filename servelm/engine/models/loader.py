@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from servelm.engine.models.config import GEMMA_ARCHS, ModelConfig, ModelLoadError, preset
+from servelm.engine.models.config import GEMMA_ARCHS, LLAMA_ARCHS, ModelConfig, ModelLoadError, preset
 from servelm.engine.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 log = logging.getLogger("servelm.engine")
@@ -118,6 +118,10 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, device: torc
 
         opened = gguf_loader.open_gguf(spec)
         blocks_path = gguf_blocks and gguf_loader.projection_type(opened) not in (None, *FLOAT_GGUF_TYPES)
+        if blocks_path and opened[1] not in LLAMA_ARCHS:
+            # the block path (and the native CPU forward) runs the dense Llama layout only
+            log.info("%s is %s, not a Llama layout: its tensors are dequantized to %s", spec.name, opened[1], dtype)
+            blocks_path = False
         if blocks_path and device.type == "cpu":
             from servelm.engine import native
 
@@ -148,6 +152,10 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, device: torc
         cfg, tensors = read_safetensors_dir(spec, progress)
         qtypes, tok_src = {}, spec
         qcfg = read_hf_config(spec).get("quantization_config")
+        if qcfg and qcfg.get("quant_method") == "mxfp4":  # gpt-oss's experts: dequantized here, at load
+            from servelm.engine.quant.mxfp4 import dequantize_mxfp4
+
+            tensors, qcfg = dequantize_mxfp4(tensors, dtype), None
         if qcfg:  # quantized by someone else (GPTQ, AWQ, compressed-tensors, FP8): kept in its own codes
             from servelm.engine.quant.prequantized import build_prequantized_model
 
@@ -206,6 +214,10 @@ def build_model(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtyp
             sd[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
                 [take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")])
         sd[f"layers.{i}.self_attn.o_proj.weight"] = take(a + "o_proj.weight")
+        if cfg.o_proj_bias:
+            sd[f"layers.{i}.self_attn.o_proj.bias"] = take(a + "o_proj.bias")
+        if cfg.attention_sinks:
+            sd[f"layers.{i}.self_attn.sinks"] = take(a + "sinks")
         if cfg.qk_norm:
             sd[f"layers.{i}.self_attn.q_norm.weight"] = take(a + "q_norm.weight")
             sd[f"layers.{i}.self_attn.k_norm.weight"] = take(a + "k_norm.weight")
@@ -240,6 +252,8 @@ def _moe_weights(cfg: ModelConfig, i: int, take, hf: dict[str, torch.Tensor]) ->
     from per-expert matrices (as checkpoints on the Hub hold them) or already stacked ones."""
     block, expert, gate, up, down = _MOE_NAMES.get(cfg.arch, _MOE_DEFAULT)
     p, q = f"model.layers.{i}.{block}.", f"layers.{i}.mlp."
+    if cfg.arch == "gpt_oss":
+        return _gpt_oss_experts(p, q, take)
     out = {q + "gate.weight": take(p + "gate.weight")}
     if p + "experts.gate_up_proj" in hf:  # transformers' own stacked layout
         out[q + "w13"], out[q + "w2"] = hf[p + "experts.gate_up_proj"], take(p + "experts.down_proj")
@@ -255,6 +269,17 @@ def _moe_weights(cfg: ModelConfig, i: int, take, hf: dict[str, torch.Tensor]) ->
         out[q + "shared_expert.down_proj.weight"] = take(s + "down_proj.weight")
         out[q + "shared_expert_gate.weight"] = take(p + "shared_expert_gate.weight")
     return out
+
+
+def _gpt_oss_experts(p: str, q: str, take) -> dict[str, torch.Tensor]:
+    """gpt-oss's router and experts: ``gate_up_proj`` ``[E, H, 2I]`` with gate and up in alternate columns and
+    ``down_proj`` ``[E, I, H]`` (inputs first), turned into ``w13`` ``[E, 2I, H]`` (rows [gate; up]) and ``w2``."""
+    e = p + "experts."
+    gate_up, gate_up_bias = take(e + "gate_up_proj"), take(e + "gate_up_proj_bias")
+    return {q + "gate.weight": take(p + "router.weight"), q + "gate.bias": take(p + "router.bias"),
+            q + "w13": torch.cat([gate_up[..., ::2], gate_up[..., 1::2]], dim=2).transpose(1, 2).contiguous(),
+            q + "b13": torch.cat([gate_up_bias[..., ::2], gate_up_bias[..., 1::2]], dim=1),
+            q + "w2": take(e + "down_proj").transpose(1, 2).contiguous(), q + "b2": take(e + "down_proj_bias")}
 
 
 def build_block_model(cfg: ModelConfig, w: dict, dtype: torch.dtype, device: torch.device,
