@@ -7,8 +7,14 @@ tiny random model).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import chisquare
 
 from servelm.engine import LLMEngine, EngineConfig
@@ -18,6 +24,8 @@ from servelm.engine.sampling_params import SamplingParams
 from servelm.engine.sequence import Sequence
 from servelm.engine.speculative import NgramProposer, SpeculativeConfig
 from servelm.engine.speculative.verify import verify
+from servelm.server.admission import Admission
+from servelm.server.metrics import Metrics
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 
@@ -189,3 +197,33 @@ def test_sampled_distribution_equals_target_chi_square():
     third = [t[2] for t in out if len(t) > 2]  # both accepted: the bonus token
     assert len(third) > 1000
     check(third, target(2))
+
+
+def test_serve_refuses_a_bad_speculative_config_before_the_model_loads(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-m", "servelm.server", "serve", "--port", "0", "--no-auth",
+                        "--data-dir", str(tmp_path), "--speculative-config", '{"method": "medusa9"}'],
+                       capture_output=True, text=True, env=env, timeout=180)
+    assert p.returncode != 0
+    assert "speculative_config method 'medusa9' is not supported; choose one of" in p.stderr
+    assert "engine ready" not in p.stderr + p.stdout
+
+
+def test_prometheus_counters_move_on_a_speculating_request(make_llm):
+    llm = make_llm(speculative_config=spec(3))
+    metrics = Metrics(llm.engine, Admission(4, 4), model_name=lambda: "smol")
+
+    def scrape() -> dict[str, float]:
+        return {(s.name, s.labels.get("position")): s.value for fam in text_string_to_metric_families(
+                metrics.render().decode()) for s in fam.samples if s.labels.get("model_name") == "smol"}
+
+    before = scrape()
+    assert before[("vllm:spec_decode_num_drafts_total", None)] == 0
+    llm.generate(PROMPTS[4:6], GREEDY)
+    after = scrape()
+    drafts, proposed, accepted = (after[(f"vllm:spec_decode_num_{n}_total", None)]
+                                  for n in ("drafts", "draft_tokens", "accepted_tokens"))
+    per_pos = [after[("vllm:spec_decode_num_accepted_tokens_per_pos_total", str(j))] for j in range(3)]
+    assert drafts > 0 and proposed >= accepted > 0
+    assert sum(per_pos) == accepted and per_pos[0] >= per_pos[1] >= per_pos[2]  # a later proposal needs the earlier
+

@@ -55,6 +55,8 @@ class EngineStats:
     spec_num_draft_tokens: int = 0  # proposed tokens verified
     spec_num_accepted_tokens: int = 0  # of which accepted
     spec_num_emitted_tokens: int = 0  # tokens the verification steps produced (accepted + one per step)
+    # [j]: verifications whose proposal at position j was accepted (vLLM's num_accepted_tokens_per_pos)
+    spec_num_accepted_tokens_per_pos: tuple[int, ...] = ()
     healthy: bool = True
 
 
@@ -122,6 +124,7 @@ class LLMEngine:
         if self.proposer is not None and self.tp is not None:
             raise ValueError("speculative decoding does not combine with tensor parallelism yet; drop one of them")
         self.spec_counts = [0, 0, 0, 0]  # drafts, draft tokens, accepted, emitted
+        self.spec_accepted_per_pos = [0] * (self.speculative.num_speculative_tokens if self.speculative else 0)
         self._failed: list[RequestOutput] = []  # outputs of requests that failed in this step (see _fail_request)
         # Async scheduling pays off where the device runs apart from the host (CUDA); on CPU it would only
         # hold each token back one step. Tensor-parallel workers receive token ids, so it is off there.
@@ -488,6 +491,8 @@ class LLMEngine:
             c[1] += num_proposed
             c[2] += len(toks) - 1
             c[3] += len(toks)
+            for j in range(len(toks) - 1):
+                self.spec_accepted_per_pos[j] += 1
         if seq.finished:
             return
         seq.num_computed_tokens = seq.num_tokens - 1  # the last token (the target's own) is computed next step
@@ -536,7 +541,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions, steps=self.steps,
             prompt_tokens_computed=self.prompt_tokens_computed, overlapped_steps=self.overlapped_steps,
             spec_num_drafts=self.spec_counts[0], spec_num_draft_tokens=self.spec_counts[1],
-            spec_num_accepted_tokens=self.spec_counts[2], spec_num_emitted_tokens=self.spec_counts[3])
+            spec_num_accepted_tokens=self.spec_counts[2], spec_num_emitted_tokens=self.spec_counts[3],
+            spec_num_accepted_tokens_per_pos=tuple(self.spec_accepted_per_pos))
 
 
 def build_runner(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,

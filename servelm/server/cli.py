@@ -42,6 +42,9 @@ def register(subparsers) -> None:
                    help="int8, int4, nf4 or nf4-dq (weight-only); +lm_head or +lm_head:int8 for the output layer (default: none).")
     p.add_argument("--quant-calibration", default=_S, metavar="TEXT_FILE",
                    help="nf4/nf4-dq: search block scales weighted by activations on this text (default: none).")
+    p.add_argument("--speculative-config", default=_S, metavar="JSON",
+                   help='Speculative decoding, vLLM\'s shape: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                        '(see docs/speculative.md; default: none).')
     p.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=_S,
                    help="Seconds before a request is stopped.")
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float, default=_S,
@@ -188,8 +191,15 @@ def _serve(args: argparse.Namespace) -> int:
                  "directory or dummy:<arch>; leave --model out for the embedded SmolLM2)")
     _check_port_free(settings.host, settings.port)
     engine_fields = ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes", "enable_prefix_caching", "dtype",
-                     "quantization", "quant_calibration", "tensor_parallel_size", "enforce_eager")
+                     "quantization", "quant_calibration", "tensor_parallel_size", "enforce_eager", "speculative_config")
     engine_kwargs = {f: getattr(settings, f) for f in engine_fields if getattr(settings, f) is not None}
+    if settings.speculative_config is not None:  # a bad config fails here, before the model loads
+        from servelm.engine.speculative import SpeculativeConfig
+
+        try:
+            SpeculativeConfig.parse(settings.speculative_config)
+        except ValueError as e:
+            sys.exit(f"servelm serve: {e}")
     if settings.replicas:
         from servelm.deploy.ray_serve import serve_on_ray
         from servelm.engine import EngineConfig
