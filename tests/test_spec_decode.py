@@ -7,17 +7,27 @@ tiny random model).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import chisquare
 
-from servelm.engine import LLMEngine, EngineConfig
+from servelm.engine import LLM, LLMEngine, EngineConfig
 from servelm.engine.models.config import ModelConfig
 from servelm.engine.models.loader import LoadedModel, _dummy_model
 from servelm.engine.sampling_params import SamplingParams
 from servelm.engine.sequence import Sequence
 from servelm.engine.speculative import NgramProposer, SpeculativeConfig
 from servelm.engine.speculative.verify import verify
+from servelm.server.admission import Admission
+from servelm.server.metrics import Metrics
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 
@@ -141,7 +151,7 @@ def test_bad_speculative_config_fails_at_start(make_llm, bad, message):
         make_llm(speculative_config=bad)
 
 
-def _tiny_engine(speculative_config=None) -> LLMEngine:
+def _tiny_engine(speculative_config=None, draft_loaded=None) -> LLMEngine:
     """A 2-layer random model with a 64-token vocabulary: its distributions are cheap to sample 20k times."""
     cfg = ModelConfig(name="tiny64", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
@@ -150,7 +160,7 @@ def _tiny_engine(speculative_config=None) -> LLMEngine:
         loaded.model.lm_head.weight.mul_(4.0)
     return LLMEngine(EngineConfig(device="cpu", dtype="float32", skip_tokenizer_init=True, max_num_seqs=1024,
                                   kv_cache_memory_bytes=64 << 20, speculative_config=speculative_config),
-                     loaded=loaded)
+                     loaded=loaded, draft_loaded=draft_loaded)
 
 
 def test_sampled_distribution_equals_target_chi_square():
@@ -189,3 +199,154 @@ def test_sampled_distribution_equals_target_chi_square():
     third = [t[2] for t in out if len(t) > 2]  # both accepted: the bonus token
     assert len(third) > 1000
     check(third, target(2))
+
+
+def test_serve_refuses_a_bad_speculative_config_before_the_model_loads(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-m", "servelm.server", "serve", "--port", "0", "--no-auth",
+                        "--data-dir", str(tmp_path), "--speculative-config", '{"method": "medusa9"}'],
+                       capture_output=True, text=True, env=env, timeout=180)
+    assert p.returncode != 0
+    assert "speculative_config method 'medusa9' is not supported; choose one of" in p.stderr
+    assert "engine ready" not in p.stderr + p.stdout
+
+
+def test_prometheus_counters_move_on_a_speculating_request(make_llm):
+    llm = make_llm(speculative_config=spec(3))
+    metrics = Metrics(llm.engine, Admission(4, 4), model_name=lambda: "smol")
+
+    def scrape() -> dict[str, float]:
+        return {(s.name, s.labels.get("position")): s.value for fam in text_string_to_metric_families(
+                metrics.render().decode()) for s in fam.samples if s.labels.get("model_name") == "smol"}
+
+    before = scrape()
+    assert before[("vllm:spec_decode_num_drafts_total", None)] == 0
+    llm.generate(PROMPTS[4:6], GREEDY)
+    after = scrape()
+    drafts, proposed, accepted = (after[(f"vllm:spec_decode_num_{n}_total", None)]
+                                  for n in ("drafts", "draft_tokens", "accepted_tokens"))
+    per_pos = [after[("vllm:spec_decode_num_accepted_tokens_per_pos_total", str(j))] for j in range(3)]
+    assert drafts > 0 and proposed >= accepted > 0
+    assert sum(per_pos) == accepted and per_pos[0] >= per_pos[1] >= per_pos[2]  # a later proposal needs the earlier
+
+
+
+# -------------------------------------------------------------------------------- draft model
+def _first_layers(loaded: LoadedModel, n: int) -> LoadedModel:
+    """A draft made of the target's first ``n`` layers (shared, not copied): a cheap model of the same
+    vocabulary whose guesses are often, not always, the target's."""
+    cfg = dataclasses.replace(loaded.config, num_layers=n)
+    model = copy.copy(loaded.model)
+    model._modules = dict(loaded.model._modules)
+    model.layers = torch.nn.ModuleList(list(loaded.model.layers)[:n])
+    model.config = cfg
+    return LoadedModel(model, cfg, None)
+
+
+@pytest.fixture(scope="module")
+def draft_llm(smol_loaded):
+    draft = _first_layers(smol_loaded, 10)
+
+    def make(k: int, **settings) -> LLM:
+        if "num_kv_blocks" not in settings:
+            settings.setdefault("kv_cache_memory_bytes", 256 << 20)
+        cfg = EngineConfig(dtype="float32", device="cpu", speculative_config={
+            "model": "smollm2-first-10-layers", "num_speculative_tokens": k, "disable_by_batch_size": 64}, **settings)
+        return LLM.from_engine(LLMEngine(cfg, loaded=smol_loaded, draft_loaded=draft))
+    return make
+
+
+# fewer prompts than the n-gram tests: each step also runs the draft k times on the torch path
+@pytest.mark.parametrize("k,settings", [
+    (2, {"num_kv_blocks": 24, "prefill_chunk_size": 8}),
+    (5, {"max_num_batched_tokens": 40}),
+])
+def test_greedy_draft_model_speculation_equals_plain_decoding(draft_llm, baseline, k, settings):
+    llm = draft_llm(k, **settings)
+    assert _tokens(llm.generate(PROMPTS[:10], GREEDY)) == baseline[:10]
+    s = llm.engine.stats()
+    assert s.spec_num_draft_tokens > s.spec_num_accepted_tokens > 0  # the draft differs, and is often right
+    if "num_kv_blocks" in settings:
+        assert s.num_preemptions > 0
+    assert s.kv_blocks_used == 0 and s.kv_blocks_free == s.kv_blocks_total
+    draft_kv = llm.engine.proposer.kv.stats()
+    assert draft_kv.used == 0  # the draft's own pool is free once its sequences finished
+
+
+def test_draft_model_of_another_vocabulary_fails_at_start(smol_loaded):
+    other = _tiny_engine().loaded  # 64 tokens
+    with pytest.raises(ValueError, match="has a vocabulary of 64 tokens and the target model 49152"):
+        LLMEngine(EngineConfig(dtype="float32", device="cpu", kv_cache_memory_bytes=64 << 20,
+                               speculative_config={"model": "tiny64", "num_speculative_tokens": 2}),
+                  loaded=smol_loaded, draft_loaded=other)
+    with pytest.raises(ValueError, match='"draft_model" needs "model"'):
+        SpeculativeConfig.parse({"method": "draft_model"})
+
+
+def test_sampled_draft_model_speculation_keeps_the_target_distribution():
+    """20k requests of 3 tokens each through the engine, a random draft of the same vocabulary proposing
+    tokens 2 and 3: the marginal distribution of each emitted token is the target's (computed exactly
+    from the target's logits over every top-k path)."""
+    target = _tiny_engine()
+    draft = _tiny_engine().loaded
+    draft = LoadedModel(_dummy_model(draft.config, torch.float32, torch.device("cpu"), 11), draft.config, None)
+    engine = _tiny_engine({"model": "tiny64-seed11", "num_speculative_tokens": 2, "disable_by_batch_size": 4096},
+                          draft_loaded=draft)
+    prompt, n, top_k = [20, 9, 12, 13, 40, 41, 42, 43], 20_000, 8
+    params = SamplingParams(temperature=0.8, top_k=top_k, max_tokens=3, ignore_eos=True)
+    for i in range(n):
+        engine.add_request(f"r{i}", prompt, params)
+    out = []
+    while engine.has_unfinished_requests():
+        out += [o.outputs[0].token_ids for o in engine.step() if o.finished]
+    assert len(out) == n and all(len(t) == 3 for t in out)
+    s = engine.stats()
+    assert s.spec_num_draft_tokens > s.spec_num_accepted_tokens > 1000 and s.kv_blocks_used == 0
+
+    def dist(prefix):  # the target's sampling distribution after ``prefix``
+        z = target.prompt_logits(prefix)[-1] / 0.8
+        return torch.softmax(z.masked_fill(z < z.topk(top_k).values[-1], float("-inf")), dim=-1).double()
+
+    p1 = dist(prompt)
+    p2 = torch.zeros(64, dtype=torch.float64)
+    p3 = torch.zeros(64, dtype=torch.float64)
+    for a in torch.flatnonzero(p1).tolist():
+        pa = dist(prompt + [a])
+        p2 += p1[a] * pa
+        for b in torch.flatnonzero(pa).tolist():
+            p3 += p1[a] * pa[b] * dist(prompt + [a, b])
+    for j, p in enumerate((p1, p2, p3)):
+        counts = torch.bincount(torch.tensor([t[j] for t in out]), minlength=64).double()
+        assert counts[p == 0].sum() == 0
+        keep = p > 0
+        assert chisquare(counts[keep], p[keep] / p[keep].sum() * n).pvalue > 0.01, j
+
+
+# -------------------------------------------------------------------------------- native CPU forward
+@pytest.fixture(scope="module")
+def native_llm():
+    """Engines over the embedded GGUF in its own Q4_1 blocks: every step runs the native CPU forward."""
+    from servelm.engine import native
+    from servelm.engine.models.loader import load_model
+
+    if not native.available():
+        pytest.skip("no C++ compiler to build the native kernels")
+    loaded = load_model(None, torch.float32, torch.device("cpu"), gguf_blocks=True)
+
+    def make(**kwargs) -> LLM:
+        kwargs.setdefault("kv_cache_memory_bytes", 256 << 20)
+        engine = LLMEngine(EngineConfig(dtype="float32", device="cpu", **kwargs), loaded=loaded)
+        assert engine.runner.native_forward is not None
+        return LLM.from_engine(engine)
+    return make
+
+
+def test_greedy_speculation_on_the_native_forward_equals_plain_decoding(native_llm):
+    """Verification rows (k + 1 query tokens after a cached context) go through the native forward as
+    chunked-prefill rows do; the tokens are those of plain native decoding."""
+    plain = _tokens(native_llm().generate(PROMPTS, GREEDY))
+    for k, settings in ((4, {}), (2, {"num_kv_blocks": 40, "prefill_chunk_size": 8})):
+        llm = native_llm(speculative_config=spec(k), **settings)
+        assert _tokens(llm.generate(PROMPTS, GREEDY)) == plain, k
+        s = llm.engine.stats()
+        assert s.spec_num_accepted_tokens > 0 and s.kv_blocks_used == 0

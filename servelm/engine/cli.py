@@ -26,6 +26,8 @@ def add_engine_args(p) -> None:
     # the old spelling; 'servelm serve' and the engine's config say kv_cache_memory_bytes
     p.add_argument("--kv-cache-memory", dest="kv_cache_memory_bytes", type=int, help=argparse.SUPPRESS)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over (default: 1)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' (default: none)')
 
 
 def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
@@ -34,4 +36,5 @@ def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
                         quant_calibration=args.quant_calibration,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-                        tensor_parallel_size=args.tensor_parallel_size, **extra)
+                        tensor_parallel_size=args.tensor_parallel_size,
+                        speculative_config=args.speculative_config, **extra)

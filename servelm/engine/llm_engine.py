@@ -27,7 +27,8 @@ from servelm.engine.sampling import Sampler
 from servelm.engine.sampling_params import InvalidRequestError, SamplingParams
 from servelm.engine.scheduler import Scheduler, SchedulerConfig
 from servelm.engine.sequence import Sequence
-from servelm.engine.speculative import SpeculativeConfig, build_proposer
+from servelm.engine.speculative import NgramProposer, SpeculativeConfig
+from servelm.engine.speculative.draft import DraftModelProposer, check_draft_vocabulary
 from servelm.engine.speculative.verify import VerifiedSample
 from servelm.engine.structured_output import GrammarCompiler
 from servelm.engine.tokenizer import TokenIdsOnly, Tokenizer
@@ -55,6 +56,8 @@ class EngineStats:
     spec_num_draft_tokens: int = 0  # proposed tokens verified
     spec_num_accepted_tokens: int = 0  # of which accepted
     spec_num_emitted_tokens: int = 0  # tokens the verification steps produced (accepted + one per step)
+    # [j]: verifications whose proposal at position j was accepted (vLLM's num_accepted_tokens_per_pos)
+    spec_num_accepted_tokens_per_pos: tuple[int, ...] = ()
     healthy: bool = True
 
 
@@ -67,15 +70,21 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
-        """Load the model (or reuse ``loaded``, already in this config's dtype and device) and size the KV pool.
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
+                 draft_loaded: LoadedModel | None = None):
+        """Load the model (or reuse ``loaded``, already in this config's dtype and device) and size the KV pool;
+        with a ``draft_model`` speculative config, load its draft too (or reuse ``draft_loaded``).
 
-        Raises :class:`ModelLoadError` for a missing or unsupported model and ValueError for bad settings.
+        Raises :class:`ModelLoadError` for a missing or unsupported model and ValueError for bad settings
+        (a bad ``speculative_config`` before anything loads; a draft of another vocabulary).
         """
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
         config.check_parallel(self.device)
+        self.speculative = SpeculativeConfig.parse(config.speculative_config)
+        if self.speculative is not None and config.tensor_parallel_size > 1:
+            raise ValueError("speculative decoding does not combine with tensor parallelism yet; drop one of them")
         torch.manual_seed(config.seed)
         if loaded is None:
             # quantization=None: a quantized GGUF runs in its own blocks; "none" dequantizes it (the float path)
@@ -107,8 +116,16 @@ class LLMEngine:
             check_shardable(self.model_config, config.tensor_parallel_size)
             self.tp = TensorParallel(config, config.tensor_parallel_size, self.device)
             weakref.finalize(self, self.tp.close)
+        draft = None
+        if self.speculative is not None and self.speculative.method == "draft_model":
+            draft = draft_loaded or load_model(self.speculative.model, self.dtype, self.device, config.max_model_len,
+                                               config.seed, download_dir=config.download_dir,
+                                               gguf_blocks=config.quantization is None, max_rows=config.max_num_seqs)
+            check_draft_vocabulary(draft, self.model_config.vocab_size, self.speculative.model)
+        # the draft's pool holds as many blocks as the target's: the memory budget pays for both
+        draft_block_bytes = ModelRunner.kv_bytes_per_block(draft.model, config.block_size, self.dtype) if draft else 0
         self.runner, num_blocks = build_runner(config, loaded, self.device, self.dtype,
-                                               Sampler(self.tokenizer.eos_token_ids))
+                                               Sampler(self.tokenizer.eos_token_ids), draft_block_bytes)
         self.runner.workers = self.tp
         block_size = config.block_size
         long_after = getattr(getattr(loaded.model, "rope", None), "long_after", None)
@@ -129,11 +146,14 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.output = OutputProcessor(self.tokenizer, self.tokenizer.eos_token_ids, self.max_model_len)
         self.requests: dict[str, _Request] = {}
-        self.speculative = SpeculativeConfig.parse(config.speculative_config)
-        self.proposer = build_proposer(self.speculative) if self.speculative is not None else None
-        if self.proposer is not None and self.tp is not None:
-            raise ValueError("speculative decoding does not combine with tensor parallelism yet; drop one of them")
+        self.proposer = None
+        if draft is not None:
+            self.proposer = DraftModelProposer(self.speculative, draft, num_blocks, block_size, self.device,
+                                               self.dtype, config.attention_backend)
+        elif self.speculative is not None:
+            self.proposer = NgramProposer(self.speculative)
         self.spec_counts = [0, 0, 0, 0]  # drafts, draft tokens, accepted, emitted
+        self.spec_accepted_per_pos = [0] * (self.speculative.num_speculative_tokens if self.speculative else 0)
         self._failed: list[RequestOutput] = []  # outputs of requests that failed in this step (see _fail_request)
         # Async scheduling pays off where the device runs apart from the host (CUDA); on CPU it would only
         # hold each token back one step. Tensor-parallel workers receive token ids, so it is off there.
@@ -333,6 +353,8 @@ class LLMEngine:
                         self._append(seq, tok, lp, touched)
             for seq, _ in items:
                 seq.spec_token_ids = []
+            if self.proposer is not None:
+                self.proposer.release_finished()
             return self._outputs(touched)
         if inflight is not None and len(batch.items) != len(self.scheduler.running):
             # _can_continue_overlap rules this out: a pending token is read only by the very next step
@@ -501,6 +523,8 @@ class LLMEngine:
             c[1] += num_proposed
             c[2] += len(toks) - 1
             c[3] += len(toks)
+            for j in range(len(toks) - 1):
+                self.spec_accepted_per_pos[j] += 1
         if seq.finished:
             return
         seq.num_computed_tokens = seq.num_tokens - 1  # the last token (the target's own) is computed next step
@@ -550,12 +574,14 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions, steps=self.steps,
             prompt_tokens_computed=self.prompt_tokens_computed, overlapped_steps=self.overlapped_steps,
             spec_num_drafts=self.spec_counts[0], spec_num_draft_tokens=self.spec_counts[1],
-            spec_num_accepted_tokens=self.spec_counts[2], spec_num_emitted_tokens=self.spec_counts[3])
+            spec_num_accepted_tokens=self.spec_counts[2], spec_num_emitted_tokens=self.spec_counts[3],
+            spec_num_accepted_tokens_per_pos=tuple(self.spec_accepted_per_pos))
 
 
 def build_runner(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
-                 sampler: Sampler | None) -> tuple[ModelRunner, int]:
-    """The model runner over ``loaded`` (sharded first under tensor parallelism) and its KV pool's block count.
+                 sampler: Sampler | None, extra_bytes_per_block: int = 0) -> tuple[ModelRunner, int]:
+    """The model runner over ``loaded`` (sharded first under tensor parallelism) and its KV pool's block count
+    (each block costing ``extra_bytes_per_block`` more of the budget: a draft model's pool of as many blocks).
 
     Every tensor-parallel rank calls this in the same order: the memory profile, the pool size agreed
     as the minimum over ranks, and the CUDA-graph captures all run collectives.
@@ -571,7 +597,8 @@ def build_runner(config: EngineConfig, loaded: LoadedModel, device: torch.device
 
         install_fused_kernels(model)
     max_model_len = loaded.config.max_position_embeddings
-    num_blocks = config.num_kv_blocks or _num_kv_blocks(config, model, device, dtype, max_model_len)
+    num_blocks = config.num_kv_blocks or _num_kv_blocks(config, model, device, dtype, max_model_len,
+                                                        extra_bytes_per_block)
     if world > 1:
         num_blocks = agree_min(num_blocks, device)
     runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, sampler, config.attention_backend)
@@ -582,8 +609,9 @@ def build_runner(config: EngineConfig, loaded: LoadedModel, device: torch.device
     return runner, num_blocks
 
 
-def _num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
-    per_block = ModelRunner.kv_bytes_per_block(model, config.block_size, dtype)
+def _num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: torch.dtype, max_model_len: int,
+                   extra_bytes_per_block: int = 0) -> int:
+    per_block = ModelRunner.kv_bytes_per_block(model, config.block_size, dtype) + extra_bytes_per_block
     if config.kv_cache_memory_bytes:
         budget = config.kv_cache_memory_bytes
     elif device.type == "cuda":

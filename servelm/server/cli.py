@@ -42,6 +42,9 @@ def register(subparsers) -> None:
                    help="int8, int4, nf4 or nf4-dq (weight-only); +lm_head or +lm_head:int8 for the output layer (default: none).")
     p.add_argument("--quant-calibration", default=_S, metavar="TEXT_FILE",
                    help="nf4/nf4-dq: search block scales weighted by activations on this text (default: none).")
+    p.add_argument("--speculative-config", default=_S, metavar="JSON",
+                   help='Speculative decoding, vLLM\'s shape: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                        '(see docs/speculative.md; default: none).')
     p.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=_S,
                    help="Seconds before a request is stopped.")
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float, default=_S,
@@ -181,7 +184,7 @@ def _settings(args: argparse.Namespace, fields: tuple[str, ...]):
 def engine_settings(settings) -> dict:
     """Returns the server settings that configure the engine (``EngineConfig`` keyword arguments), those set."""
     fields = ("max_num_seqs", "max_model_len", "kv_cache_memory_bytes", "enable_prefix_caching", "dtype",
-              "quantization", "quant_calibration", "tensor_parallel_size", "enforce_eager")
+              "quantization", "quant_calibration", "tensor_parallel_size", "enforce_eager", "speculative_config")
     return {f: getattr(settings, f) for f in fields if getattr(settings, f) is not None}
 
 
@@ -195,6 +198,13 @@ def _serve(args: argparse.Namespace) -> int:
                  "directory or dummy:<arch>; leave --model out for the embedded SmolLM2)")
     _check_port_free(settings.host, settings.port)
     engine_kwargs = engine_settings(settings)
+    if settings.speculative_config is not None:  # a bad config fails here, before the model loads
+        from servelm.engine.speculative import SpeculativeConfig
+
+        try:
+            SpeculativeConfig.parse(settings.speculative_config)
+        except ValueError as e:
+            sys.exit(f"servelm serve: {e}")
     if settings.replicas or settings.max_replicas or settings.min_replicas is not None:
         from servelm.deploy.ray_serve import scaling_problem, serve_on_ray
         from servelm.engine import EngineConfig

@@ -44,6 +44,19 @@ class _EngineCollector:
         for state in ("total", "used", "cached", "free"):
             blocks.add_metric([state], getattr(s, f"kv_blocks_{state}"))
         yield blocks
+        if s.spec_num_accepted_tokens_per_pos:  # speculative decoding is configured
+            yield CounterMetricFamily("servelm:spec_decode_num_drafts", "Speculative verifications (one per "
+                                      "sequence and step that verified proposals).", value=s.spec_num_drafts)
+            yield CounterMetricFamily("servelm:spec_decode_num_draft_tokens", "Proposed tokens verified.",
+                                      value=s.spec_num_draft_tokens)
+            yield CounterMetricFamily("servelm:spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                                      value=s.spec_num_accepted_tokens)
+            per_pos = CounterMetricFamily("servelm:spec_decode_num_accepted_tokens_per_pos",
+                                          "Verifications that accepted the proposal at each position.",
+                                          labels=["position"])
+            for pos, n in enumerate(s.spec_num_accepted_tokens_per_pos):
+                per_pos.add_metric([str(pos)], n)
+            yield per_pos
         yield _gauge(g, "servelm:engine_healthy", "1 while the engine step loop is healthy.", int(bool(s.healthy)))
         yield _gauge(g, "servelm:num_requests_server_inflight",
                      "Generation requests admitted by the server and not yet finished.", self.state.inflight)
@@ -54,7 +67,8 @@ _VLLM_NAMES = {f"servelm:{n}": f"vllm:{n}" for n in (
     "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries",
     "prefix_cache_hits", "num_preemptions", "time_to_first_token_seconds", "inter_token_latency_seconds",
     "e2e_request_latency_seconds", "request_queue_time_seconds", "prompt_tokens", "generation_tokens",
-    "request_success")}
+    "request_success", "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+    "spec_decode_num_accepted_tokens", "spec_decode_num_accepted_tokens_per_pos")}
 
 
 class _VllmNames:

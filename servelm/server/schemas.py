@@ -205,6 +205,8 @@ class _SamplingFields(_Request):
     bad_words: list[str] | None = Field(None, max_length=256, description="vLLM: words never to generate.")
     prompt_logprobs: Int | None = Field(None, ge=0, le=20, description="vLLM: the logprob of every prompt token "
                                         "and its k best alternatives, as vLLM returns them (not with stream).")
+    speculative: Bool = Field(True, description="false: this request never uses the server's speculative "
+                              "decoding (--speculative-config); the output is the same either way.")
 
 
 # ---------------------------------------------------------------- chat

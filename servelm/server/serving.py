@@ -366,6 +366,7 @@ def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_si
                               bad_words=body.bad_words,
                               ignore_eos=body.ignore_eos, logprobs=logprobs,
                               min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs,
-                              structured_output=structured_output, logit_bias=logit_bias)
+                              structured_output=structured_output, logit_bias=logit_bias,
+                              speculative=body.speculative)
     except InvalidRequestError as e:
         raise from_engine(e) from None

@@ -38,6 +38,9 @@ class ServerSettings(BaseSettings):
                                         "(default: on).")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is split over (one process each).")
     enforce_eager: bool = False
+    speculative_config: dict | str | None = Field(None, description="Speculative decoding in vLLM's shape, a "
+                                                  "JSON object or its text: {\"method\": \"ngram\", "
+                                                  "\"num_speculative_tokens\": 4} (default: none).")
     embedding_model: str | None = Field(default_factory=default_embedding_model)
     embedding_model_name: str = Field("all-MiniLM-L6-v2", description="Name clients pass as 'model' to "
                                       "/v1/embeddings.")

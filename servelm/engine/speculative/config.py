@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 
 
 @dataclass(slots=True)
 class SpeculativeConfig:
     method: str = "ngram"
     num_speculative_tokens: int = 4
+    model: str | None = None  # draft_model: the draft (a path, a repo id or dummy:<shape>) of the target's vocabulary
     prompt_lookup_max: int = 4  # the longest suffix n-gram looked up (ngram)
     prompt_lookup_min: int = 1  # the shortest (ngram)
     # Speculation stops while more sequences than this run (vLLM's name): a batch this large already fills
@@ -39,6 +40,8 @@ class SpeculativeConfig:
         if unknown:
             raise ValueError(f"speculative_config key {unknown[0]!r} is not supported; known keys: "
                              f"{', '.join(sorted(names))}")
+        if "model" in value and "method" not in value:  # as vLLM: a config naming a model drafts with it
+            value = {**value, "method": "draft_model"}
         cfg = cls(**value)
         cfg.validate()
         return cfg
@@ -52,6 +55,12 @@ class SpeculativeConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"speculative_config {name} must be an integer >= 1, got {v!r}")
+        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
+            raise ValueError('speculative_config method "draft_model" needs "model": the draft model\'s path '
+                             "(a smaller model with the target's tokenizer)")
+        if self.method == "ngram" and self.model is not None:
+            raise ValueError('speculative_config method "ngram" takes no "model"; drop it, or use '
+                             '"method": "draft_model"')
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative_config prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
                              f"prompt_lookup_max ({self.prompt_lookup_max})")

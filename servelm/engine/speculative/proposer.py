@@ -18,6 +18,9 @@ class Proposer:
     def propose(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
         raise NotImplementedError
 
+    def release_finished(self) -> None:
+        """Free whatever the proposer holds for sequences that have finished (called after each step)."""
+
 
 class NgramProposer(Proposer):
     """Prompt lookup (vLLM's ``ngram``): find the sequence's last n tokens earlier in its prompt and output,
@@ -45,10 +48,3 @@ class NgramProposer(Proposer):
                 start = int(hits[-1]) + n
                 return arr[start:start + k].tolist()
         return []
-
-
-def build_proposer(config: SpeculativeConfig) -> Proposer:
-    """The proposer of ``config.method``; raises ValueError for a method this engine does not run."""
-    if config.method == "ngram":
-        return NgramProposer(config)
-    raise ValueError(f"speculative_config method {config.method!r} is not supported")
