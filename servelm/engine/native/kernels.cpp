@@ -12,6 +12,7 @@
 // (portable scalar code); the Python side picks the variant the CPU runs. It is compiled with
 // -ffp-contract=off so that dequantization rounds as numpy does (gguf.quants.dequantize), one operation
 // at a time; the fast paths call fused multiply-adds explicitly.
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cmath>
@@ -627,11 +628,23 @@ template <int TY, int R, int C>
 void tile_q8(const uint8_t* w, int64_t wrb, const BlockQ8* a, int64_t nb, float* out, int64_t ldo) {
   constexpr int BB = q8w_bytes<TY>();
   constexpr bool MIN = q8w_has_min<TY>();
+  static_assert(R <= 4 && C <= 4, "tiles are at most 4 x 4");
+  // Q4_1 / Q5_1: the min term m_c * s_r of all R x C outputs in one vector, output (r, c) in lane
+  // (r * C + c) % 8: one multiply and one add per block for the tile instead of 2 R C scalar operations
+  // (which also spilled the accumulators). Each lane performs the scalar sequence accm += m * s, so a
+  // result does not depend on the tile shape. Tiles of more than 8 outputs (never used) share lanes and
+  // keep the scalar sums.
+  constexpr bool VMIN = MIN && R * C <= 8;
   __m256 acc[R][C];
   float accm[R][C];
+  __m256 accmv = _mm256_setzero_ps();
   for (int r = 0; r < R; r++)
     for (int c = 0; c < C; c++) { acc[r][c] = _mm256_setzero_ps(); accm[r][c] = 0.f; }
   const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i idx_m = _mm256_setr_epi32(0 % C, 1 % C, 2 % C, 3 % C, 4 % C, 5 % C, 6 % C, 7 % C);
+  const __m256i idx_s = _mm256_setr_epi32(std::min(0 / C, R - 1), std::min(1 / C, R - 1), std::min(2 / C, R - 1),
+                                          std::min(3 / C, R - 1), std::min(4 / C, R - 1), std::min(5 / C, R - 1),
+                                          std::min(6 / C, R - 1), std::min(7 / C, R - 1));
   for (int64_t b = 0; b < nb; b++) {
     __m256i q[C], qs[C];
     __m256 dw[C];
@@ -642,7 +655,18 @@ void tile_q8(const uint8_t* w, int64_t wrb, const BlockQ8* a, int64_t nb, float*
       // signed weights: |w| x (a with w's sign), the same pairs maddubs sums in dot_i8
       qs[c] = MIN ? q[c] : _mm256_sign_epi8(q[c], q[c]);
       dw[c] = _mm256_set1_ps(rdh(p));
-      if constexpr (MIN) mw[c] = rdh(p + 2);
+      if constexpr (MIN && !VMIN) mw[c] = rdh(p + 2);
+    }
+    if constexpr (VMIN) {
+      const uint8_t* p = w + b * BB + 2;
+      const __m128i mh = _mm_setr_epi16((short)rd16(p), C > 1 ? (short)rd16(p + wrb) : 0,
+                                        C > 2 ? (short)rd16(p + 2 * wrb) : 0, C > 3 ? (short)rd16(p + 3 * wrb) : 0,
+                                        0, 0, 0, 0);
+      const __m128 s4 = _mm_setr_ps(a[b].s, R > 1 ? a[nb + b].s : 0.f, R > 2 ? a[2 * nb + b].s : 0.f,
+                                    R > 3 ? a[3 * nb + b].s : 0.f);
+      const __m256 mv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(mh)), idx_m);
+      const __m256 sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), idx_s);
+      accmv = _mm256_add_ps(accmv, _mm256_mul_ps(mv, sv));
     }
     for (int r = 0; r < R; r++) {
       const BlockQ8& ab = a[r * nb + b];
@@ -652,9 +676,15 @@ void tile_q8(const uint8_t* w, int64_t wrb, const BlockQ8* a, int64_t nb, float*
         const __m256i s = MIN ? qa : _mm256_sign_epi8(qa, q[c]);
         const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qs[c], s), ones);
         acc[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[c], da), _mm256_cvtepi32_ps(dot), acc[r][c]);
-        if constexpr (MIN) accm[r][c] += mw[c] * ab.s;
+        if constexpr (MIN && !VMIN) accm[r][c] += mw[c] * ab.s;
       }
     }
+  }
+  if constexpr (VMIN) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, accmv);
+    for (int r = 0; r < R; r++)
+      for (int c = 0; c < C; c++) accm[r][c] = lanes[r * C + c];
   }
   for (int r = 0; r < R; r++)
     for (int c = 0; c < C; c++) out[r * ldo + c] = MIN ? hsum8(acc[r][c]) + accm[r][c] : hsum8(acc[r][c]);
