@@ -6,14 +6,15 @@ guard) and :func:`call_engine` runs an engine call behind the circuit breaker an
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
 from servelm.engine import InvalidRequestError, RequestFailedError
 from servelm.prompts import ChainOfThought, Example, PromptRequest, UnknownStrategyError, resolve_strategy
 from servelm.prompts.strategies import DEFAULT_SYSTEM
-from servelm.safety import (BreakerConfig, CircuitBreaker, FallbackResult, Guard, OverloadedError, ResilientCaller,
-                            StaticFallback)
+from servelm.safety import (BreakerConfig, CircuitBreaker, FallbackResult, Guard, OverloadedError, PolicyError,
+                            ResilientCaller, StaticFallback)
 from servelm.safety.metrics import GuardMetrics
 from servelm.safety.scaffolding import strip_scaffolding
 from servelm.server.errors import APIError, ClientGone, invalid
@@ -337,15 +338,30 @@ def fallback_headers(r: FallbackResult) -> dict[str, str]:
     return {"x-servelm-fallback": f"{r.kind}; reason={r.reason}"}
 
 
-def build_guarding(settings, registry) -> Guarding:
-    """Returns the guard, breaker and fallback ``settings`` ask for (metrics on ``registry``).
+def _plugin(spec: str):
+    """Returns the function ``module:function`` names (a guard plugin); raises PolicyError naming what is wrong."""
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name) if name else None
+    except (ImportError, AttributeError) as e:
+        raise PolicyError(f"guard_plugins: cannot load {spec!r} ({e}); give module:function") from None
+    if not callable(fn):
+        raise PolicyError(f"guard_plugins: {spec!r} is not a module:function")
+    return fn
 
-    Raises servelm.safety.PolicyError for a bad policy file.
+
+def build_guarding(settings, registry) -> Guarding:
+    """Returns the guard, breaker and fallback ``settings`` ask for (metrics on ``registry``), with the
+    scanners of ``settings.guard_plugins`` added.
+
+    Raises servelm.safety.PolicyError for a bad policy file or a plugin that cannot be loaded.
     """
     guard = None
     if not settings.no_guard:
         guard = Guard.from_policy(settings.policy, review_db=settings.pg_url or settings.reviews_db,
                                  registry=registry)
+        for spec in filter(None, (settings.guard_plugins or "").split(",")):
+            _plugin(spec.strip())(guard)
     caller = None
     if settings.fallback == "static":
         breaker = CircuitBreaker("engine", BreakerConfig(settings.breaker_failures, settings.breaker_reset_s,
