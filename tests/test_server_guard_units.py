@@ -10,8 +10,8 @@ from servelm.engine import EngineDeadError, RequestFailedError
 from servelm.prompts import UnknownStrategyError
 from servelm.safety import CircuitOpenError, FallbackResult, PolicyError
 from servelm.server.errors import APIError, ClientGone
-from servelm.server.guarding import build_guarding, call_engine
-from servelm.server.pipeline import Answer, ChatTurn, RequestPipeline
+from servelm.serving.guard import build_guarding, call_engine
+from servelm.serving.pipeline import Answer, ChatTurn, RequestPipeline
 from servelm.server.settings import ServerSettings
 
 

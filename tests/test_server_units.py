@@ -15,7 +15,7 @@ from server_harness import cli
 from servelm.server.errors import APIError
 from servelm.server.keys import KeyStore, hash_key
 from servelm.server.logs import JsonFormatter
-from servelm.server.pipeline import ChatTurn, RequestPipeline
+from servelm.serving.pipeline import ChatTurn, RequestPipeline
 from servelm.server.rate_limit import RateLimiter
 from servelm.server.schemas import RagOptions
 from servelm.server.settings import ServerSettings

@@ -101,6 +101,9 @@ class Guard:
         self.default_max_input_chars = 32_000
         self.input_scanners: dict[str, Scanner] = dict(INPUT_SCANNERS)
         self.output_scanners: dict[str, Scanner] = dict(OUTPUT_SCANNERS)
+        # What each added output scanner must hold back in a stream (see add_scanner); the shipped ones
+        # have their own streamed form in GuardedStream.
+        self.stream_holds: dict[str, int | None] = {}
 
     @classmethod
     def from_policy(cls, policy: Policy | dict | str | Path | None = None, review_db: str | Path | None = None,
@@ -117,9 +120,18 @@ class Guard:
         queue = open_review_queue(review_db) if review_db is not None else None
         return cls(policy, queue, registry)
 
-    def add_scanner(self, stage: str, name: str, fn: Scanner) -> None:
-        """Register a custom scanner for ``stage`` ("input" or "output"); configure it in the policy."""
+    def add_scanner(self, stage: str, name: str, fn: Scanner, hold: int | None = None) -> None:
+        """Register a custom scanner for ``stage`` ("input" or "output"); configure it in the policy.
+
+        An output scanner runs on whole answers and on streamed ones alike. ``hold`` is how many characters
+        it must see together to find what it looks for (its longest match): a streamed answer keeps its
+        last ``hold`` characters back until more text comes, and each piece is scanned with the text
+        before it. ``None`` holds a streamed answer whole until it ends (right for a scanner that judges the
+        answer as a whole, e.g. a classifier). Streamed, a redacting scanner's ``ScanResult.spans`` are
+        replaced by ``<ENTITY>``; whole answers get its ``redacted`` text."""
         (self.input_scanners if stage == "input" else self.output_scanners)[name] = fn
+        if stage != "input":
+            self.stream_holds[name] = hold
 
     def warmup(self) -> None:
         """Load the classifiers now instead of on the first request, and Presidio/spaCy where the policy
@@ -361,7 +373,8 @@ def count_redactions(scanner: str, spans: list[PiiSpan]) -> list[dict]:
 
 
 class GuardedStream:
-    """Streaming output guard: PII redacted incrementally, leaks/harm end the stream.
+    """Streaming output guard: PII redacted incrementally, leaks/harm end the stream, and every other enabled
+    output scanner of the guard run on each piece before it leaves (holding back what it declared).
 
     ``feed(delta)`` returns text safe to send now; ``finish()`` the rest. After a block,
     ``blocked`` is True, ``decision`` says why, and nothing more is emitted.
@@ -373,6 +386,13 @@ class GuardedStream:
         self.decision: Decision | None = None
         self._text = ""
         self._since_harm_check = 0
+        # Every other enabled output scanner (added with Guard.add_scanner, or a shipped name given another
+        # function) runs on each piece before it leaves, holding back what it declared it needs.
+        self._added = [(name, fn, policy.scanner(name)) for name, fn in guard.output_scanners.items()
+                       if fn is not OUTPUT_SCANNERS.get(name) and policy.scanner(name).enabled]
+        self._kinds: dict[str, str] = {}  # entity kind -> the added scanner that redacts it
+        holds_back = [guard.stream_holds.get(name) for name, _, _ in self._added]
+        min_hold = None if None in holds_back else max(holds_back, default=0)
         pii = policy.scanner("pii")
         self._pii_on = pii.enabled and pii.action in ("redact", "block", "review")
         self._pii_action = pii.action
@@ -381,7 +401,8 @@ class GuardedStream:
         holds = DEFAULT_HOLDS + ((NAME_HOLD,) if self._pii_on and "PERSON" in self._entities else ())
         if policy.canary:  # a canary split across tokens is held until it is whole, then stops the stream
             holds += (regex.escape(policy.canary),)
-        self.redactor = StreamingRedactor(self._detect, holds=holds, context=context, on_spans=self._on_spans)
+        self.redactor = StreamingRedactor(self._detect, holds=holds, context=max(context, min_hold or 0),
+                                          on_spans=self._on_spans, min_hold=min_hold)
 
     @property
     def blocked(self) -> bool:
@@ -406,16 +427,49 @@ class GuardedStream:
                           scanner="pii", fail_mode=mode, error=repr(exc))
                 if mode == "closed":
                     self._stop("pii", "block", f"scanner error ({exc.__class__.__name__}); failing closed")
+        for name, fn, sp in self._added:
+            spans += self._run_added(name, fn, sp, text)
         return spans
 
+    def _run_added(self, name: str, fn: Scanner, sp, text: str) -> list[PiiSpan]:
+        """Runs one added scanner on ``text``; returns the spans to redact (stops the stream for block/review)."""
+        ctx = ScanContext(threshold=sp.threshold, entities=tuple(sp.entities) if sp.entities else DEFAULT_ENTITIES,
+                          canary=self.policy.canary, supplied=self.supplied)
+        try:
+            res = fn(text, ctx)
+        except Exception as exc:  # a scanner bug must never crash the stream: fail per policy, as whole answers do
+            mode = self.policy.fail_mode_for(name)
+            self.guard.metrics.scanner_errors.labels(name, mode).inc()
+            log_event("scanner_error", self.request_id, level=logging.ERROR, stage="output_stream", scanner=name,
+                      fail_mode=mode, error=repr(exc))
+            if mode == "closed":
+                self._stop(name, "block", f"scanner error ({exc.__class__.__name__}); failing closed")
+            return []
+        threshold = sp.threshold if sp.threshold > 0 or res.model_threshold is None else res.model_threshold
+        if not (res.score >= threshold and res.score > 0) or sp.action == "allow":
+            return []
+        if sp.action in ("block", "review"):
+            self._stop(name, sp.action, res.reason)
+            return []
+        self._kinds.update((s.entity, name) for s in res.spans)
+        return list(res.spans)
+
+    def _scanner_of(self, span: PiiSpan) -> str:
+        return self._kinds.get(span.entity, "pii")
+
     def _on_spans(self, spans: list[PiiSpan]) -> None:
-        kinds = sorted({s.entity for s in spans})
-        if self._pii_action in ("block", "review") and any(s.entity != "SYSTEM_PROMPT_LEAK" for s in spans):
-            self._stop("pii", self._pii_action, f"PII: {', '.join(kinds)}")
+        pii = [s for s in spans if s.entity != "SYSTEM_PROMPT_LEAK" and self._scanner_of(s) == "pii"]
+        if self._pii_action in ("block", "review") and pii:
+            self._stop("pii", self._pii_action, f"PII: {', '.join(sorted({s.entity for s in pii}))}")
             return
-        self.guard.metrics.decisions.labels("output_stream", "pii", "redact").inc(len(spans))
-        log_event("guard_decision", self.request_id, stage="output_stream", action="redact", scanner="pii",
-                  reason=f"PII: {', '.join(kinds)}")
+        by_scanner: dict[str, list[PiiSpan]] = {}
+        for s in spans:
+            by_scanner.setdefault(self._scanner_of(s), []).append(s)
+        for name, found in by_scanner.items():
+            kinds = sorted({s.entity for s in found})
+            self.guard.metrics.decisions.labels("output_stream", name, "redact").inc(len(found))
+            log_event("guard_decision", self.request_id, stage="output_stream", action="redact", scanner=name,
+                      reason=f"{'PII' if name == 'pii' else name}: {', '.join(kinds)}")
 
     def _stop(self, scanner: str, action: str, reason: str) -> None:
         if self.decision is not None and not self.decision.allowed:
@@ -473,7 +527,11 @@ class GuardedStream:
             self._check_harm(final=True)
         out = self.redactor.finish()
         if self.decision is None:
+            by_scanner: dict[str, list[PiiSpan]] = {}
+            for span in self.redactor.spans_found:
+                by_scanner.setdefault(self._scanner_of(span), []).append(span)
             self.decision = Decision("redact" if self.redactor.spans_found else "allow",
                                      self.redactor.emitted, request_id=self.request_id,
-                                     redactions=count_redactions("pii", self.redactor.spans_found))
+                                     redactions=[r for name, found in by_scanner.items()
+                                                 for r in count_redactions(name, found)])
         return out

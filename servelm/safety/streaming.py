@@ -11,7 +11,9 @@ still need it. Text is held back only while it may be the beginning of something
   before its END line (the ``regex`` package's partial matching tells whether a pattern could still match
   if the text went on);
 
-and never more than ``max_hold`` characters (``max_hold_block`` for a private key block). What is released
+and never more than ``max_hold`` characters (``max_hold_block`` for a private key block), except that the
+last ``min_hold`` characters always wait (a registered output scanner declares how much text it must see
+together; ``None`` holds the whole answer to the end). What is released
 is scanned with the ``context`` characters sent before it, so a "keyword: value" secret whose keyword left
 in an earlier chunk is still found. An e-mail split across tokens therefore leaves only as
 ``<EMAIL_ADDRESS>``, while ordinary prose goes out one chunk per token, one word behind the model.
@@ -66,12 +68,13 @@ class StreamingRedactor:
 
     def __init__(self, detect: Detect, holds: tuple[str, ...] = DEFAULT_HOLDS, context: int = 64,
                  max_hold: int = 256, max_hold_block: int = 8192,
-                 on_spans: Callable[[list[PiiSpan]], None] | None = None):
+                 on_spans: Callable[[list[PiiSpan]], None] | None = None, min_hold: int | None = 0):
         self.detect = detect
         self.holds = [regex.compile(h) for h in holds]
         self.context = context
         self.max_hold = max_hold
         self.max_hold_block = max_hold_block
+        self.min_hold = min_hold
         self.on_spans = on_spans
         self._buf = ""
         self._sent_raw = ""  # the last ``context`` characters released, before redaction
@@ -96,7 +99,9 @@ class StreamingRedactor:
                     start = offset + m.start()
                     hold = min(hold, start if rx.pattern == PRIVATE_KEY_HOLD else max(start, floor))
                     break
-        return hold
+        if self.min_hold is None:
+            return 0
+        return min(hold, max(0, n - self.min_hold))
 
     def _advance(self, final: bool) -> str:
         cut = len(self._buf) if final else self._held_from()

@@ -17,16 +17,17 @@ import servelm
 from servelm.server.admission import Admission, Lane
 from servelm.server.context import ServerContext
 from servelm.server.errors import install_handlers
-from servelm.server.guarding import build_guarding
+from servelm.serving.guard import build_guarding
 from servelm.server.keys import KeyStore, open_key_store
 from servelm.server.metrics import Metrics
 from servelm.server.middleware import RequestMiddleware
-from servelm.server.pipeline import RequestPipeline
+from servelm.serving.pipeline import RequestPipeline
 from servelm.server.rate_limit import RateLimiter
 from servelm.server import api_docs, playground, rag_stage
 from servelm.server.routes import (admin, chat, completions, embeddings, generate, health, models, rag, responses,
                                    review, tokenize)
 from servelm.server.settings import ServerSettings
+from servelm.serving import rag as rag_stages
 
 log = logging.getLogger("servelm.server")
 
@@ -55,7 +56,7 @@ def create_app(settings: ServerSettings, engine, pipeline: RequestPipeline | Non
                         admission=admission, metrics=metrics, pipeline=pipeline or guarding.pipeline(),
                         guarding=guarding)
     if settings.rag:  # after the guard's stages: the input check sees the client's own messages
-        rag_stage.install(ctx.pipeline, ctx)
+        rag_stages.install(ctx.pipeline, ctx)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

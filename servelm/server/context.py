@@ -10,7 +10,7 @@ from servelm.server.admission import Admission
 from servelm.server.errors import APIError
 from servelm.server.keys import KeyStore
 from servelm.server.metrics import Metrics
-from servelm.server.pipeline import RequestPipeline
+from servelm.serving.pipeline import RequestPipeline
 from servelm.server.rate_limit import RateLimiter
 from servelm.server.settings import ServerSettings
 
@@ -26,7 +26,7 @@ class ServerContext:
     admission: Admission
     metrics: Metrics
     pipeline: RequestPipeline
-    guarding: Any = None  # servelm.server.guarding.Guarding: guard, engine fallback, default strategy
+    guarding: Any = None  # servelm.serving.guard.Guarding: guard, engine fallback, default strategy
     embedder: Any = None  # servelm.server.embedder.Embedder, when an embedding model is configured
     rag: Any = None  # servelm.rag.RagService, when RAG is on
     ready: bool = False

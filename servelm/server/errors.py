@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: one exception type, one body shape, handlers that never leak internals."""
+"""OpenAI-shaped errors over HTTP: every failure (a ``servelm.serving.errors.ServingError`` or an engine error)
+becomes one JSON body shape in the handlers here, which never leak internals."""
 from __future__ import annotations
 
 import logging
@@ -11,52 +12,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servelm.engine import EngineDeadError, InvalidRequestError, RequestFailedError
 from servelm.safety import CircuitOpenError
+from servelm.serving.errors import BadInput, ClientGone, ServingError  # noqa: F401 (ClientGone: re-exported)
 
 log = logging.getLogger("servelm.server")
 
-# Default OpenAI error "type" per HTTP status.
-_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
-    413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
-    504: "timeout_error",
-}
+# The serving layer's error is the API's: one type, one body shape (servelm.serving.errors); here it meets HTTP.
+APIError = ServingError
 
 
-class APIError(Exception):
-    """An error the client gets as ``{"error": {message, type, param, code}}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or _TYPES.get(status, "api_error")
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        """Returns the OpenAI error body."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        """Returns the JSON response carrying this error."""
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+def error_response(exc: ServingError) -> JSONResponse:
+    """Returns the JSON response carrying ``exc`` (its status, OpenAI error body and headers)."""
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-class ClientGone(Exception):
-    """The client disconnected before the answer was ready; there is nobody to answer."""
-
-
-def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> BadInput:
     """Returns a 400 ``invalid_request_error`` (``code`` ``invalid_value`` unless a more precise one is given)."""
-    return APIError(400, message, param=param, code=code)
+    return BadInput(message, param, code)
 
 
-def from_engine(exc: InvalidRequestError) -> APIError:
-    """Returns the 400 for an engine-side validation failure."""
-    return APIError(400, exc.message, param=exc.param, code="invalid_value")
+def from_engine(exc: InvalidRequestError) -> BadInput:
+    """Returns the 400 for an engine-side validation failure (the engine's own wording, as given)."""
+    return BadInput(exc.message, exc.param)
 
 
 def circuit_open(exc: CircuitOpenError) -> APIError:
@@ -129,20 +105,20 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return error_response(exc)
 
     @app.exception_handler(InvalidRequestError)
     async def _engine_invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
-        return from_engine(exc).response()
+        return error_response(from_engine(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         ctype = request.headers.get("content-type", "")
         if request.method == "POST" and "json" not in ctype:
-            return APIError(400, f"The request body must be JSON, sent with 'Content-Type: application/json' "
-                                 f"(got '{ctype or 'none'}').", code="invalid_content_type").response()
+            return error_response(BadInput("The request body must be JSON, sent with 'Content-Type: "
+                                           f"application/json' (got '{ctype or 'none'}').", code="invalid_content_type"))
         message, param, code = _validation_message(exc)
-        return APIError(400, message, param=param, code=code).response()
+        return error_response(BadInput(message, param, code))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -156,20 +132,20 @@ def install_handlers(app: FastAPI) -> None:
             message, code = "The request body is not valid JSON.", "invalid_json"
         else:
             message = str(exc.detail)
-        return APIError(exc.status_code, message, code=code, headers=getattr(exc, "headers", None)).response()
+        return error_response(APIError(exc.status_code, message, code=code, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        return APIError(503, f"The engine is not running ({exc}); retry shortly.", code="engine_unavailable",
-                        headers={"Retry-After": "5"}).response()
+        return error_response(APIError(503, f"The engine is not running ({exc}); retry shortly.", code="engine_unavailable",
+                        headers={"Retry-After": "5"}))
 
     @app.exception_handler(CircuitOpenError)
     async def _circuit_open(request: Request, exc: CircuitOpenError) -> JSONResponse:
-        return circuit_open(exc).response()
+        return error_response(circuit_open(exc))
 
     @app.exception_handler(RequestFailedError)
     async def _request_failed(request: Request, exc: RequestFailedError) -> JSONResponse:
-        return request_failed(exc).response()
+        return error_response(request_failed(exc))
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, exc: ClientGone) -> Response:
@@ -179,4 +155,4 @@ def install_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         rid = request.scope.get("servelm", {}).get("request_id")
         log.exception("unhandled error", extra={"request_id": rid})
-        return APIError(500, f"Internal server error (request id {rid}).", type="api_error").response()
+        return error_response(APIError(500, f"Internal server error (request id {rid}).", type="api_error"))

@@ -11,7 +11,7 @@ import uuid
 
 from starlette.exceptions import HTTPException
 
-from servelm.server.errors import APIError
+from servelm.server.errors import APIError, error_response
 
 access_log = logging.getLogger("servelm.access")
 _RID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
@@ -52,7 +52,7 @@ class RequestMiddleware:
         limit = self.upload_max if self.upload_max and _UPLOAD.match(scope["path"]) else self.max_body
         try:
             if length > limit:
-                await _too_large(limit, length).response()(scope, receive, send_wrapper)
+                await error_response(_too_large(limit, length))(scope, receive, send_wrapper)
                 return
             seen = 0
 

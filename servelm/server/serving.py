@@ -23,6 +23,7 @@ from servelm.server.auth import Principal
 from servelm.server.context import ServerContext
 from servelm.server.errors import APIError, ClientGone, from_engine, invalid
 from servelm.server.rate_limit import Reservation
+from servelm.serving.sampling import clamp_top_k, fold_seed
 
 
 @dataclass(slots=True)
@@ -336,16 +337,10 @@ def sampling_params(body, max_tokens: int | None, logprobs: int | None, vocab_si
                     prompt_logprobs: int | None = None, structured_output=None) -> SamplingParams:
     """Returns SamplingParams from an OpenAI body; raises APIError(400) for values the engine refuses."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    # top_k at or above the vocabulary keeps every token: the same as no top_k. OpenAI allows top_p 0, the
-    # smallest nucleus: only the most likely token, which is top_k 1.
-    top_k = 0 if vocab_size and body.top_k >= vocab_size else body.top_k
-    top_p = body.top_p
-    if top_p == 0:
+    top_k, top_p = clamp_top_k(body.top_k, vocab_size), body.top_p
+    if top_p == 0:  # OpenAI allows top_p 0, the smallest nucleus: only the most likely token, which is top_k 1
         top_p, top_k = 1.0, 1
-    # Any int64 seed is accepted (OpenAI's range) and folded to 32 bits: the engine derives per-choice
-    # generator seeds from it, which must stay inside torch's 64-bit seed range. Folding is
-    # deterministic, so equal seeds still give equal samples.
-    seed = None if body.seed is None else body.seed & 0xFFFFFFFF
+    seed = fold_seed(body.seed)
     logit_bias = None
     if body.logit_bias:  # OpenAI sends token ids as JSON object keys, so as strings
         try:

@@ -111,6 +111,9 @@ class ServerSettings(BaseSettings):
     # Guardrails, prompt strategies, degradation (docs/safety.md)
     no_guard: bool = Field(False, description="Serve without input/output scanning (announced at start).")
     policy: str | None = Field(None, description="Guard policy YAML; None = the shipped default policy.")
+    guard_plugins: str | None = Field(None, description="Comma list of module:function, each called with the "
+                                      "Guard at start to add scanners (Guard.add_scanner); configure them in "
+                                      "the policy. None (the default) adds none.")
     default_strategy: str | None = Field(None, description="Prompt strategy for requests without 'strategy' "
                                          "(zero_shot, few_shot, chain_of_thought); None = messages as sent.")
     fallback: Literal["static", "none"] = Field("static", description="static: engine calls run behind a circuit "

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from servelm.server.auth import Principal, require
 from servelm.server.context import get_context
-from servelm.server.pipeline import ChatTurn
+from servelm.serving.pipeline import ChatTurn
 from servelm.server.routes.chat import render_prompt, turn_messages
 from servelm.server.schemas import ChatMessage, FewShotExample, _Request
 

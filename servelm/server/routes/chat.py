@@ -13,11 +13,11 @@ from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import invalid
 from servelm.server.logprobs import chat_logprobs, vllm_prompt_logprobs
-from servelm.server.pipeline import Answer, ChatTurn, run_stream_stages
+from servelm.serving.pipeline import Answer, ChatTurn, run_stream_stages
 from servelm.server.schemas import (AssistantMessage, ChatChoice, ChatMessage, ChatChunkChoice, ChatCompletion,
                                     ChatCompletionChunk, ChatCompletionRequest, DeltaMessage, Tool, Usage)
 from servelm.safety import FallbackResult
-from servelm.server.guarding import call_engine, fallback_headers
+from servelm.serving.guard import call_engine, fallback_headers
 from servelm.server.serving import Generation, client_finish_reason, sampling_params, start, until_disconnect
 from servelm.server.streaming import stream_events, usage
 
@@ -89,8 +89,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         a = await ctx.pipeline.answer(turn, c_text)
         if structured.is_json(spec) and not a.finish_reason and not structured.still_json(c_text, a.text):
             a = _broken_json()
-        if (a.text not in (c_text, c_text.strip())) or a.finish_reason:
-            logprobs = None  # token logprobs would give the redacted or filtered text away
+        if a.hides(c_text):
+            logprobs = None
         message = AssistantMessage(content=a.text, **a.extras)
         calls = forced.calls(a.text) if forced is not None and not a.finish_reason else None
         if calls:

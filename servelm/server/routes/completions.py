@@ -20,10 +20,10 @@ from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import APIError, invalid
 from servelm.server.logprobs import (TextOffsets, completion_logprobs, prompt_completion_logprobs,
                                     vllm_prompt_logprobs)
-from servelm.server.pipeline import Answer, run_stream_stages
+from servelm.serving.pipeline import Answer, run_stream_stages
 from servelm.server.schemas import Completion, CompletionChoice, CompletionRequest
 from servelm.safety import FallbackResult
-from servelm.server.guarding import call_engine, fallback_headers
+from servelm.serving.guard import call_engine, fallback_headers
 from servelm.server.serving import (Generation, check_context, client_finish_reason, finish_all, gather_all,
                                     sampling_params, start_batch, until_disconnect)
 from servelm.server.streaming import stream_events, usage
@@ -185,8 +185,8 @@ async def _scan(ctx: ServerContext, c: CompletionChoice, echo: str, request_id: 
         return
     raw = c.text[len(echo):]
     a = await ctx.guarding.scan_output(raw, request_id, key_name, prompt)
-    if a.text != raw or a.finish_reason:
-        c.logprobs = None  # token logprobs would give the redacted text away
+    if a.hides(raw):
+        c.logprobs = None
     c.text, c.servelm = echo + a.text, a.servelm or None
     c.finish_reason = a.finish_reason or c.finish_reason
 

@@ -17,11 +17,12 @@ from servelm.server import sse
 from servelm.server.auth import Principal, require
 from servelm.server.context import ServerContext, get_context
 from servelm.server.errors import from_engine
-from servelm.server.guarding import call_engine, fallback_headers
-from servelm.server.pipeline import run_stream_stages
+from servelm.serving.guard import call_engine, fallback_headers
+from servelm.serving.pipeline import run_stream_stages
 from servelm.server.schemas import GenerateRequest, GenerateResponse
 from servelm.server.serving import Generation, check_context, client_finish_reason, start, until_disconnect
 from servelm.server.streaming import stream_events
+from servelm.serving.sampling import clamp_top_k, fold_seed
 
 router = APIRouter(tags=["simple"])
 
@@ -31,8 +32,7 @@ def _params(ctx: ServerContext, body: GenerateRequest) -> SamplingParams:
     vocab = ctx.engine.tokenizer.vocab_size
     try:
         return SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=0 if body.top_k >= vocab else body.top_k, stop=body.stop,
-                              seed=None if body.seed is None else body.seed & 0xFFFFFFFF,  # as sampling_params()
+                              top_k=clamp_top_k(body.top_k, vocab), stop=body.stop, seed=fold_seed(body.seed),
                               repetition_penalty=body.repetition_penalty)
     except InvalidRequestError as e:
         raise from_engine(e) from None

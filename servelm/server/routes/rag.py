@@ -19,7 +19,8 @@ from servelm.server import sse
 from servelm.server.auth import Principal, require
 from servelm.server.context import get_context
 from servelm.server.errors import APIError, invalid
-from servelm.server.rag_stage import engine_generate, rag_error
+from servelm.server.rag_stage import engine_generate
+from servelm.serving.rag import rag_error
 from servelm.server.schemas import INT64_MAX, first_wide_int
 from servelm.server.serving import until_disconnect
 

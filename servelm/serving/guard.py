@@ -6,18 +6,19 @@ guard) and :func:`call_engine` runs an engine call behind the circuit breaker an
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
 from servelm.engine import InvalidRequestError, RequestFailedError
 from servelm.prompts import ChainOfThought, Example, PromptRequest, UnknownStrategyError, resolve_strategy
 from servelm.prompts.strategies import DEFAULT_SYSTEM
-from servelm.safety import (BreakerConfig, CircuitBreaker, FallbackResult, Guard, OverloadedError, ResilientCaller,
-                            StaticFallback)
+from servelm.safety import (BreakerConfig, CircuitBreaker, FallbackResult, Guard, OverloadedError, PolicyError,
+                            ResilientCaller, StaticFallback)
 from servelm.safety.metrics import GuardMetrics
 from servelm.safety.scaffolding import strip_scaffolding
-from servelm.server.errors import APIError, ClientGone, invalid
-from servelm.server.pipeline import Answer, ChatTurn, RequestPipeline
+from servelm.serving.errors import BadInput, ClientGone, Refused, ServingError
+from servelm.serving.pipeline import Answer, ChatTurn, RequestPipeline
 
 T = TypeVar("T")
 _ENGINE_CODES = {"engine_error", "engine_unavailable"}
@@ -74,7 +75,7 @@ class Guarding:
         go on. A prompt the client rendered with a chat template is scanned without its turn markers and role
         labels (``markers``: the served model's special tokens; :mod:`servelm.safety.scaffolding`).
 
-        Raises APIError(400, code "content_filter") when the policy blocks it.
+        Raises Refused (code "content_filter") when the policy blocks it.
         """
         if self.guard is None:
             return None
@@ -83,13 +84,13 @@ class Guarding:
             raise self._refusal(d, param)
         return held_answer(d) if d.action == "review" else None
 
-    def _refusal(self, d, param: str) -> APIError:
+    def _refusal(self, d, param: str) -> Refused:
         """The 400 for a blocked input: ``context_length_exceeded`` when only its length is the problem (what
         clients' context-window fallbacks look for, as for an over-long prompt), else ``content_filter``."""
         if d.scanner == "length":
-            return APIError(400, f"The input is too long for this model's maximum context length "
-                                 f"({self.context_tokens} tokens): {d.reason}. Please reduce the length of the messages.",
-                            param=param, code="context_length_exceeded")
+            return Refused(f"The input is too long for this model's maximum context length "
+                           f"({self.context_tokens} tokens): {d.reason}. Please reduce the length of the messages.",
+                           param, "context_length_exceeded")
         return content_filtered(d.message, param)
 
     async def screen_documents(self, hits: list, request_id: str | None = None) -> list:
@@ -121,19 +122,19 @@ class Guarding:
         try:
             strategy = resolve_strategy(name)
         except UnknownStrategyError as e:
-            raise invalid(e.message, "strategy", "invalid_value") from None
+            raise BadInput(e.message, "strategy", "invalid_value") from None
         system = "\n\n".join(m["content"] for m in turn.messages if m["role"] == "system" and m["content"])
         convo = [m for m in turn.messages if m["role"] in ("user", "assistant")]
         last = max((i for i, m in enumerate(convo) if m["role"] == "user"), default=None)
         if last is None or not convo[last]["content"].strip():
-            raise invalid("A prompt strategy needs a non-empty user message.", "messages")
+            raise BadInput("A prompt strategy needs a non-empty user message.", "messages")
         examples = [Example(e["input"], e["output"]) for e in turn.metadata.get("examples") or []] or None
         # The client's system message is the API key holder's own instruction (OpenAI semantics); user and
         # document text stays fenced in user turns (servelm.prompts.layered).
         req = PromptRequest(question=convo[last]["content"], system=system or DEFAULT_SYSTEM,
                             history=convo[:last], examples=examples)
         turn.metadata["strategy"] = strategy
-        if turn.rag is not None:  # the RAG stage renders it around the retrieved context (servelm.server.rag_stage)
+        if turn.rag is not None:  # the RAG stage renders it around the retrieved context (servelm.serving.rag)
             turn.metadata["prompt_request"] = req
             return
         turn.messages = strategy.messages(req)
@@ -276,9 +277,9 @@ def _system(turn: ChatTurn) -> str:
     return "\n".join(m["content"] for m in turn.messages if m["role"] == "system" and m["content"])
 
 
-def content_filtered(message: str, param: str) -> APIError:
-    """Returns the 400 a blocked request gets (OpenAI's ``content_filter`` code; the message names the scanner)."""
-    return APIError(400, message, param=param, code="content_filter")
+def content_filtered(message: str, param: str) -> Refused:
+    """Returns the refusal of a blocked request (OpenAI's ``content_filter`` code; the message names the scanner)."""
+    return Refused(message, param)
 
 
 def held_answer(d) -> Answer:
@@ -304,7 +305,7 @@ def guard_note(d) -> dict:
 # -- engine calls behind the breaker --------------------------------------------------------------
 def _is_failure(exc: BaseException) -> bool:
     """True for errors that say the engine is unwell (not the client's: bad input, limits, leaving)."""
-    if isinstance(exc, APIError):
+    if isinstance(exc, ServingError):
         return exc.code in _ENGINE_CODES
     # RequestFailedError: the engine failed that one request and served the rest, so it stays healthy
     return not isinstance(exc, (ClientGone, InvalidRequestError, ValueError, RequestFailedError))
@@ -321,7 +322,7 @@ async def call_engine(g: Guarding, request_id: str, fn: Callable[[], Awaitable[T
     async def attempt():
         try:
             return await fn()
-        except APIError as e:  # the server's own timeout/overload errors degrade only where configured
+        except ServingError as e:  # the server's own timeout/overload errors degrade only where configured
             if e.code == "request_timeout" and "timeout" in g.fallback_on:
                 raise TimeoutError(e.message) from e
             if e.code == "server_overloaded" and "overloaded" in g.fallback_on:
@@ -337,15 +338,30 @@ def fallback_headers(r: FallbackResult) -> dict[str, str]:
     return {"x-servelm-fallback": f"{r.kind}; reason={r.reason}"}
 
 
-def build_guarding(settings, registry) -> Guarding:
-    """Returns the guard, breaker and fallback ``settings`` ask for (metrics on ``registry``).
+def _plugin(spec: str):
+    """Returns the function ``module:function`` names (a guard plugin); raises PolicyError naming what is wrong."""
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name) if name else None
+    except (ImportError, AttributeError) as e:
+        raise PolicyError(f"guard_plugins: cannot load {spec!r} ({e}); give module:function") from None
+    if not callable(fn):
+        raise PolicyError(f"guard_plugins: {spec!r} is not a module:function")
+    return fn
 
-    Raises servelm.safety.PolicyError for a bad policy file.
+
+def build_guarding(settings, registry) -> Guarding:
+    """Returns the guard, breaker and fallback ``settings`` ask for (metrics on ``registry``), with the
+    scanners of ``settings.guard_plugins`` added.
+
+    Raises servelm.safety.PolicyError for a bad policy file or a plugin that cannot be loaded.
     """
     guard = None
     if not settings.no_guard:
         guard = Guard.from_policy(settings.policy, review_db=settings.pg_url or settings.reviews_db,
                                  registry=registry)
+        for spec in filter(None, (settings.guard_plugins or "").split(",")):
+            _plugin(spec.strip())(guard)
     caller = None
     if settings.fallback == "static":
         breaker = CircuitBreaker("engine", BreakerConfig(settings.breaker_failures, settings.breaker_reset_s,

@@ -1,15 +1,14 @@
 """Hook points around a chat request: pre-stages rewrite the conversation, post-stages the answer.
 
-The server itself ships no stages. The application fills them (safety guard, RAG, prompt
-strategies) and passes the pipeline to ``create_app(..., pipeline=...)``.
+The pipeline itself ships no stages. The guard (:mod:`servelm.serving.guard`) and RAG
+(:mod:`servelm.serving.rag`) fill them; an application may pass its own to ``create_app(..., pipeline=...)``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
-from servelm.server.errors import invalid
-from servelm.server.schemas import RagOptions
+from servelm.serving.errors import BadInput
 
 
 @dataclass(slots=True)
@@ -23,7 +22,7 @@ class ChatTurn:
 
     messages: list[dict]            # [{"role": ..., "content": ...}] in OpenAI roles
     strategy: str | None            # the request's prompt strategy name, if any
-    rag: RagOptions | None          # the request's retrieval options, if any
+    rag: Any                        # the request's retrieval options (collection, k, filters, ...), if any
     key_name: str                   # who is asking (never the key itself)
     request_id: str
     metadata: dict = field(default_factory=dict)
@@ -41,6 +40,11 @@ class Answer:
     extras: dict = field(default_factory=dict)  # extra message fields, e.g. {"reasoning_content": ...}
     servelm: dict = field(default_factory=dict)  # servelm's response annotations, e.g. {"review_id": ...}
 
+    def hides(self, written: str) -> bool:
+        """True when this answer is not what the model ``written`` (redacted, filtered or held): its token
+        logprobs must then be dropped, since they would give the changed text away."""
+        return self.text not in (written, written.strip()) or self.finish_reason is not None
+
 
 class StreamStage(Protocol):
     """Rewrites a stream of text deltas (e.g. an output guard that holds back partial words).
@@ -54,7 +58,7 @@ class StreamStage(Protocol):
     async def end(self) -> str: ...
 
 
-# A pre-stage may rewrite turn.messages or refuse the request by raising servelm.server.errors.APIError.
+# A pre-stage may rewrite turn.messages or refuse the request by raising a servelm.serving.errors.ServingError.
 PreStage = Callable[[ChatTurn], Awaitable[None]]
 # A post-stage gets the full answer of one choice and returns what the client receives: a string, or an
 # Answer to also set the finish reason or extra fields.
@@ -76,12 +80,12 @@ class RequestPipeline:
     features: frozenset[str] = frozenset()
 
     async def before(self, turn: ChatTurn) -> None:
-        """Runs the pre-stages in order. Raises APIError(400) for an unsupported extension."""
+        """Runs the pre-stages in order. Raises BadInput for an unsupported extension."""
         if turn.rag is not None and "rag" not in self.features:
-            raise invalid("This server has no retrieval configured; remove 'rag' from the request.", "rag",
+            raise BadInput("This server has no retrieval configured; remove 'rag' from the request.", "rag",
                           "unsupported_parameter")
         if turn.strategy is not None and "strategy" not in self.features:
-            raise invalid("This server has no prompt strategies configured; remove 'strategy'.", "strategy",
+            raise BadInput("This server has no prompt strategies configured; remove 'strategy'.", "strategy",
                           "unsupported_parameter")
         for stage in self.pre + self.finish:
             if turn.held is not None:  # a held request is not rewritten further
