@@ -76,3 +76,27 @@ def client(srv, key):
     from server_harness import openai_client
 
     return openai_client(srv, key)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory, tokenizer):
+    """A builder of tiny random transformers checkpoints: ``make(kind, config, init=None)`` returns
+    ``(directory, the transformers model)``, built once per kind from ``config()`` with seed 0 (then
+    ``init(model)`` under no_grad, if given) and saved as safetensors with SmolLM2's tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    made = {}
+
+    def make(kind: str, config, init=None):
+        if kind not in made:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config()).eval()
+            if init is not None:
+                with torch.no_grad():
+                    init(model)
+            d = tmp_path_factory.mktemp(f"tiny-{kind}")
+            model.save_pretrained(d, safe_serialization=True)
+            tokenizer.hf.save_pretrained(d)
+            made[kind] = (d, model)
+        return made[kind]
+    return make

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig
+from transformers import Gemma2Config, MistralConfig
 
 from servelm.engine import LLM, SamplingParams
 
@@ -19,21 +19,11 @@ def _common():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    made = {}
-
-    def make(kind: str):
-        if kind not in made:
-            torch.manual_seed(0)
-            cfg = (MistralConfig(tie_word_embeddings=False, **_common()) if kind == "mistral"
-                   else Gemma2Config(head_dim=16, **_common()))
-            model = AutoModelForCausalLM.from_config(cfg).eval()
-            d = tmp_path_factory.mktemp(f"tiny-window-{kind}")
-            model.save_pretrained(d, safe_serialization=True)
-            tokenizer.hf.save_pretrained(d)
-            made[kind] = (d, model)
-        return made[kind]
-    return make
+def tiny(tiny_checkpoints):
+    def config(kind):
+        return (MistralConfig(tie_word_embeddings=False, **_common()) if kind == "mistral"
+                else Gemma2Config(head_dim=16, **_common()))
+    return lambda kind: tiny_checkpoints(f"window-{kind}", lambda: config(kind))
 
 
 def _run(d, prompts: list[str]) -> tuple[LLM, list[list[int]], int]:

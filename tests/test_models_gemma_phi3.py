@@ -32,24 +32,17 @@ def _config(kind: str):
     return MistralConfig(tie_word_embeddings=False, **common)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    made = {}
+def _init_norms(kind: str):
+    def init(model):
+        for name, p in model.named_parameters():
+            if "norm" in name:  # not the initial ones, so that loading them (and 1 + w) is checked
+                p.uniform_(-0.5, 0.5) if kind.startswith("gemma") else p.uniform_(0.5, 1.5)
+    return init
 
-    def make(kind: str):
-        if kind not in made:
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(_config(kind)).eval()
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if "norm" in name:  # not the initial ones, so that loading them (and 1 + w) is checked
-                        p.uniform_(-0.5, 0.5) if kind.startswith("gemma") else p.uniform_(0.5, 1.5)
-            d = tmp_path_factory.mktemp(f"tiny-{kind}")
-            model.save_pretrained(d, safe_serialization=True)
-            tokenizer.hf.save_pretrained(d)
-            made[kind] = (d, model)
-        return made[kind]
-    return make
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoints):
+    return lambda kind: tiny_checkpoints(kind, lambda: _config(kind), _init_norms(kind))
 
 
 def _llm(d, **kw) -> LLM:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from servelm.engine import LLM, SamplingParams
 from servelm.engine.models.config import ModelConfig, ModelLoadError, preset
@@ -31,20 +31,9 @@ def _config(kind: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_moe(tmp_path_factory, tokenizer):
+def tiny_moe(tiny_checkpoints):
     """kind -> (HF directory, the transformers model), built once per kind."""
-    made = {}
-
-    def make(kind: str):
-        if kind not in made:
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(_config(kind)).eval()
-            d = tmp_path_factory.mktemp(f"tiny-{kind}")
-            model.save_pretrained(d, safe_serialization=True)
-            tokenizer.hf.save_pretrained(d)
-            made[kind] = (d, model)
-        return made[kind]
-    return make
+    return lambda kind: tiny_checkpoints(kind, lambda: _config(kind))
 
 
 def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
