@@ -75,9 +75,10 @@ class ServerSettings(BaseSettings):
     replicas: int | None = Field(None, ge=1, description="Run this many engine replicas on Ray Serve behind one "
                                  "endpoint (default: none, one process as usual).")
     min_replicas: int | None = Field(None, ge=0, description="Autoscale the engine replicas on Ray Serve between "
-                                     "this many and --max-replicas, on ongoing requests per replica.")
+                                     "this many and --max-replicas, on ongoing requests per replica (default: none, no "
+                                     "autoscaling).")
     max_replicas: int | None = Field(None, ge=1, description="With --min-replicas: the most engine replicas "
-                                     "autoscaling starts (setting it alone autoscales from 1).")
+                                     "autoscaling starts (default: none; setting it alone autoscales from 1).")
     target_ongoing_requests: float | None = Field(None, gt=0, description="When autoscaling: the ongoing "
                                                   "requests per replica Ray Serve scales to keep (default: "
                                                   "max_num_seqs, a replica's full batch).")
