@@ -485,7 +485,10 @@ class LLMEngine:
         p = seq.params
         return (p.speculative and seq.grammar is None and p.repetition_penalty == 1.0 and not p.presence_penalty
                 and not p.frequency_penalty and not p.bad_words_token_ids and not p.logits_processors
-                and seq.num_output_tokens >= p.min_tokens)
+                and seq.num_output_tokens >= p.min_tokens
+                # a draft model's guesses are verified exactly only for greedy requests so far: sampled
+                # verification of them was measured to bias the output distribution, so it stays off
+                and (p.temperature == 0 or self.speculative.method != "draft_model"))
 
     def _propose(self) -> None:
         """Set each running decode's ``spec_token_ids`` for this step (none while the batch is larger than
